@@ -1,0 +1,261 @@
+"""Load a Falcon-H1 checkpoint folder (Hugging Face's, or our converter's).
+
+Everything a user can get wrong is checked here, before MLX sees it, and
+reported with the file, tensor or config field at fault.
+"""
+
+import json
+import struct
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from .model import ConfigError, Model, ModelArgs
+
+# Key our converter writes into config.json: the record of what it did to the
+# weights (folded multipliers, layout). Its presence is what makes MLX-layout
+# weights trustworthy; see _check_fold_state.
+FORMAT_KEY = "mlx_falcon_h1"
+
+_MULTIPLIER_FIELDS = (
+    "embedding_multiplier",
+    "lm_head_multiplier",
+    "key_multiplier",
+    "attention_in_multiplier",
+    "attention_out_multiplier",
+    "ssm_in_multiplier",
+    "ssm_out_multiplier",
+)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder whose files or tensors do not make a Falcon-H1 model."""
+
+
+def resolve_path(path_or_repo: str, revision: Optional[str] = None) -> Path:
+    """A local folder as is; anything else is tried as a Hugging Face Hub repo id."""
+    path = Path(path_or_repo).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise CheckpointError(f"{path}: expected a checkpoint folder, found a file")
+        return path
+    if str(path_or_repo).startswith((".", "/", "~")) or str(path_or_repo).count("/") != 1:
+        raise CheckpointError(f"{path}: no such folder")
+    try:
+        from huggingface_hub import snapshot_download
+
+        allow = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.py"]
+        return Path(snapshot_download(path_or_repo, revision=revision, allow_patterns=allow))
+    except Exception as e:  # offline, not found, gated: all end here
+        raise CheckpointError(
+            f"{path_or_repo}: not a local folder, and fetching it from the Hugging Face "
+            f"Hub failed ({type(e).__name__}: {e})"
+        ) from None
+
+
+def _tagged_float(obj: dict):
+    # transformers 5 writes non-finite floats as {"__float__": "Infinity"}.
+    if obj.keys() == {"__float__"}:
+        return float(obj["__float__"])
+    return obj
+
+
+def read_config(path: Path) -> Dict[str, Any]:
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"{config_file}: missing; a checkpoint folder needs config.json")
+    try:
+        config = json.loads(config_file.read_text(), object_hook=_tagged_float)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{config_file}: unreadable ({e})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{config_file}: expected a JSON object")
+    if config.get("model_type") != "falcon_h1":
+        raise CheckpointError(
+            f"{config_file}: model_type is {config.get('model_type')!r}; this package "
+            "loads Falcon-H1 ('falcon_h1') checkpoints only"
+        )
+    return config
+
+
+def make_args(config: Dict[str, Any], config_file: Path) -> ModelArgs:
+    try:
+        return ModelArgs.from_dict(config)
+    except ConfigError as e:
+        raise ConfigError(f"{config_file}: {str(e).removeprefix('config.json: ')}") from None
+    except (TypeError, ValueError) as e:  # e.g. a size given as a string
+        raise ConfigError(f"{config_file}: a field has the wrong type ({e})") from None
+
+
+def _weight_files(path: Path) -> list:
+    index_file = path / "model.safetensors.index.json"
+    if index_file.exists():
+        try:
+            weight_map = json.loads(index_file.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index_file}: unreadable index ({e!r})") from None
+        files = sorted({path / name for name in weight_map.values()})
+        for f in files:
+            if not f.is_file():
+                raise CheckpointError(f"{f}: listed in {index_file.name} but missing")
+        return files
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{path}: no *.safetensors weight files")
+    return files
+
+
+def _check_safetensors(file: Path) -> None:
+    """Reject a truncated or corrupt file from its header, before MLX maps it."""
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ValueError("shorter than a safetensors header")
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8:
+                raise ValueError("header length runs past the end of the file")
+            header = json.loads(f.read(n))
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+        raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
+    if 8 + n + end > size:
+        raise CheckpointError(
+            f"{file}: truncated ({size} bytes, its header describes {8 + n + end})"
+        )
+
+
+def _load_weights(files) -> Tuple[Dict[str, mx.array], Dict[str, Path]]:
+    weights, origin = {}, {}
+    for file in files:
+        _check_safetensors(file)
+        try:
+            tensors = mx.load(str(file))
+        except Exception as e:
+            raise CheckpointError(f"{file}: MLX could not read it ({e})") from None
+        for name, w in tensors.items():
+            if name in weights:
+                raise CheckpointError(f"{file}: tensor {name} also appears in {origin[name]}")
+            weights[name] = w
+            origin[name] = file
+    return weights, origin
+
+
+def _check_fold_state(args: ModelArgs, config: Dict[str, Any], weights, path: Path) -> None:
+    # A conv1d weight already in MLX layout means another tool converted this
+    # folder. mlx-lm's converter folds (some of) the multipliers into the weights
+    # and leaves them in the config, so we cannot know what was folded. Refuse
+    # rather than run with multipliers applied twice or not at all.
+    if FORMAT_KEY in config or args.mamba_d_conv == 1:
+        return
+    name = "model.layers.0.mamba.conv1d.weight"
+    converted = name in weights and weights[name].ndim == 3 and weights[name].shape[-1] == 1
+    multipliers = [getattr(args, f) for f in _MULTIPLIER_FIELDS]
+    multipliers += list(args.mlp_multipliers) + list(args.ssm_multipliers)
+    if converted and any(m != 1.0 for m in multipliers):
+        raise CheckpointError(
+            f"{path}: weights were converted by another tool (conv1d in MLX layout, no "
+            f"'{FORMAT_KEY}' record in config.json), so which muP multipliers are already "
+            "folded into them is unknown. Convert the original Hugging Face checkpoint "
+            "with mlx-falcon-h1-convert."
+        )
+
+
+def _quantize(model: Model, quantization: Dict[str, Any], weights) -> None:
+    def predicate(p, m):
+        if p in quantization:  # per-layer settings, as mlx-lm writes them
+            return quantization[p]
+        return hasattr(m, "to_quantized") and f"{p}.scales" in weights
+
+    nn.quantize(
+        model,
+        group_size=quantization.get("group_size", 64),
+        bits=quantization.get("bits", 4),
+        mode=quantization.get("mode", "affine"),
+        class_predicate=predicate,
+    )
+
+
+def _check_tensors(model: Model, weights, origin, path: Path) -> None:
+    expected = dict(tree_flatten(model.parameters()))
+    missing = sorted(set(expected) - set(weights))
+    extra = sorted(set(weights) - set(expected))
+    if missing:
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise CheckpointError(f"{path}: missing tensor(s) {', '.join(missing[:5])}{more}")
+    if extra:
+        more = f" (and {len(extra) - 5} more)" if len(extra) > 5 else ""
+        raise CheckpointError(
+            f"{origin[extra[0]]}: unexpected tensor(s) {', '.join(extra[:5])}{more}"
+        )
+    for name, w in expected.items():
+        if weights[name].shape != w.shape:
+            raise CheckpointError(
+                f"{origin.get(name, path)}: tensor {name} has shape "
+                f"{tuple(weights[name].shape)}, the config needs {tuple(w.shape)}"
+            )
+
+
+def load_model(
+    path: str,
+    lazy: bool = False,
+    model_config: Optional[Dict[str, Any]] = None,
+) -> Tuple[Model, Dict[str, Any]]:
+    """Build a Falcon-H1 Model from a checkpoint folder and load its weights.
+
+    Returns (model, config). Raises CheckpointError / ConfigError (both
+    ValueError) naming the file, tensor or field at fault.
+    """
+    path = resolve_path(path)
+    config = read_config(path)
+    if model_config:
+        config.update(model_config)
+    args = make_args(config, path / "config.json")
+    model = Model(args)
+
+    weights, origin = _load_weights(_weight_files(path))
+    _check_fold_state(args, config, weights, path)
+    weights = model.sanitize(weights)  # keeps names, so `origin` still applies
+    if (quantization := config.get("quantization")) is not None:
+        _quantize(model, quantization, weights)
+    _check_tensors(model, weights, origin, path)
+
+    model.load_weights(list(weights.items()), strict=True)
+    model.eval()
+    if not lazy:
+        mx.eval(model.parameters())
+    return model, config
+
+
+def load(
+    path_or_hf_repo: str,
+    tokenizer_config: Optional[Dict[str, Any]] = None,
+    model_config: Optional[Dict[str, Any]] = None,
+    adapter_path: Optional[str] = None,
+    lazy: bool = False,
+    return_config: bool = False,
+    revision: Optional[str] = None,
+    trust_remote_code: bool = False,
+):
+    """(model, tokenizer[, config]) the way mlx_lm.load returns them, through our model."""
+    from mlx_lm.utils import load_adapters, load_tokenizer
+
+    path = resolve_path(path_or_hf_repo, revision)
+    tokenizer_files = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+    if not any((path / f).exists() for f in tokenizer_files):
+        raise CheckpointError(
+            f"{path}: no tokenizer files ({', '.join(tokenizer_files)}); "
+            "use load_model() for weights alone"
+        )
+    model, config = load_model(path, lazy=lazy, model_config=model_config)
+    if adapter_path is not None:
+        model = load_adapters(model, adapter_path)
+        model.eval()
+    tokenizer = load_tokenizer(
+        path, tokenizer_config, eos_token_ids=config.get("eos_token_id", None)
+    )
+    return (model, tokenizer, config) if return_config else (model, tokenizer)

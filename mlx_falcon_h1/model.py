@@ -1,0 +1,417 @@
+"""Falcon-H1 (TII) for MLX: every layer runs attention and a Mamba2 mixer in parallel.
+
+Follows mlx-lm's model interface (ModelArgs, Model, sanitize, layers,
+make_cache), so mlx-lm's generation, batching, server and tuner machinery work.
+The math is stated in the project's falcon_h1_spec.md; the reference is
+transformers' FalconH1ForCausalLM (modeling_falcon_h1.py), whose float32
+logits this file reproduces.
+
+Legend: B batch, L tokens, D hidden size, H SSM heads, P SSM head dim,
+G groups, N state size, K conv width.
+
+The muP multipliers are applied at run time, in the reference's order, from the
+config. A checkpoint whose weights already carry them must say so by storing
+1.0 for them (our converter does, and records the originals), so weights and
+config can never disagree about what has been folded.
+"""
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.base import (
+    BaseModelArgs,
+    create_attention_mask,
+    scaled_dot_product_attention,
+)
+from mlx_lm.models.rope_utils import initialize_rope
+
+from .cache import HybridCache
+from .kernels.conv1d import causal_conv1d_reference
+from .kernels.ssd_scan import ssd_scan_reference
+from .kernels.ssm_step import ssm_step_reference
+
+
+class ConfigError(ValueError):
+    """A config.json that is not Falcon-H1 or whose sizes do not fit together."""
+
+
+@dataclass
+class ModelArgs(BaseModelArgs):
+    # Field names and defaults copy transformers' FalconH1Config, so a key
+    # missing from config.json means what it means there.
+    model_type: str = "falcon_h1"
+    vocab_size: int = 128000
+    hidden_size: int = 4096
+    intermediate_size: int = 14336
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: Optional[int] = 8
+    head_dim: Optional[int] = None
+    hidden_act: str = "silu"
+    rms_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 8192
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    projectors_bias: bool = False
+    rope_theta: Optional[float] = None
+    rope_parameters: Optional[Dict[str, Any]] = None
+    rope_scaling: Optional[Dict[str, Any]] = None
+    mamba_d_ssm: Optional[int] = 1024
+    mamba_n_heads: int = 128
+    mamba_d_head: Union[int, str] = "auto"
+    mamba_n_groups: int = 1
+    mamba_d_state: int = 256
+    mamba_d_conv: int = 4
+    mamba_expand: int = 2
+    mamba_chunk_size: int = 256
+    mamba_conv_bias: bool = True
+    mamba_proj_bias: bool = False
+    mamba_norm_before_gate: bool = True
+    mamba_rms_norm: bool = False
+    time_step_limit: Optional[Sequence[float]] = (0.0, math.inf)
+    embedding_multiplier: float = 1.0
+    lm_head_multiplier: float = 1.0
+    key_multiplier: float = 1.0
+    attention_in_multiplier: float = 1.0
+    attention_out_multiplier: float = 1.0
+    ssm_in_multiplier: float = 1.0
+    ssm_out_multiplier: float = 1.0
+    mlp_multipliers: List[float] = field(default_factory=lambda: [1.0, 1.0])
+    ssm_multipliers: List[float] = field(default_factory=lambda: [1.0] * 5)
+
+    def __post_init__(self):
+        def fail(message):
+            raise ConfigError(f"config.json: {message}")
+
+        if self.model_type != "falcon_h1":
+            fail(f"model_type is {self.model_type!r}, expected 'falcon_h1'")
+        if self.hidden_act != "silu":
+            fail(f"hidden_act is {self.hidden_act!r}; Falcon-H1 uses 'silu'")
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.mamba_d_ssm is None:
+            self.mamba_d_ssm = self.mamba_expand * self.hidden_size
+        if self.mamba_d_head == "auto":
+            if self.mamba_d_ssm % self.mamba_n_heads:
+                fail(
+                    f"mamba_n_heads = {self.mamba_n_heads} does not divide "
+                    f"mamba_d_ssm = {self.mamba_d_ssm} (mamba_d_head is 'auto')"
+                )
+            self.mamba_d_head = self.mamba_d_ssm // self.mamba_n_heads
+        if self.time_step_limit is None:
+            self.time_step_limit = (0.0, math.inf)
+        self.time_step_limit = tuple(float(t) for t in self.time_step_limit)
+        self.rope_base, self.rope_scaling_config = self._resolve_rope()
+
+        checks = [
+            (
+                self.num_attention_heads % self.num_key_value_heads == 0,
+                f"num_key_value_heads = {self.num_key_value_heads} does not divide "
+                f"num_attention_heads = {self.num_attention_heads}",
+            ),
+            (self.head_dim % 2 == 0, f"head_dim = {self.head_dim} must be even (RoPE)"),
+            (
+                self.mamba_d_head * self.mamba_n_heads == self.mamba_d_ssm,
+                f"mamba_d_head x mamba_n_heads = {self.mamba_d_head} x "
+                f"{self.mamba_n_heads} != mamba_d_ssm = {self.mamba_d_ssm}",
+            ),
+            (
+                self.mamba_n_heads % self.mamba_n_groups == 0,
+                f"mamba_n_groups = {self.mamba_n_groups} does not divide "
+                f"mamba_n_heads = {self.mamba_n_heads}",
+            ),
+            (self.mamba_d_conv >= 1, f"mamba_d_conv = {self.mamba_d_conv} must be >= 1"),
+            (
+                self.mamba_chunk_size >= 1,
+                f"mamba_chunk_size = {self.mamba_chunk_size} must be >= 1",
+            ),
+            (
+                len(self.mlp_multipliers) == 2,
+                f"mlp_multipliers has {len(self.mlp_multipliers)} values, expected 2",
+            ),
+            (
+                len(self.ssm_multipliers) == 5,
+                f"ssm_multipliers has {len(self.ssm_multipliers)} values, expected 5 "
+                "(z, x, B, C, dt)",
+            ),
+            (
+                len(self.time_step_limit) == 2,
+                f"time_step_limit = {list(self.time_step_limit)} must be [min, max]",
+            ),
+        ]
+        for ok, message in checks:
+            if not ok:
+                fail(message)
+
+    def _resolve_rope(self):
+        # transformers < 5 writes rope_theta (+ rope_scaling); transformers 5 writes
+        # rope_parameters = {rope_theta, rope_type, ...}. Read both, never guess.
+        params = self.rope_parameters or {}
+        base = params.get("rope_theta", self.rope_theta)
+        if self.rope_theta is not None and base != self.rope_theta:
+            raise ConfigError(
+                f"config.json: rope_theta = {self.rope_theta} disagrees with "
+                f"rope_parameters.rope_theta = {params['rope_theta']}"
+            )
+        scaling = self.rope_scaling
+        if params.get("rope_type", "default") != "default":
+            scaling = params
+        return (10000.0 if base is None else float(base)), scaling
+
+    @property
+    def conv_dim(self) -> int:
+        return self.mamba_d_ssm + 2 * self.mamba_n_groups * self.mamba_d_state
+
+
+def _scaled(x: mx.array, multiplier: float) -> mx.array:
+    # Skip the op for the common 1.0 (and for checkpoints with folded multipliers).
+    return x if multiplier == 1.0 else x * multiplier
+
+
+class GatedRMSNorm(nn.Module):
+    """RMSNorm over groups of d_ssm / G channels, combined with the SiLU gate.
+
+    norm_before_gate: w * RMS_g(y) * SiLU(z); otherwise w * RMS_g(y * SiLU(z)).
+    Statistics per group, not over all of d_ssm (they differ when G > 1).
+    """
+
+    def __init__(self, dims: int, groups: int, eps: float, norm_before_gate: bool):
+        super().__init__()
+        self.weight = mx.ones((dims,))
+        self.groups = groups
+        self.eps = eps
+        self.norm_before_gate = norm_before_gate
+
+    def __call__(self, y: mx.array, gate: mx.array) -> mx.array:
+        # y, gate: (B, L, d_ssm); computed in float32 like the reference.
+        gate = nn.silu(gate.astype(mx.float32))
+        y = y.astype(mx.float32)
+        if not self.norm_before_gate:
+            y = y * gate
+        shape = y.shape
+        y = mx.fast.rms_norm(y.reshape(*shape[:-1], self.groups, -1), None, self.eps)
+        y = (self.weight.astype(mx.float32).reshape(self.groups, -1) * y).reshape(shape)
+        return y * gate if self.norm_before_gate else y
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads = args.num_attention_heads
+        self.n_kv_heads = args.num_key_value_heads
+        self.head_dim = args.head_dim
+        self.scale = args.head_dim**-0.5
+        self.key_multiplier = args.key_multiplier
+        bias = args.attention_bias
+        D = args.hidden_size
+        self.q_proj = nn.Linear(D, self.n_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(D, self.n_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(D, self.n_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, D, bias=bias)
+        # Non-interleaved ("rotate half") RoPE over the full head_dim.
+        self.rope = initialize_rope(
+            self.head_dim,
+            args.rope_base,
+            traditional=False,
+            scaling_config=args.rope_scaling_config,
+            max_position_embeddings=args.max_position_embeddings,
+        )
+
+    def __call__(self, x: mx.array, mask, cache: Optional[HybridCache]) -> mx.array:
+        b, l, _ = x.shape
+        q = self.q_proj(x).reshape(b, l, self.n_heads, -1).transpose(0, 2, 1, 3)
+        k = _scaled(self.k_proj(x), self.key_multiplier)
+        k = k.reshape(b, l, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        v = self.v_proj(x).reshape(b, l, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        offset = cache.offset if cache is not None else 0
+        q = self.rope(q, offset=offset)
+        k = self.rope(k, offset=offset)
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)
+        out = scaled_dot_product_attention(q, k, v, cache=cache, scale=self.scale, mask=mask)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(b, l, -1))
+
+
+class Mixer(nn.Module):
+    """The Mamba2 mixer: in_proj -> causal conv -> SSM -> gate/norm -> out_proj."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.d_ssm = args.mamba_d_ssm
+        self.n_heads = args.mamba_n_heads
+        self.head_dim = args.mamba_d_head
+        self.n_groups = args.mamba_n_groups
+        self.d_state = args.mamba_d_state
+        self.chunk_size = args.mamba_chunk_size
+        self.time_step_limit = args.time_step_limit
+        self.ssm_in_multiplier = args.ssm_in_multiplier
+        conv_dim = args.conv_dim
+        # in_proj output rows: z (d_ssm) | x (d_ssm) | B (G*N) | C (G*N) | dt (H)
+        self.in_proj = nn.Linear(
+            args.hidden_size, self.d_ssm + conv_dim + self.n_heads, bias=args.mamba_proj_bias
+        )
+        sizes = [self.d_ssm, self.d_ssm, self.n_groups * self.d_state]
+        sizes += [self.n_groups * self.d_state, self.n_heads]
+        self._mup = (
+            None
+            if all(m == 1.0 for m in args.ssm_multipliers)
+            else mx.concatenate(
+                [mx.full((s,), m, dtype=mx.float32) for s, m in zip(sizes, args.ssm_multipliers)]
+            )
+        )
+        # Depthwise conv; weight (conv_dim, K, 1) as in mlx-lm's Conv1d layout.
+        self.conv1d = nn.Conv1d(
+            conv_dim, conv_dim, args.mamba_d_conv, groups=conv_dim, bias=args.mamba_conv_bias
+        )
+        self.dt_bias = mx.ones((self.n_heads,))
+        self.A_log = mx.zeros((self.n_heads,))
+        self.D = mx.ones((self.n_heads,))
+        if args.mamba_rms_norm:
+            self.norm = GatedRMSNorm(
+                self.d_ssm, self.n_groups, args.rms_norm_eps, args.mamba_norm_before_gate
+            )
+        self.out_proj = nn.Linear(self.d_ssm, args.hidden_size, bias=args.projectors_bias)
+
+    def __call__(self, u: mx.array, cache: Optional[HybridCache]) -> mx.array:
+        b, l, _ = u.shape
+        zxbcdt = self.in_proj(_scaled(u, self.ssm_in_multiplier))
+        if self._mup is not None:
+            zxbcdt = zxbcdt * self._mup.astype(zxbcdt.dtype)
+        z, xBC, dt = mx.split(zxbcdt, [self.d_ssm, zxbcdt.shape[-1] - self.n_heads], axis=-1)
+
+        conv_state = cache.conv_state if cache is not None else None
+        xBC, conv_state = causal_conv1d_reference(
+            xBC, self.conv1d.weight[:, :, 0], self.conv1d.get("bias"), conv_state
+        )
+        gn = self.n_groups * self.d_state
+        x, B, C = mx.split(xBC, [self.d_ssm, self.d_ssm + gn], axis=-1)
+
+        # dt and A in float32 whatever the weight dtype.
+        dt = nn.softplus(dt.astype(mx.float32) + self.dt_bias.astype(mx.float32))
+        dt = mx.clip(dt, *self.time_step_limit)
+        A = -mx.exp(self.A_log.astype(mx.float32))
+        ssm_state = cache.ssm_state if cache is not None else None
+        x = x.reshape(b, l, self.n_heads, self.head_dim)
+        B = B.reshape(b, l, self.n_groups, self.d_state)
+        C = C.reshape(b, l, self.n_groups, self.d_state)
+        if l == 1 and ssm_state is not None:
+            y, ssm_state = ssm_step_reference(
+                x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], self.D, ssm_state
+            )
+            y = y[:, None]
+        else:
+            y, ssm_state = ssd_scan_reference(
+                x, dt, A, B, C, self.D, ssm_state, self.chunk_size
+            )
+        if cache is not None:
+            cache.conv_state, cache.ssm_state = conv_state, ssm_state
+
+        y = y.reshape(b, l, self.d_ssm)  # float32
+        if "norm" in self:
+            y = self.norm(y, z)
+        else:
+            y = y * nn.silu(z.astype(mx.float32))
+        return self.out_proj(y.astype(u.dtype))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(up(x) * SiLU(gate(x) * m0)) * m1."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        D, F, bias = args.hidden_size, args.intermediate_size, args.mlp_bias
+        self.gate_proj = nn.Linear(D, F, bias=bias)
+        self.up_proj = nn.Linear(D, F, bias=bias)
+        self.down_proj = nn.Linear(F, D, bias=bias)
+        self.gate_multiplier, self.down_multiplier = args.mlp_multipliers
+
+    def __call__(self, x: mx.array) -> mx.array:
+        gate = nn.silu(_scaled(self.gate_proj(x), self.gate_multiplier))
+        return _scaled(self.down_proj(self.up_proj(x) * gate), self.down_multiplier)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.mamba = Mixer(args)
+        self.self_attn = Attention(args)
+        self.pre_ff_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.feed_forward = MLP(args)
+        self.attention_in_multiplier = args.attention_in_multiplier
+        self.attention_out_multiplier = args.attention_out_multiplier
+        self.ssm_out_multiplier = args.ssm_out_multiplier
+
+    def __call__(self, h: mx.array, mask, cache: Optional[HybridCache]) -> mx.array:
+        n = self.input_layernorm(h)  # one norm feeds both branches
+        m = _scaled(self.mamba(n, cache), self.ssm_out_multiplier)
+        a = self.self_attn(_scaled(n, self.attention_in_multiplier), mask, cache)
+        h = h + (m + _scaled(a, self.attention_out_multiplier))
+        return h + self.feed_forward(self.pre_ff_layernorm(h))
+
+
+class FalconH1Model(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.embedding_multiplier = args.embedding_multiplier
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = [DecoderLayer(args) for _ in range(args.num_hidden_layers)]
+        self.final_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+
+    def __call__(self, inputs: mx.array, cache=None) -> mx.array:
+        h = _scaled(self.embed_tokens(inputs), self.embedding_multiplier)
+        if cache is None:
+            cache = [None] * len(self.layers)
+        mask = create_attention_mask(h, cache[0])
+        for layer, c in zip(self.layers, cache):
+            h = layer(h, mask, c)
+        return self.final_layernorm(h)
+
+
+class Model(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model_type = args.model_type
+        self.model = FalconH1Model(args)
+        if not args.tie_word_embeddings:
+            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+
+    def __call__(self, inputs: mx.array, cache=None) -> mx.array:
+        """inputs: (B, L) token ids -> (B, L, vocab) logits."""
+        h = self.model(inputs, cache)
+        if self.args.tie_word_embeddings:
+            logits = self.model.embed_tokens.as_linear(h)
+        else:
+            logits = self.lm_head(h)
+        return _scaled(logits, self.args.lm_head_multiplier)
+
+    def sanitize(self, weights: Dict[str, mx.array]) -> Dict[str, mx.array]:
+        """Map a Hugging Face checkpoint's tensors onto this model. Idempotent."""
+        out = {}
+        for name, w in weights.items():
+            if self.args.tie_word_embeddings and name == "lm_head.weight":
+                continue  # some tied checkpoints store the shared matrix twice
+            if name.endswith("mamba.conv1d.weight") and w.ndim == 3 and w.shape[-1] != 1:
+                w = w.swapaxes(1, 2)  # HF (C, 1, K) -> MLX (C, K, 1)
+            out[name] = w
+        return out
+
+    def make_cache(self) -> List[HybridCache]:
+        return [HybridCache() for _ in self.layers]
+
+    @property
+    def layers(self):
+        return self.model.layers
+
+    @property
+    def cast_predicate(self):
+        # SSM parameters, conv and norms stay in float32 when weights are cast.
+        keep = ("A_log", "mamba.D", "dt_bias", "conv1d", "norm")
+        return lambda name: not any(k in name for k in keep)
