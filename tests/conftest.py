@@ -1,0 +1,103 @@
+"""Tiny random Falcon-H1 checkpoints made with transformers, the numerical reference."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import FalconH1Config, FalconH1ForCausalLM
+from transformers.utils import logging as hf_logging
+
+hf_logging.set_verbosity_error()  # the "mamba_ssm not installed" notices are expected
+
+# Falcon-H1-0.5B's muP multipliers (its config.json): the realistic setting.
+MUP_05B = dict(
+    embedding_multiplier=5.656854249492381,
+    lm_head_multiplier=0.0390625,
+    key_multiplier=0.39062499999999994,
+    attention_in_multiplier=1.0,
+    attention_out_multiplier=0.9375,
+    ssm_in_multiplier=1.25,
+    ssm_out_multiplier=0.23570226039551587,
+    mlp_multipliers=[0.8838834764831844, 0.5859375],
+    ssm_multipliers=[0.3535533905932738, 0.25, 0.3535533905932738, 0.5, 0.3535533905932738],
+)
+
+# Small, but every size distinct so a transposed or mis-split tensor cannot fit:
+# head_dim 24 != hidden / heads = 16; chunk 16 so short prompts span chunks.
+TINY = dict(
+    vocab_size=96,
+    hidden_size=64,
+    intermediate_size=80,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=24,
+    mamba_d_ssm=96,
+    mamba_n_heads=6,
+    mamba_d_head="auto",
+    mamba_n_groups=1,
+    mamba_d_state=8,
+    mamba_d_conv=4,
+    mamba_chunk_size=16,
+    rope_theta=1e11,
+    **MUP_05B,
+)
+
+
+def randomize(model: torch.nn.Module, seed: int = 0) -> None:
+    """Replace transformers' structured init (A_log = log(1..H), D = 1, norms = 1)
+    with random values, so a parameter used in the wrong place shows."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            r = torch.randn(p.shape, generator=g)
+            if name.endswith("A_log"):
+                p.copy_(torch.rand(p.shape, generator=g) * 2.5 - 1.0)  # A in -e^1.5..-e^-1
+            elif name.endswith(("dt_bias", ".D")):
+                p.copy_(r)
+            elif "norm" in name:
+                p.copy_(1.0 + 0.3 * r)
+            else:
+                p.copy_(0.15 * r)
+
+
+def make_checkpoint(path: Path, seed: int = 0, max_shard_size=None, **overrides):
+    """Write a random FalconH1ForCausalLM (float32) to `path`; return the torch model."""
+    config = FalconH1Config(**{**TINY, **overrides})
+    torch.manual_seed(seed)
+    model = FalconH1ForCausalLM(config).float().eval()
+    randomize(model, seed)
+    kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+    model.save_pretrained(path, **kwargs)
+    return model
+
+
+def reference_logits(model, ids: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.tensor(ids)).logits.numpy()
+
+
+def edit_config(path: Path, **changes) -> None:
+    file = path / "config.json"
+    config = json.loads(file.read_text())
+    for key, value in changes.items():
+        if value is None:
+            config.pop(key, None)
+        else:
+            config[key] = value
+    file.write_text(json.dumps(config))
+
+
+def assert_close_logits(ours: np.ndarray, ref: np.ndarray, rel: float = 1e-4) -> None:
+    """The project's parity bar: max |diff| <= rel * max |reference logit|."""
+    assert ours.shape == ref.shape
+    worst = float(np.abs(ours - ref).max())
+    bound = rel * float(np.abs(ref).max())
+    assert worst <= bound, f"max |diff| {worst:.3g} > {bound:.3g} ({rel} x max |ref|)"
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
