@@ -31,7 +31,7 @@ from mlx_lm.models.rope_utils import initialize_rope
 from .cache import HybridCache
 from .kernels.conv1d import causal_conv1d_reference
 from .kernels.ssd_scan import ssd_scan_reference
-from .kernels.ssm_step import ssm_step_reference
+from .kernels.ssm_step import discretize, ssm_step_reference
 
 
 class ConfigError(ValueError):
@@ -285,29 +285,28 @@ class Mixer(nn.Module):
             zxbcdt = zxbcdt * self._mup.astype(zxbcdt.dtype)
         z, xBC, dt = mx.split(zxbcdt, [self.d_ssm, zxbcdt.shape[-1] - self.n_heads], axis=-1)
 
-        conv_state = cache.conv_state if cache is not None else None
-        xBC, conv_state = causal_conv1d_reference(
-            xBC, self.conv1d.weight[:, :, 0], self.conv1d.get("bias"), conv_state
-        )
-        gn = self.n_groups * self.d_state
-        x, B, C = mx.split(xBC, [self.d_ssm, self.d_ssm + gn], axis=-1)
-
-        # dt and A in float32 whatever the weight dtype.
-        dt = nn.softplus(dt.astype(mx.float32) + self.dt_bias.astype(mx.float32))
-        dt = mx.clip(dt, *self.time_step_limit)
-        A = -mx.exp(self.A_log.astype(mx.float32))
-        ssm_state = cache.ssm_state if cache is not None else None
-        x = x.reshape(b, l, self.n_heads, self.head_dim)
-        B = B.reshape(b, l, self.n_groups, self.d_state)
-        C = C.reshape(b, l, self.n_groups, self.d_state)
-        if l == 1 and ssm_state is not None:
-            y, ssm_state = ssm_step_reference(
-                x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], self.D, ssm_state
-            )
-            y = y[:, None]
+        conv_weight, conv_bias = self.conv1d.weight[:, :, 0], self.conv1d.get("bias")
+        if cache is not None and cache.ssm_state is not None and l == 1:
+            y, conv_state, ssm_state = ssm_step_reference(
+                xBC[:, 0], dt[:, 0], cache.conv_state, conv_weight, conv_bias,
+                self.dt_bias, self.A_log, self.D, cache.ssm_state,
+                self.time_step_limit, self.n_groups,
+            )  # fmt: skip
         else:
+            conv_state = cache.conv_state if cache is not None else None
+            xBC, conv_state = causal_conv1d_reference(xBC, conv_weight, conv_bias, conv_state)
+            gn = self.n_groups * self.d_state
+            x, B, C = mx.split(xBC, [self.d_ssm, self.d_ssm + gn], axis=-1)
+            dt, A = discretize(dt, self.dt_bias, self.A_log, self.time_step_limit)
             y, ssm_state = ssd_scan_reference(
-                x, dt, A, B, C, self.D, ssm_state, self.chunk_size
+                x.reshape(b, l, self.n_heads, self.head_dim),
+                dt,
+                A,
+                B.reshape(b, l, self.n_groups, self.d_state),
+                C.reshape(b, l, self.n_groups, self.d_state),
+                self.D,
+                cache.ssm_state if cache is not None else None,
+                self.chunk_size,
             )
         if cache is not None:
             cache.conv_state, cache.ssm_state = conv_state, ssm_state
