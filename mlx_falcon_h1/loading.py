@@ -13,22 +13,13 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .model import ConfigError, Model, ModelArgs
+from .model import MULTIPLIERS, ConfigError, Model, ModelArgs
 
 # Key our converter writes into config.json: the record of what it did to the
 # weights (folded multipliers, layout). Its presence is what makes MLX-layout
 # weights trustworthy; see _check_fold_state.
 FORMAT_KEY = "mlx_falcon_h1"
 
-_MULTIPLIER_FIELDS = (
-    "embedding_multiplier",
-    "lm_head_multiplier",
-    "key_multiplier",
-    "attention_in_multiplier",
-    "attention_out_multiplier",
-    "ssm_in_multiplier",
-    "ssm_out_multiplier",
-)
 
 
 class CheckpointError(ValueError):
@@ -154,7 +145,7 @@ def _check_fold_state(args: ModelArgs, config: Dict[str, Any], weights, path: Pa
         return
     name = "model.layers.0.mamba.conv1d.weight"
     converted = name in weights and weights[name].ndim == 3 and weights[name].shape[-1] == 1
-    multipliers = [getattr(args, f) for f in _MULTIPLIER_FIELDS]
+    multipliers = [getattr(args, f) for f in MULTIPLIERS]
     multipliers += list(args.mlp_multipliers) + list(args.ssm_multipliers)
     if converted and any(m != 1.0 for m in multipliers):
         raise CheckpointError(

@@ -38,6 +38,18 @@ class ConfigError(ValueError):
     """A config.json that is not Falcon-H1 or whose sizes do not fit together."""
 
 
+# The scalar muP multipliers (mlp_multipliers and ssm_multipliers are lists).
+MULTIPLIERS = (
+    "embedding_multiplier",
+    "lm_head_multiplier",
+    "key_multiplier",
+    "attention_in_multiplier",
+    "attention_out_multiplier",
+    "ssm_in_multiplier",
+    "ssm_out_multiplier",
+)
+
+
 @dataclass
 class ModelArgs(BaseModelArgs):
     # Field names and defaults copy transformers' FalconH1Config, so a key
@@ -82,6 +94,8 @@ class ModelArgs(BaseModelArgs):
     ssm_out_multiplier: float = 1.0
     mlp_multipliers: List[float] = field(default_factory=lambda: [1.0, 1.0])
     ssm_multipliers: List[float] = field(default_factory=lambda: [1.0] * 5)
+    # Written by our converter: what it did to the weights (see convert/).
+    mlx_falcon_h1: Optional[Dict[str, Any]] = None
 
     def __post_init__(self):
         def fail(message):
@@ -148,6 +162,21 @@ class ModelArgs(BaseModelArgs):
         for ok, message in checks:
             if not ok:
                 fail(message)
+        if (self.mlx_falcon_h1 or {}).get("multipliers_folded"):
+            self._use_folded_multipliers()
+
+    def _use_folded_multipliers(self):
+        # The converter multiplied every muP multiplier into the weights and kept
+        # the config's values (mlx-lm reads them), so at run time they are 1.
+        # Tied embeddings share one matrix, which carries the embedding
+        # multiplier; the head still needs lm_head / embedding.
+        head = self.lm_head_multiplier / self.embedding_multiplier
+        for name in MULTIPLIERS:
+            setattr(self, name, 1.0)
+        self.mlp_multipliers = [1.0, 1.0]
+        self.ssm_multipliers = [1.0] * 5
+        if self.tie_word_embeddings:
+            self.lm_head_multiplier = head
 
     def _resolve_rope(self):
         # transformers < 5 writes rope_theta (+ rope_scaling); transformers 5 writes

@@ -1,0 +1,266 @@
+"""The converter: round trips, quantization modes, stock mlx-lm loading, safety."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import mlx_lm
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from conftest import assert_close_logits, make_checkpoint, make_tokenizer, reference_logits
+from mlx_falcon_h1 import CheckpointError, load_model
+from mlx_falcon_h1_convert import convert
+
+IDS = np.random.default_rng(7).integers(0, 96, size=(2, 45))
+
+# Every mode and bit width the installed MLX offers, with its group size.
+QUANT_CASES = [
+    dict(q_mode="affine", q_bits=2, q_group_size=32),
+    dict(q_mode="affine", q_bits=3, q_group_size=64),
+    dict(q_mode="affine", q_bits=4, q_group_size=64),
+    dict(q_mode="affine", q_bits=5, q_group_size=32),
+    dict(q_mode="affine", q_bits=6, q_group_size=64),
+    dict(q_mode="affine", q_bits=8, q_group_size=32),
+    dict(q_mode="mxfp4"),
+    dict(q_mode="nvfp4"),
+    dict(q_mode="mxfp8"),
+]
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    """A random Falcon-H1 with tokenizer; every bias on so folding of biases is checked."""
+    path = tmp_path_factory.mktemp("hf")
+    torch_model = make_checkpoint(
+        path, attention_bias=True, mamba_proj_bias=True, projectors_bias=True, mlp_bias=True
+    )
+    make_tokenizer(path)
+    return path, reference_logits(torch_model, IDS)
+
+
+def logits_of(model) -> np.ndarray:
+    return np.array(model(mx.array(IDS)).astype(mx.float32))
+
+
+def folder_state(parent: Path) -> set:
+    return {p.name for p in parent.iterdir()}
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, dict(tie_word_embeddings=True), dict(mamba_rms_norm=True, mamba_norm_before_gate=True)],
+    ids=["realistic", "tied", "rms_norm"],
+)
+def test_float_round_trip_matches_transformers_in_ours_and_stock(tmp_path, overrides):
+    torch_model = make_checkpoint(tmp_path / "hf", **overrides)
+    ref = reference_logits(torch_model, IDS)
+    convert(str(tmp_path / "hf"), str(tmp_path / "mlx"), dtype="float32")
+    assert_close_logits(logits_of(load_model(tmp_path / "mlx")[0]), ref)
+    # Stock mlx-lm's falcon_h1 runs the same folder to the same logits: the
+    # multipliers (key included) are in the weights, and it does not fold again.
+    stock, _ = mlx_lm.utils.load_model(tmp_path / "mlx")
+    assert_close_logits(logits_of(stock), ref)
+
+
+def test_configuration_stock_cannot_express_is_flagged(tmp_path, capsys):
+    make_checkpoint(tmp_path / "hf", mamba_n_groups=2, mamba_rms_norm=True)
+    convert(str(tmp_path / "hf"), str(tmp_path / "mlx"))
+    assert "normalises over all channels, not per group" in capsys.readouterr().out
+
+
+def test_output_folder_contents(source, tmp_path):
+    path, _ = source
+    convert(str(path), str(tmp_path / "out"), quantize=True, dtype="bfloat16", max_shard_size_gb=1e-4)
+    out = tmp_path / "out"
+    shards = sorted(out.glob("model-*.safetensors"))
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(shards) > 1 and set(index["weight_map"].values()) == {s.name for s in shards}
+    for name in ("tokenizer.json", "tokenizer_config.json", "quality_report.json", "README.md"):
+        assert (out / name).is_file(), name
+    config = json.loads((out / "config.json").read_text())
+    assert config["mlx_falcon_h1"]["multipliers_folded"] is True
+    assert config["quantization"]["bits"] == 4 and config["quantization"]["mode"] == "affine"
+    assert config["quantization_config"] == config["quantization"]
+    assert config["key_multiplier"] == pytest.approx(0.39062499999999994)  # kept for the record
+    card = (out / "README.md").read_text()
+    assert "q_bits: `4`" in card and "mean KL" in card
+
+    # Falcon-aware precision: SSM parameters, conv and norms float32 and unquantized.
+    tensors = {}
+    for shard in shards:
+        tensors.update(mx.load(str(shard)))
+    for name, w in tensors.items():
+        if any(k in name for k in ("A_log", "mamba.D", "dt_bias", "conv1d", "norm")):
+            assert w.dtype == mx.float32, name
+            assert not name.endswith(".scales"), name
+    assert tensors["model.layers.0.mamba.in_proj.weight"].dtype == mx.uint32
+    assert tensors["model.layers.0.mamba.in_proj.bias"].dtype == mx.bfloat16
+
+
+@pytest.mark.parametrize("case", QUANT_CASES, ids=lambda c: f"{c['q_mode']}{c.get('q_bits', '')}")
+def test_quantized_round_trip(source, tmp_path, case):
+    path, ref = source
+    report = convert(str(path), str(tmp_path / "q"), quantize=True, dtype="float32", **case)
+    ours = logits_of(load_model(tmp_path / "q")[0])
+    stock = logits_of(mlx_lm.utils.load_model(tmp_path / "q")[0])
+    assert_close_logits(stock, ours, rel=1e-5)  # same quantized weights, same math
+    assert report == json.loads((tmp_path / "q" / "quality_report.json").read_text())
+    assert report["tokens"] == 256
+    assert 0.0 <= report["mean_kl"] < 0.5
+    assert 0.0 <= report["top1_agreement"] <= 1.0
+    assert np.isfinite(report["max_logit_diff"])
+    # Quantization moved the logits, but not beyond what its bit width allows.
+    worst = np.abs(ours - ref).max() / np.abs(ref).max()
+    assert 0 < worst < 1.0
+
+
+def test_more_bits_less_error_and_deterministic(source, tmp_path):
+    path, _ = source
+    r2 = convert(str(path), str(tmp_path / "a"), quantize=True, q_bits=2, q_group_size=32)
+    r8 = convert(str(path), str(tmp_path / "b"), quantize=True, q_bits=8, q_group_size=32)
+    again = convert(str(path), str(tmp_path / "c"), quantize=True, q_bits=2, q_group_size=32)
+    assert r8["mean_kl"] < r2["mean_kl"] and r8["max_logit_diff"] < r2["max_logit_diff"]
+    assert again == r2
+
+
+def test_recipe(source, tmp_path):
+    path, _ = source
+    convert(str(path), str(tmp_path / "m"), quantize=True, quant_predicate="mixed_3_6", q_group_size=32)
+    q = json.loads((tmp_path / "m" / "config.json").read_text())["quantization"]
+    # mlx-lm's rule on 2 layers: the last layer's v_proj/down_proj and lm_head get 6 bits.
+    assert q["model.layers.1.self_attn.v_proj"]["bits"] == 6
+    assert q["lm_head"]["bits"] == 6
+    assert q["model.layers.0.self_attn.v_proj"]["bits"] == 3
+    assert q["model.layers.0.mamba.in_proj"]["bits"] == 3
+    ours = logits_of(load_model(tmp_path / "m")[0])
+    assert_close_logits(logits_of(mlx_lm.utils.load_model(tmp_path / "m")[0]), ours, rel=1e-5)
+
+
+def test_reconverting_our_output_does_not_fold_twice(source, tmp_path):
+    path, ref = source
+    convert(str(path), str(tmp_path / "f"), dtype="float32")
+    convert(str(tmp_path / "f"), str(tmp_path / "g"), dtype="float32")
+    assert_close_logits(logits_of(load_model(tmp_path / "g")[0]), ref)
+
+
+def test_dequantize(source, tmp_path):
+    path, _ = source
+    convert(str(path), str(tmp_path / "q"), quantize=True, q_bits=4, q_group_size=32, dtype="float32")
+    convert(str(tmp_path / "q"), str(tmp_path / "d"), dequantize=True)
+    config = json.loads((tmp_path / "d" / "config.json").read_text())
+    assert "quantization" not in config
+    assert_close_logits(
+        logits_of(load_model(tmp_path / "d")[0]), logits_of(load_model(tmp_path / "q")[0]), rel=1e-5
+    )
+
+
+def test_narrow_layers_are_left_unquantized(tmp_path):
+    # intermediate 80 is not a multiple of 64: down_proj cannot be grouped by 64.
+    make_checkpoint(tmp_path / "hf")
+    convert(str(tmp_path / "hf"), str(tmp_path / "q"), quantize=True, q_group_size=64)
+    tensors = mx.load(str(tmp_path / "q" / "model.safetensors"))
+    assert "model.layers.0.feed_forward.down_proj.scales" not in tensors
+    assert "model.layers.0.feed_forward.up_proj.scales" in tensors
+    load_model(tmp_path / "q")
+
+
+# --- safety and errors -------------------------------------------------------
+
+
+def test_refuses_existing_destination_unless_forced(source, tmp_path):
+    path, ref = source
+    dest = tmp_path / "out"
+    dest.mkdir()
+    (dest / "precious.txt").write_text("user data")
+    with pytest.raises(ValueError, match=r"already exists.*--force"):
+        convert(str(path), str(dest))
+    assert (dest / "precious.txt").read_text() == "user data"
+    convert(str(path), str(dest), force=True, dtype="float32")
+    assert not (dest / "precious.txt").exists()
+    assert folder_state(tmp_path) == {"out"}
+    assert_close_logits(logits_of(load_model(dest)[0]), ref)
+
+
+def break_source(source_path: Path, tmp_path: Path, how: str) -> Path:
+    broken = tmp_path / "broken"
+    make_checkpoint(broken, max_shard_size="100KB" if how == "missing_shard" else None)
+    if how == "not_falcon":
+        config = json.loads((broken / "config.json").read_text())
+        config["model_type"] = "mamba2"
+        (broken / "config.json").write_text(json.dumps(config))
+    elif how == "missing_shard":
+        sorted(broken.glob("model-*.safetensors"))[-1].unlink()
+    elif how == "truncated":
+        file = broken / "model.safetensors"
+        file.write_bytes(file.read_bytes()[:-100])
+    elif how == "wrong_shape":
+        tensors = load_file(broken / "model.safetensors")
+        tensors["model.layers.1.mamba.D"] = np.zeros(7, np.float32)
+        save_file(tensors, broken / "model.safetensors")
+    return broken
+
+
+@pytest.mark.parametrize(
+    "how, pattern",
+    [
+        ("not_falcon", r"model_type is 'mamba2'"),
+        ("missing_shard", r"model-\d+-of-\d+\.safetensors: listed in model\.safetensors\.index\.json but missing"),
+        ("truncated", r"model\.safetensors: truncated"),
+        ("wrong_shape", r"tensor model\.layers\.1\.mamba\.D has shape \(7,\), the config needs \(6,\)"),
+    ],
+)
+def test_bad_input_names_the_fault_and_leaves_nothing(source, tmp_path, how, pattern):
+    broken = break_source(source[0], tmp_path, how)
+    out_parent = tmp_path / "outputs"
+    out_parent.mkdir()
+    with pytest.raises(ValueError, match=pattern):
+        convert(str(broken), str(out_parent / "mlx"), quantize=True)
+    assert folder_state(out_parent) == set()
+
+
+def test_unwritable_destination(source, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    with pytest.raises(ValueError, match=r"a_file: cannot write the output there"):
+        convert(str(source[0]), str(blocker / "mlx"))
+
+
+def test_interrupted_conversion_leaves_nothing(source, tmp_path, monkeypatch):
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        calls.append(args[0])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    real = mx.save_safetensors
+    monkeypatch.setattr(mx, "save_safetensors", interrupted)
+    out_parent = tmp_path / "outputs"
+    out_parent.mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        convert(str(source[0]), str(out_parent / "mlx"), max_shard_size_gb=1e-4)
+    assert len(calls) == 2 and folder_state(out_parent) == set()
+
+
+def test_offline_hub_id_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(CheckpointError, match=r"no-such-org/no-such-model: not a local folder, and fetching"):
+        convert("no-such-org/no-such-model", str(tmp_path / "out"))
+    assert folder_state(tmp_path) == set()
+
+
+def test_command_line(source, tmp_path):
+    cmd = ["mlx-falcon-h1-convert", "--hf-path", str(source[0]), "--mlx-path", str(tmp_path / "o")]
+    exe = Path(sys.executable).parent / cmd[0]
+    done = subprocess.run([str(exe)] + cmd[1:] + ["-q", "--q-bits", "8"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "[quality]" in done.stdout and (tmp_path / "o" / "config.json").exists()
+    again = subprocess.run([str(exe)] + cmd[1:], capture_output=True, text=True)
+    assert again.returncode == 1 and "already exists" in again.stderr
+    assert "Traceback" not in again.stderr
