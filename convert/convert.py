@@ -320,8 +320,9 @@ def convert(
             "ssm_dtype": ssm_dtype,
         }
 
-        _write_weights(tmp, dict(tree_flatten(model.parameters())), int(max_shard_size_gb * (1 << 30)))
-        del model
+        params = dict(tree_flatten(model.parameters()))
+        del model  # the shards below must hold the only references, to be freed one by one
+        _write_weights(tmp, params, int(max_shard_size_gb * (1 << 30)))
         for name in EXTRA_FILES:
             if (source / name).is_file():
                 shutil.copy2(source / name, tmp / name)
