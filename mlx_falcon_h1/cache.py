@@ -1,21 +1,53 @@
 """The per-layer cache of a Falcon-H1 layer: attention K/V, conv state, SSM state.
 
 Every Falcon-H1 layer runs attention and a Mamba2 mixer side by side, so one
-cache object holds both kinds of memory. To mlx-lm's attention helpers it looks
-like a KV cache (`update_and_fetch`, `offset`, `make_mask`); the mixer reads and
-writes `conv_state` (B, K-1, conv_dim) and `ssm_state` (B, H, P, N, float32).
+cache object holds both kinds of memory and implements mlx-lm's cache protocol
+for both: to mlx-lm's attention helpers it is a KV cache (`update_and_fetch`,
+`offset`, `make_mask`, `bits` once quantized); batch generation merges, filters,
+extends and extracts it; prompt-cache files save and load it; and it can be
+trimmed, which an SSM cache cannot do by itself.
+
+Trimming. The SSM state at an earlier position cannot be recovered from the
+current one. So the cache keeps a rollback window: the SSM state at the window's
+start and the raw mixer inputs ([xBC | dt] rows) of the window's tokens (plus the
+K-1 rows before it, the conv's left context). Trimming n <= `trimmable` tokens
+cuts the window and replays the kept rows from the window's start state, at the
+next forward call, which has the layer's weights. The window holds between
+`max_rollback` and 2 * `max_rollback` tokens once that many have been seen; it
+costs (conv_dim + H) values per token and one SSM state per layer, about 1/60 of
+the rollback a stored state per token would cost.
+
+Legend: B batch, L tokens, C conv channels, H SSM heads, P head dim, N state
+size, K conv width.
 """
 
-from mlx_lm.models.cache import KVCache, _BaseCache
+from typing import List, Optional
+
+import mlx.core as mx
+import mlx_lm.models.cache as mlx_lm_cache
+from mlx_lm.models.cache import BatchKVCache, KVCache, QuantizedKVCache, _BaseCache
+
+# Speculative decoding trims at most --num-draft-tokens; chat templates that
+# re-render a reply trim a few tokens. Larger windows cost memory (see above).
+MAX_ROLLBACK_TOKENS = 32
 
 
-class HybridCache(_BaseCache):
-    def __init__(self):
+class FalconH1Cache(_BaseCache):
+    def __init__(self, max_rollback: int = MAX_ROLLBACK_TOKENS):
         self.kv = KVCache()
-        self.conv_state = None
-        self.ssm_state = None
+        self.conv_state: Optional[mx.array] = None  # (B, K-1, C) raw conv inputs
+        self.ssm_state: Optional[mx.array] = None  # (B, H, P, N) float32
+        # Right-padded batch prompts (mlx-lm's BatchGenerator): real tokens still
+        # to come per row; padded positions must not touch conv or SSM state.
+        self.lengths: Optional[mx.array] = None  # (B,)
+        self.max_rollback = max_rollback
+        self.window = 0  # tokens in the rollback window
+        self.window_state: Optional[mx.array] = None  # SSM state at the window start
+        self.history: Optional[mx.array] = None  # (B, K-1 + window, C + H) raw [xBC | dt]
+        self.replay_to: Optional[int] = None  # pending rollback: recompute the state
 
-    # Attention side: delegate to mlx-lm's step-growing KV cache.
+    # --- attention side: mlx-lm's KV caches do the work -------------------------
+
     @property
     def offset(self):
         return self.kv.offset
@@ -26,6 +58,24 @@ class HybridCache(_BaseCache):
     def make_mask(self, *args, **kwargs):
         return self.kv.make_mask(*args, **kwargs)
 
+    @property
+    def bits(self):  # present only when quantized: mlx-lm's attention checks hasattr
+        if not isinstance(self.kv, QuantizedKVCache):
+            raise AttributeError("bits")
+        return self.kv.bits
+
+    @property
+    def group_size(self):
+        if not isinstance(self.kv, QuantizedKVCache):
+            raise AttributeError("group_size")
+        return self.kv.group_size
+
+    def to_quantized(self, group_size: int = 64, bits: int = 4) -> "FalconH1Cache":
+        """--kv-bits: quantize the attention K/V; conv and SSM state stay as they are."""
+        if isinstance(self.kv, KVCache):
+            self.kv = self.kv.to_quantized(group_size=group_size, bits=bits)
+        return self
+
     def size(self):
         return self.kv.size()
 
@@ -33,13 +83,206 @@ class HybridCache(_BaseCache):
         return self.kv.empty() and self.ssm_state is None
 
     @property
-    def state(self):
-        # mlx-lm evaluates exactly these arrays after each step.
-        kv = [] if self.kv.empty() else list(self.kv.state[:2])
-        ssm = [] if self.ssm_state is None else [self.conv_state, self.ssm_state]
-        return kv + ssm
+    def nbytes(self):
+        arrays = [self.conv_state, self.ssm_state, self.window_state, self.history]
+        return self.kv.nbytes + sum(a.nbytes for a in arrays if a is not None)
+
+    # --- mixer side -------------------------------------------------------------
+
+    def run_mixer(self, mixer, xBC: mx.array, dt: mx.array) -> mx.array:
+        """Run `mixer.ssm` on this call's raw xBC (B, L, C) and dt (B, L, H) from
+        the cached state, keep the new state and the rollback window; return y."""
+        width = mixer.conv_width
+        if self.replay_to is not None:
+            self.ssm_state = self._replay(mixer, self.replay_to)
+            self.replay_to = None
+        batch, length, channels = xBC.shape
+
+        if self.lengths is not None:
+            y, self.conv_state, self.ssm_state = mixer.ssm(
+                xBC, dt, self.conv_state, self.ssm_state, self.lengths
+            )
+            self.lengths = self.lengths - length
+            self._reset_window()  # rows end at different places: no common window
+            return y
+
+        if self.conv_state is None:
+            self.conv_state = mx.zeros((batch, width - 1, channels), dtype=xBC.dtype)
+        if self.history is None:
+            self.history = self._context_rows(self.conv_state, dt)
+        rows = mx.concatenate([xBC, dt.astype(xBC.dtype)], axis=-1)
+        if length > self.max_rollback:
+            # Long call (a prompt): split it where the new window starts, so the
+            # window's start state comes out of the scan instead of a replay.
+            cut = length - self.max_rollback
+            y0, conv_state, state = mixer.ssm(xBC[:, :cut], dt[:, :cut], self.conv_state, self.ssm_state)
+            y1, self.conv_state, self.ssm_state = mixer.ssm(xBC[:, cut:], dt[:, cut:], conv_state, state)
+            self.window_state = state
+            self.history = mx.concatenate([self._context_rows(conv_state, dt), rows[:, cut:]], axis=1)
+            self.window = self.max_rollback
+            return mx.concatenate([y0, y1], axis=1)
+
+        y, self.conv_state, self.ssm_state = mixer.ssm(xBC, dt, self.conv_state, self.ssm_state)
+        self.history = mx.concatenate([self.history, rows], axis=1)
+        self.window += length
+        if self.window > 2 * self.max_rollback:
+            # Move the window start forward by one replay of the oldest rows,
+            # once per max_rollback tokens of decoding.
+            drop = self.window - self.max_rollback
+            self.window_state = self._replay(mixer, drop)
+            self.history = self.history[:, drop:]
+            self.window = self.max_rollback
+        return y
+
+    def _context_rows(self, conv_state: mx.array, dt: mx.array) -> mx.array:
+        # The K-1 conv-context rows before the window; their dt columns are unused.
+        pad = mx.zeros(conv_state.shape[:2] + (dt.shape[-1],), dtype=conv_state.dtype)
+        return mx.concatenate([conv_state, pad], axis=-1)
+
+    def _reset_window(self):
+        self.window, self.window_state, self.history = 0, self.ssm_state, None
+
+    def _replay(self, mixer, tokens: int) -> Optional[mx.array]:
+        """The SSM state after the window's first `tokens` tokens."""
+        if tokens == 0:
+            return self.window_state
+        k = mixer.conv_width - 1
+        channels = self.conv_state.shape[-1]
+        rows = self.history[:, k : k + tokens]
+        _, _, state = mixer.ssm(
+            rows[..., :channels],
+            rows[..., channels:],
+            self.history[:, :k, :channels],
+            self.window_state,
+        )
+        return state
+
+    # --- trimming (speculative decoding, prompt-cache prefix reuse) -------------
+
+    def is_trimmable(self):
+        return True
 
     @property
-    def nbytes(self):
-        ssm = 0 if self.ssm_state is None else self.conv_state.nbytes + self.ssm_state.nbytes
-        return self.kv.nbytes + ssm
+    def trimmable(self) -> int:
+        """How many tokens `trim` can take back now."""
+        return min(self.window, self.kv.size()) if self.lengths is None else 0
+
+    def trim(self, n: int) -> int:
+        if n <= 0:
+            return 0
+        if n > self.trimmable:
+            raise ValueError(
+                f"Falcon-H1 cache: cannot roll the SSM state back {n} tokens; "
+                f"{self.trimmable} can be (set model.rollback_tokens before make_cache() "
+                "for a longer window)"
+            )
+        self.kv.trim(n)
+        self.window -= n
+        k = self.conv_state.shape[1]
+        channels = self.conv_state.shape[-1]
+        self.history = self.history[:, : k + self.window]
+        self.conv_state = self.history[:, self.window :, :channels]
+        self.replay_to = self.window
+        return n
+
+    # --- prompt-cache files -----------------------------------------------------
+
+    @property
+    def state(self):
+        # Every array, so mlx-lm evaluates all of them after each step, plus what
+        # rebuilds the object (load_prompt_cache calls from_state with this list).
+        return [
+            type(self.kv).__name__,
+            self.kv.state,
+            self.conv_state,
+            self.ssm_state,
+            self.window_state,
+            self.history,
+            self.lengths,
+            self.window,
+            self.max_rollback,
+            -1 if self.replay_to is None else self.replay_to,
+        ]
+
+    @state.setter
+    def state(self, v):
+        kv_class, kv_state, *arrays, self.window, self.max_rollback, replay_to = v
+        self.kv = getattr(mlx_lm_cache, kv_class).from_state(kv_state)
+        self.conv_state, self.ssm_state, self.window_state, self.history, self.lengths = arrays
+        self.replay_to = None if replay_to < 0 else replay_to
+
+    # --- batching (mlx-lm's BatchGenerator and server) --------------------------
+
+    @classmethod
+    def merge(cls, caches: List["FalconH1Cache"]) -> "FalconH1Cache":
+        merged = cls(caches[0].max_rollback)
+        merged.kv = BatchKVCache.merge([c.kv for c in caches])
+        for c in caches:
+            if c.replay_to is not None:
+                raise ValueError("merge a trimmed Falcon-H1 cache after a forward call")
+        merged.conv_state = _stack([c.conv_state for c in caches])
+        merged.ssm_state = _stack([c.ssm_state for c in caches])
+        merged._reset_window()
+        return merged
+
+    def prepare(self, *, lengths=None, right_padding=None, left_padding=None):
+        if isinstance(self.kv, BatchKVCache):
+            self.kv.prepare(lengths=lengths, right_padding=right_padding, left_padding=left_padding)
+        if lengths is not None:
+            self.lengths = mx.array(lengths)
+
+    def finalize(self):
+        if isinstance(self.kv, BatchKVCache):
+            self.kv.finalize()
+        self.lengths = None
+
+    def filter(self, batch_indices):
+        self.kv.filter(batch_indices)
+        idx = mx.array(batch_indices)
+        for name in ("conv_state", "ssm_state", "window_state", "history", "lengths"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, value[idx])
+
+    def extend(self, other: "FalconH1Cache"):
+        a, b = self.kv.offset.shape[0], other.kv.offset.shape[0]
+        self.kv.extend(other.kv)
+        self.conv_state = _concat(self.conv_state, other.conv_state, a, b)
+        self.ssm_state = _concat(self.ssm_state, other.ssm_state, a, b)
+        self.lengths = None
+        self._reset_window()
+
+    def extract(self, idx: int) -> "FalconH1Cache":
+        single = FalconH1Cache(self.max_rollback)
+        single.kv = self.kv.extract(idx)
+        if self.replay_to is not None:
+            raise ValueError("extract from a trimmed Falcon-H1 cache after a forward call")
+        for name in ("conv_state", "ssm_state", "window_state", "history"):
+            value = getattr(self, name)
+            setattr(single, name, None if value is None else value[idx : idx + 1])
+        # The window only holds tokens decoded since the merge, real for every row.
+        single.window = self.window
+        return single
+
+
+def _stack(states: List[Optional[mx.array]]) -> Optional[mx.array]:
+    """One batch from per-sequence states; an empty cache's state is zeros."""
+    like = next((s for s in states if s is not None), None)
+    if like is None:
+        return None
+    return mx.concatenate([mx.zeros_like(like) if s is None else s for s in states])
+
+
+def _concat(a: Optional[mx.array], b: Optional[mx.array], rows_a: int, rows_b: int):
+    if a is None and b is None:
+        return None
+    like = a if a is not None else b
+    if a is None:
+        a = mx.zeros((rows_a,) + like.shape[1:], like.dtype)
+    if b is None:
+        b = mx.zeros((rows_b,) + like.shape[1:], like.dtype)
+    return mx.concatenate([a, b])
+
+
+# mlx-lm's load_prompt_cache rebuilds caches by class name from its own module.
+mlx_lm_cache.FalconH1Cache = FalconH1Cache

@@ -28,7 +28,7 @@ from mlx_lm.models.base import (
 )
 from mlx_lm.models.rope_utils import initialize_rope
 
-from .cache import HybridCache
+from .cache import MAX_ROLLBACK_TOKENS, FalconH1Cache
 from .kernels.conv1d import causal_conv1d_reference
 from .kernels.ssd_scan import ssd_scan_reference
 from .kernels.ssm_step import discretize, ssm_step_reference
@@ -252,7 +252,7 @@ class Attention(nn.Module):
             max_position_embeddings=args.max_position_embeddings,
         )
 
-    def __call__(self, x: mx.array, mask, cache: Optional[HybridCache]) -> mx.array:
+    def __call__(self, x: mx.array, mask, cache: Optional[FalconH1Cache]) -> mx.array:
         b, l, _ = x.shape
         q = self.q_proj(x).reshape(b, l, self.n_heads, -1).transpose(0, 2, 1, 3)
         k = _scaled(self.k_proj(x), self.key_multiplier)
@@ -279,6 +279,7 @@ class Mixer(nn.Module):
         self.d_state = args.mamba_d_state
         self.chunk_size = args.mamba_chunk_size
         self.time_step_limit = args.time_step_limit
+        self.conv_width = args.mamba_d_conv
         self.ssm_in_multiplier = args.ssm_in_multiplier
         conv_dim = args.conv_dim
         # in_proj output rows: z (d_ssm) | x (d_ssm) | B (G*N) | C (G*N) | dt (H)
@@ -307,45 +308,73 @@ class Mixer(nn.Module):
             )
         self.out_proj = nn.Linear(self.d_ssm, args.hidden_size, bias=args.projectors_bias)
 
-    def __call__(self, u: mx.array, cache: Optional[HybridCache]) -> mx.array:
+    def __call__(self, u: mx.array, cache: Optional[FalconH1Cache]) -> mx.array:
         b, l, _ = u.shape
         zxbcdt = self.in_proj(_scaled(u, self.ssm_in_multiplier))
         if self._mup is not None:
             zxbcdt = zxbcdt * self._mup.astype(zxbcdt.dtype)
         z, xBC, dt = mx.split(zxbcdt, [self.d_ssm, zxbcdt.shape[-1] - self.n_heads], axis=-1)
 
-        conv_weight, conv_bias = self.conv1d.weight[:, :, 0], self.conv1d.get("bias")
-        if cache is not None and cache.ssm_state is not None and l == 1:
-            y, conv_state, ssm_state = ssm_step_reference(
-                xBC[:, 0], dt[:, 0], cache.conv_state, conv_weight, conv_bias,
-                self.dt_bias, self.A_log, self.D, cache.ssm_state,
-                self.time_step_limit, self.n_groups,
-            )  # fmt: skip
+        if cache is None:
+            y, _, _ = self.ssm(xBC, dt, None, None)
         else:
-            conv_state = cache.conv_state if cache is not None else None
-            xBC, conv_state = causal_conv1d_reference(xBC, conv_weight, conv_bias, conv_state)
-            gn = self.n_groups * self.d_state
-            x, B, C = mx.split(xBC, [self.d_ssm, self.d_ssm + gn], axis=-1)
-            dt, A = discretize(dt, self.dt_bias, self.A_log, self.time_step_limit)
-            y, ssm_state = ssd_scan_reference(
-                x.reshape(b, l, self.n_heads, self.head_dim),
-                dt,
-                A,
-                B.reshape(b, l, self.n_groups, self.d_state),
-                C.reshape(b, l, self.n_groups, self.d_state),
-                self.D,
-                cache.ssm_state if cache is not None else None,
-                self.chunk_size,
-            )
-        if cache is not None:
-            cache.conv_state, cache.ssm_state = conv_state, ssm_state
-
+            y = cache.run_mixer(self, xBC, dt)  # keeps state and the rollback window
         y = y.reshape(b, l, self.d_ssm)  # float32
         if "norm" in self:
             y = self.norm(y, z)
         else:
             y = y * nn.silu(z.astype(mx.float32))
         return self.out_proj(y.astype(u.dtype))
+
+    def ssm(self, xBC, dt, conv_state, ssm_state, lengths=None):
+        """Conv and SSM over L new tokens, continuing from the given states.
+
+        xBC: (B, L, C) and dt: (B, L, H), raw in_proj outputs. conv_state:
+        (B, K-1, C) or None; ssm_state: (B, H, P, N) float32 or None (empty).
+        lengths: (B,) real tokens per row of a right-padded batch, or None; the
+        padding leaves both states as they were at each row's last real token.
+        Returns y (B, L, H, P) float32, the new conv state and the new SSM state.
+        """
+        b, l, _ = xBC.shape
+        conv_weight, conv_bias = self.conv1d.weight[:, :, 0], self.conv1d.get("bias")
+        if l == 1 and ssm_state is not None and lengths is None:
+            y, conv_state, ssm_state = ssm_step_reference(
+                xBC[:, 0], dt[:, 0], conv_state, conv_weight, conv_bias,
+                self.dt_bias, self.A_log, self.D, ssm_state,
+                self.time_step_limit, self.n_groups,
+            )  # fmt: skip
+            return y[:, None], conv_state, ssm_state
+
+        xBC_raw = xBC
+        xBC, new_conv_state = causal_conv1d_reference(xBC, conv_weight, conv_bias, conv_state)
+        gn = self.n_groups * self.d_state
+        x, B, C = mx.split(xBC, [self.d_ssm, self.d_ssm + gn], axis=-1)
+        dt, A = discretize(dt, self.dt_bias, self.A_log, self.time_step_limit)
+        if lengths is not None:
+            # dt = 0 is an exact no-op step (no decay, no input) for padded positions.
+            dt = mx.where((mx.arange(l) < lengths[:, None])[..., None], dt, 0.0)
+            new_conv_state = _conv_state_at(xBC_raw, conv_state, lengths, self.conv_width)
+        y, ssm_state = ssd_scan_reference(
+            x.reshape(b, l, self.n_heads, self.head_dim),
+            dt,
+            A,
+            B.reshape(b, l, self.n_groups, self.d_state),
+            C.reshape(b, l, self.n_groups, self.d_state),
+            self.D,
+            ssm_state,
+            self.chunk_size,
+        )
+        return y, new_conv_state, ssm_state
+
+
+def _conv_state_at(xBC, conv_state, lengths, width):
+    """The K-1 raw conv inputs ending at each row's last real token."""
+    if conv_state is None:
+        conv_state = mx.zeros((xBC.shape[0], width - 1, xBC.shape[-1]), xBC.dtype)
+    padded = mx.concatenate([conv_state, xBC], axis=1)  # (B, K-1+L, C)
+    ends = mx.clip(lengths, 0, xBC.shape[1])
+    rows = ends[:, None] + mx.arange(width - 1)  # padded index of the K-1 inputs
+    return mx.take_along_axis(padded, rows[..., None], axis=1)
 
 
 class MLP(nn.Module):
@@ -376,7 +405,7 @@ class DecoderLayer(nn.Module):
         self.attention_out_multiplier = args.attention_out_multiplier
         self.ssm_out_multiplier = args.ssm_out_multiplier
 
-    def __call__(self, h: mx.array, mask, cache: Optional[HybridCache]) -> mx.array:
+    def __call__(self, h: mx.array, mask, cache: Optional[FalconH1Cache]) -> mx.array:
         n = self.input_layernorm(h)  # one norm feeds both branches
         m = _scaled(self.mamba(n, cache), self.ssm_out_multiplier)
         a = self.self_attn(_scaled(n, self.attention_in_multiplier), mask, cache)
@@ -431,8 +460,11 @@ class Model(nn.Module):
             out[name] = w
         return out
 
-    def make_cache(self) -> List[HybridCache]:
-        return [HybridCache() for _ in self.layers]
+    # Tokens any cache from make_cache() can be trimmed by (see cache.py).
+    rollback_tokens = MAX_ROLLBACK_TOKENS
+
+    def make_cache(self) -> List[FalconH1Cache]:
+        return [FalconH1Cache(self.rollback_tokens) for _ in self.layers]
 
     @property
     def layers(self):
