@@ -61,6 +61,21 @@ EXTRA_FILES = (
 )
 
 
+# With --remote-code, `mlx_lm.load(..., trust_remote_code=True)` (and every mlx-lm
+# command's --trust-remote-code) builds the model from this file: our implementation.
+REMOTE_CODE_FILE = "falcon_h1_mlx.py"
+REMOTE_CODE = '''"""Written by mlx-falcon-h1-convert --remote-code: runs this folder with
+mlx-falcon-h1's Falcon-H1 (pip install mlx-falcon-h1) instead of mlx-lm's built-in one."""
+
+try:
+    from mlx_falcon_h1.model import Model, ModelArgs  # noqa: F401
+except ImportError as e:
+    raise ImportError(
+        "This model folder runs on mlx-falcon-h1: pip install mlx-falcon-h1"
+    ) from e
+'''
+
+
 def fold_multipliers(weights: Dict[str, mx.array], args: ModelArgs) -> Dict[str, mx.array]:
     """Multiply every muP multiplier into the weights (falcon_h1_spec.md, "Folding").
 
@@ -224,6 +239,7 @@ def convert(
     ssm_dtype: str = "float32",
     max_shard_size_gb: float = MAX_SHARD_BYTES / (1 << 30),
     report_tokens: int = 256,
+    remote_code: bool = False,
 ) -> Optional[dict]:
     """Convert `hf_path` (folder or Hub repo id) into an MLX folder at `mlx_path`.
 
@@ -327,6 +343,9 @@ def convert(
             if (source / name).is_file():
                 shutil.copy2(source / name, tmp / name)
 
+        if remote_code:
+            (tmp / REMOTE_CODE_FILE).write_text(REMOTE_CODE)
+            config["model_file"] = REMOTE_CODE_FILE
         _write_config(tmp, config)
 
         report = None
@@ -345,11 +364,11 @@ def convert(
         raise
 
     caveats = _stock_mlx_lm_caveats(args)
-    if caveats:
+    if caveats and not remote_code:
         print(
             "[warning] stock mlx-lm loads this folder but computes it differently: "
             + "; ".join(caveats)
-            + ". Run it with mlx_falcon_h1."
+            + ". Run it with mlx_falcon_h1, or convert with --remote-code."
         )
     print(f"[done] {mlx_path} in {time.time() - started:.1f} s")
     if upload_repo:
@@ -381,6 +400,9 @@ def configure_parser() -> argparse.ArgumentParser:
                    help="Keep A_log, D, dt_bias, conv1d and norms in float32 (default) "
                    "or in the checkpoint's dtype.")  # fmt: skip
     p.add_argument("--max-shard-size-gb", type=float, default=MAX_SHARD_BYTES / (1 << 30))
+    p.add_argument("--remote-code", action="store_true",
+                   help="Make mlx-lm's --trust-remote-code run this package's implementation "
+                   "from the folder (mlx-lm then needs that flag to load it).")  # fmt: skip
     return p
 
 

@@ -160,7 +160,8 @@ class FalconH1Cache(_BaseCache):
     # --- trimming (speculative decoding, prompt-cache prefix reuse) -------------
 
     def is_trimmable(self):
-        return True
+        # False while stored in the server's prompt cache (see commands.py).
+        return not getattr(self, "stored", False)
 
     @property
     def trimmable(self) -> int:

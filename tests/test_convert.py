@@ -264,3 +264,22 @@ def test_command_line(source, tmp_path):
     again = subprocess.run([str(exe)] + cmd[1:], capture_output=True, text=True)
     assert again.returncode == 1 and "already exists" in again.stderr
     assert "Traceback" not in again.stderr
+
+
+def test_remote_code_runs_our_implementation_in_stock_mlx_lm(tmp_path):
+    """A configuration stock mlx-lm computes wrongly (grouped gated norm), run
+    through mlx-lm's own loader with trust_remote_code, matches transformers."""
+    torch_model = make_checkpoint(tmp_path / "hf", mamba_n_groups=2, mamba_rms_norm=True)
+    make_tokenizer(tmp_path / "hf")
+    convert(str(tmp_path / "hf"), str(tmp_path / "mlx"), dtype="float32", remote_code=True)
+    model, _ = mlx_lm.utils.load_model(tmp_path / "mlx", trust_remote_code=True)
+    assert type(model).__module__ == "mlx_falcon_h1.model"
+    assert_close_logits(logits_of(model), reference_logits(torch_model, IDS))
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        mlx_lm.utils.load_model(tmp_path / "mlx")
+
+    cmd = [sys.executable, "-m", "mlx_lm", "generate", "--model", str(tmp_path / "mlx")]
+    cmd += ["--trust-remote-code", "--prompt", "def if", "--max-tokens", "5"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "Generation:" in done.stdout

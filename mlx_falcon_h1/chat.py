@@ -1,0 +1,6 @@
+"""`python -m mlx_falcon_h1.chat`: mlx-lm's chat REPL (same flags) on our Falcon-H1."""
+
+from .commands import run_mlx_lm_command
+
+if __name__ == "__main__":
+    run_mlx_lm_command("chat")

@@ -1,0 +1,46 @@
+"""mlx-lm's commands (generate, chat, server) running this package's Falcon-H1.
+
+Each keeps mlx-lm's flags and behaviour; only the loader is ours, so the model
+(and any draft model) is built by mlx_falcon_h1.load with its checks and our
+implementation.
+"""
+
+import sys
+from importlib import import_module
+
+from mlx_lm.models.cache import LRUPromptCache
+
+from .loading import load
+
+
+class FalconPromptCache(LRUPromptCache):
+    """mlx-lm's server prompt cache, for caches that roll back only a window.
+
+    mlx-lm assumes a trimmable cache can be cut back to any prefix: it trims a
+    longer cached prompt down to the shared prefix, and drops the shorter
+    entries once a longer one is stored. A Falcon-H1 cache can roll its SSM
+    state back only `trimmable` tokens, so stored entries say they cannot be
+    trimmed: exact and shorter prefixes are reused, nothing is cut.
+    """
+
+    def insert_cache(self, model, tokens, prompt_cache, **kwargs):
+        for c in prompt_cache:
+            c.stored = True
+        super().insert_cache(model, tokens, prompt_cache, **kwargs)
+
+    def fetch_nearest_cache(self, model, tokens):
+        cache, rest = super().fetch_nearest_cache(model, tokens)
+        for c in cache or []:
+            c.stored = False  # a live copy again: speculative decoding may trim it
+        return cache, rest
+
+
+def run_mlx_lm_command(name: str) -> None:
+    """Run `mlx_lm.<name>`'s main() with our loader; a model must be named."""
+    module = import_module(f"mlx_lm.{name}")
+    if "--model" not in " ".join(sys.argv[1:]).replace("=", " ").split():
+        sys.exit(f"python -m mlx_falcon_h1.{name}: --model is required (a Falcon-H1 folder or Hub repo)")
+    module.load = load  # mlx-lm's commands look their loader up at call time
+    if name == "server":
+        module.LRUPromptCache = FalconPromptCache
+    module.main()
