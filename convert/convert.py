@@ -12,6 +12,7 @@ quantized when their input size fits the group size and left alone otherwise.
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -260,6 +261,9 @@ def convert(
     source = resolve_path(hf_path)
     config = read_config(source)
     args = make_args(config, source / "config.json")
+    # The config's own values; `args` of an already-converted source runs with
+    # folded (unit) multipliers, which must not be written back.
+    source_args = ModelArgs.from_dict({k: v for k, v in config.items() if k != FORMAT_KEY})
     mlx_path = Path(mlx_path)
     if mlx_path.resolve() == source.resolve():
         raise ValueError(f"{mlx_path}: the output folder cannot be the input folder")
@@ -320,13 +324,14 @@ def convert(
                 ("custom" if quant_predicate else "default"),
             )  # fmt: skip
 
-        # Stock mlx-lm reads only these spellings: resolved sizes, top-level rope_theta.
-        config.update(
-            head_dim=args.head_dim,
-            mamba_d_ssm=args.mamba_d_ssm,
-            mamba_d_head=args.mamba_d_head,
-            rope_theta=args.rope_base,
-        )
+        # Every field spelled out as resolved: stock mlx-lm's defaults differ from
+        # transformers' (tie_word_embeddings, mamba_norm_before_gate, head_dim ...)
+        # and it reads the RoPE base from rope_theta only.
+        for f in dataclasses.fields(ModelArgs):
+            if f.name != FORMAT_KEY:
+                value = getattr(source_args, f.name)
+                config[f.name] = list(value) if isinstance(value, tuple) else value
+        config["rope_theta"] = args.rope_base
         if args.rope_scaling_config is not None:
             config["rope_scaling"] = args.rope_scaling_config
         config[FORMAT_KEY] = {

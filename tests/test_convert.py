@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from conftest import assert_close_logits, make_checkpoint, make_tokenizer, reference_logits
+from conftest import assert_close_logits, edit_config, make_checkpoint, make_tokenizer, reference_logits
 from mlx_falcon_h1 import CheckpointError, load_model
 from mlx_falcon_h1_convert import convert
 
@@ -52,12 +52,20 @@ def folder_state(parent: Path) -> set:
 
 
 @pytest.mark.parametrize(
-    "overrides",
-    [{}, dict(tie_word_embeddings=True), dict(mamba_rms_norm=True, mamba_norm_before_gate=True)],
-    ids=["realistic", "tied", "rms_norm"],
-)
-def test_float_round_trip_matches_transformers_in_ours_and_stock(tmp_path, overrides):
+    "overrides, dropped",
+    [
+        ({}, []),
+        (dict(tie_word_embeddings=True), []),
+        (dict(mamba_rms_norm=True, mamba_norm_before_gate=True), []),
+        # Keys whose default differs between transformers and stock mlx-lm.
+        (dict(mamba_rms_norm=True, mamba_chunk_size=256),
+         ["tie_word_embeddings", "mamba_norm_before_gate", "mamba_chunk_size"]),
+    ],
+    ids=["realistic", "tied", "rms_norm", "sparse_config"],
+)  # fmt: skip
+def test_float_round_trip_matches_transformers_in_ours_and_stock(tmp_path, overrides, dropped):
     torch_model = make_checkpoint(tmp_path / "hf", **overrides)
+    edit_config(tmp_path / "hf", **{key: None for key in dropped})
     ref = reference_logits(torch_model, IDS)
     convert(str(tmp_path / "hf"), str(tmp_path / "mlx"), dtype="float32")
     assert_close_logits(logits_of(load_model(tmp_path / "mlx")[0]), ref)
