@@ -1,0 +1,225 @@
+"""`python -m mlx_falcon_h1.benchmark`: our Falcon-H1 against mlx-lm's, same weights, same run.
+
+Mirrors `mlx_lm.benchmark`: prompt (prefill) tokens/s, generation (decode)
+tokens/s and peak memory, here for each prompt length and for both
+implementations loading the same converted folder, runs alternating. Without
+--model it builds a random model of a released shape (--shape) with our
+converter, so nothing is downloaded. Prints a table with the ratio ours/mlx-lm
+and writes JSON; states dtype, MLX version, device and the BLAS in use.
+"""
+
+import argparse
+import json
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+# Our package first: it picks the BLAS before mlx.core is imported (see blas.py).
+import mlx_falcon_h1
+from mlx_falcon_h1 import blas
+
+import mlx.core as mx  # noqa: E402
+from mlx.utils import tree_flatten  # noqa: E402
+
+from .model import Model, ModelArgs  # noqa: E402
+
+# Released shapes (falcon_h1_spec.md) with Falcon-H1-0.5B's multipliers.
+SHAPES = {
+    "tiny": dict(num_hidden_layers=2, hidden_size=128, num_attention_heads=4, num_key_value_heads=2,
+                 head_dim=32, mamba_n_heads=8, mamba_d_head=32, mamba_d_ssm=256, mamba_d_state=16,
+                 intermediate_size=256, vocab_size=512, mamba_chunk_size=32),
+    "0.5B": dict(num_hidden_layers=36, hidden_size=1024, num_attention_heads=8, num_key_value_heads=2,
+                 head_dim=64, mamba_n_heads=24, mamba_d_head=64, mamba_d_ssm=1536, mamba_d_state=128,
+                 intermediate_size=2048, vocab_size=32784, mamba_chunk_size=128),
+    "1.5B-Deep": dict(num_hidden_layers=66, hidden_size=1280, num_attention_heads=6, num_key_value_heads=2,
+                      head_dim=128, mamba_n_heads=24, mamba_d_head=64, mamba_d_ssm=1536, mamba_d_state=256,
+                      intermediate_size=3072, vocab_size=65537, mamba_chunk_size=128, mamba_rms_norm=True),
+    "7B": dict(num_hidden_layers=44, hidden_size=3072, num_attention_heads=12, num_key_value_heads=2,
+               head_dim=128, mamba_n_heads=24, mamba_d_head=128, mamba_d_ssm=3072, mamba_d_state=256,
+               intermediate_size=12288, vocab_size=130048, mamba_chunk_size=128, mamba_rms_norm=True),
+}  # fmt: skip
+MULTIPLIERS_05B = dict(
+    embedding_multiplier=5.656854249492381, lm_head_multiplier=0.0390625,
+    key_multiplier=0.39062499999999994, attention_in_multiplier=1.0,
+    attention_out_multiplier=0.9375, ssm_in_multiplier=1.25,
+    ssm_out_multiplier=0.23570226039551587, mlp_multipliers=[0.8838834764831844, 0.5859375],
+    ssm_multipliers=[0.3535533905932738, 0.25, 0.3535533905932738, 0.5, 0.3535533905932738],
+)  # fmt: skip
+
+
+def make_random_model(shape: str, out: Path, dtype: str) -> Path:
+    """A random Falcon-H1 of `shape` in Hugging Face layout, then our converter."""
+    from mlx_falcon_h1_convert import convert
+
+    config = dict(model_type="falcon_h1", rope_theta=1e11, max_position_embeddings=16384,
+                  **SHAPES[shape], **MULTIPLIERS_05B)  # fmt: skip
+    model = Model(ModelArgs.from_dict(config))
+    for layer in model.layers:  # SSM parameters as transformers initialises them
+        heads = layer.mamba.A_log.shape[0]
+        layer.mamba.A_log = mx.log(mx.arange(1, heads + 1, dtype=mx.float32))
+    weights = {}
+    for name, w in tree_flatten(model.parameters()):
+        if name.endswith("conv1d.weight"):
+            w = w.swapaxes(1, 2)  # MLX (C, K, 1) -> HF (C, 1, K)
+        weights[name] = w
+    with tempfile.TemporaryDirectory(dir=out.parent) as hf:
+        mx.save_safetensors(str(Path(hf) / "model.safetensors"), weights, {"format": "pt"})
+        (Path(hf) / "config.json").write_text(json.dumps(config))
+        del weights, model
+        convert(hf, str(out), dtype=dtype)
+    return out
+
+
+def memory_bandwidth() -> float:
+    """Bytes/s of a float32 matrix-vector product over 1 GiB: decode's access pattern."""
+    w = mx.random.normal((16384, 16384))
+    x = mx.random.normal((16384,))
+    mx.eval(w, x, w @ x)
+    runs = []
+    for _ in range(3):
+        tic = time.perf_counter()
+        mx.eval(w @ x)
+        runs.append(time.perf_counter() - tic)
+    return w.nbytes / min(runs)
+
+
+def run_once(model, prompt: mx.array, generation_tokens: int, prefill_step_size: int) -> dict:
+    from mlx_lm.generate import generate_step
+
+    mx.clear_cache()
+    base = mx.get_active_memory()
+    mx.reset_peak_memory()
+    tic = time.perf_counter()
+    first = None
+    for n, _ in enumerate(
+        generate_step(prompt, model, max_tokens=generation_tokens, prefill_step_size=prefill_step_size)
+    ):
+        if n == 0:
+            first = time.perf_counter()
+    end = time.perf_counter()
+    return {
+        "prompt_tps": prompt.size / (first - tic),
+        "generation_tps": (generation_tokens - 1) / (end - first),
+        "transient_peak_gb": (mx.get_peak_memory() - base) / 1e9,
+    }
+
+
+def weight_bytes(model) -> int:
+    return sum(w.nbytes for _, w in tree_flatten(model.parameters()))
+
+
+def benchmark(
+    model_path: Path,
+    prompt_tokens=(512, 2048, 8192),
+    generation_tokens: int = 32,
+    num_trials: int = 1,
+    prefill_step_size: int = 2048,
+    stock: bool = True,
+) -> dict:
+    import mlx_lm.utils
+
+    loaders = {"ours": lambda: mlx_falcon_h1.load_model(model_path)[0]}
+    if stock:
+        loaders["mlx-lm"] = lambda: mlx_lm.utils.load_model(Path(model_path))[0]
+    models, load_s = {}, {}
+    for name, loader in loaders.items():
+        tic = time.perf_counter()
+        models[name] = loader()
+        load_s[name] = time.perf_counter() - tic
+    vocab = models["ours"].args.vocab_size
+    for model in models.values():  # warm-up: first calls pay one-time setup
+        run_once(model, mx.arange(8), 2, prefill_step_size)
+    bandwidth = memory_bandwidth()
+    rows = []
+    for length in prompt_tokens:
+        prompt = mx.random.randint(0, vocab, (length,), key=mx.random.key(length))
+        runs = {name: [] for name in models}
+        for _ in range(num_trials):  # alternate, so drift hits both alike
+            for name, model in models.items():
+                runs[name].append(run_once(model, prompt, generation_tokens, prefill_step_size))
+        row = {"prompt_tokens": length}
+        for name, results in runs.items():
+            for key in results[0]:
+                values = [r[key] for r in results]
+                row[f"{name}_{key}"] = min(values) if "peak" in key else max(values)
+            row[f"{name}_peak_gb"] = row[f"{name}_transient_peak_gb"] + weight_bytes(models[name]) / 1e9
+        rows.append(row)
+    per_token = weight_bytes(models["ours"])
+    return {
+        "model": str(model_path),
+        "dtype": str(models["ours"].model.embed_tokens.weight.dtype).removeprefix("mlx.core."),
+        "mlx": mx.__version__,
+        "device": f"{mx.default_device()} ({platform.machine()}, {platform.system()})",
+        "blas": blas.in_use,
+        "load_s": load_s,
+        "weight_bytes_per_token": per_token,
+        "bandwidth_gbps": bandwidth / 1e9,
+        "decode_bound_tps": bandwidth / per_token,
+        "rows": rows,
+    }
+
+
+def print_table(result: dict) -> None:
+    print(f"model {result['model']}  dtype {result['dtype']}  mlx {result['mlx']}  "
+          f"device {result['device']}")  # fmt: skip
+    print(f"BLAS: {result['blas']}")
+    stock = any(k.startswith("mlx-lm") for k in result["rows"][0])
+    names = ["ours"] + (["mlx-lm"] if stock else [])
+    header = "| prompt | " + " | ".join(
+        f"{what} {n}" for what in ("prefill tok/s", "decode tok/s", "peak GB") for n in names
+    )
+    if stock:
+        header += " | prefill x | decode x | peak x"
+    print(header + " |")
+    print("|" + "---|" * (header.count("|")))
+    for r in result["rows"]:
+        cells = [str(r["prompt_tokens"])]
+        for key in ("prompt_tps", "generation_tps", "peak_gb"):
+            cells += [f"{r[f'{n}_{key}']:.2f}" for n in names]
+        if stock:
+            cells += [f"{r[f'ours_{k}'] / r[f'mlx-lm_{k}']:.2f}" for k in ("prompt_tps", "generation_tps", "peak_gb")]
+        print("| " + " | ".join(cells) + " |")
+    load = ", ".join(f"{k} {v:.2f} s" for k, v in result["load_s"].items())
+    print(f"load: {load}")
+    print(f"decode bound: {result['weight_bytes_per_token'] / 1e9:.2f} GB of weights per token at "
+          f"{result['bandwidth_gbps']:.1f} GB/s (f32 mat-vec) = {result['decode_bound_tps']:.2f} tok/s; "
+          f"ours at the shortest prompt: {result['rows'][0]['ours_generation_tps'] / result['decode_bound_tps']:.0%} of it")  # fmt: skip
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Falcon-H1 benchmark: ours vs mlx-lm, same weights.")
+    p.add_argument("--model", default=None, help="A converted folder (default: build a random one).")
+    p.add_argument("--shape", default="0.5B", choices=list(SHAPES), help="Shape of the random model.")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--prompt-tokens", "-p", type=int, nargs="+", default=[512, 2048, 8192])
+    p.add_argument("--generation-tokens", "-g", type=int, default=32)
+    p.add_argument("--num-trials", "-n", type=int, default=1)
+    p.add_argument("--prefill-step-size", type=int, default=2048)
+    p.add_argument("--no-stock", action="store_true", help="Measure ours only.")
+    p.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "mlx_falcon_h1"),
+                   help="Where built random models are kept.")  # fmt: skip
+    p.add_argument("--json", default="benchmark.json", help="Where to write the results.")
+    args = p.parse_args(argv)
+
+    model_path = args.model
+    if model_path is None:
+        model_path = Path(args.cache_dir) / f"random-{args.shape}-{args.dtype}"
+        if not (model_path / "config.json").exists():
+            print(f"Building a random {args.shape} model in {model_path} ...")
+            model_path.parent.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(model_path, ignore_errors=True)
+            make_random_model(args.shape, model_path, args.dtype)
+    result = benchmark(
+        Path(model_path), args.prompt_tokens, args.generation_tokens, args.num_trials,
+        args.prefill_step_size, stock=not args.no_stock,
+    )  # fmt: skip
+    result["command"] = "python -m mlx_falcon_h1.benchmark " + " ".join(argv or __import__("sys").argv[1:])
+    print_table(result)
+    Path(args.json).write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

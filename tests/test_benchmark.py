@@ -1,0 +1,27 @@
+"""Smoke run of the benchmark on a tiny random model (the real numbers live in the README)."""
+
+import json
+import subprocess
+import sys
+
+
+def test_benchmark_smoke(tmp_path):
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, "-m", "mlx_falcon_h1.benchmark", "--shape", "tiny", "-p", "16", "40"]
+    cmd += ["-g", "4", "--cache-dir", str(tmp_path / "models"), "--json", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "| prompt |" in done.stdout and "decode bound" in done.stdout
+    result = json.loads(out.read_text())
+    assert [r["prompt_tokens"] for r in result["rows"]] == [16, 40]
+    for row in result["rows"]:
+        for name in ("ours", "mlx-lm"):
+            assert row[f"{name}_prompt_tps"] > 0 and row[f"{name}_generation_tps"] > 0
+    assert result["blas"] and result["mlx"] and result["dtype"] == "float32"
+
+
+def test_blas_opt_out(tmp_path):
+    code = "import mlx_falcon_h1.blas as b, mlx_falcon_h1; print(b.in_use)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={"MLX_FALCON_H1_BLAS": "0", "PATH": ""})  # fmt: skip
+    assert done.stdout.strip() == "bundled"
