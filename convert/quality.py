@@ -5,6 +5,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from mlx_falcon_h1.evaluate import cast_model, compare
 from mlx_falcon_h1.loading import load_model
 
 # Fixed text, so reports of different conversions are comparable. Tokenized with
@@ -51,17 +52,13 @@ def quality_report(float_folder: Path, quantized_folder: Path, count: int = 256)
     """Mean KL(float || quantized) of the next-token distributions, top-1
     agreement and max |logit difference|, over `count` fixed tokens."""
     reference, config = load_model(float_folder)
-    reference.set_dtype(mx.float32)
+    cast_model(reference, mx.float32)
     quantized, _ = load_model(quantized_folder)
-    tokens = mx.array(report_tokens(Path(float_folder), count, config["vocab_size"]))[None]
-    ref = reference(tokens)[0].astype(mx.float32)
-    out = quantized(tokens)[0].astype(mx.float32)
-    ref_logp = ref - mx.logsumexp(ref, axis=-1, keepdims=True)
-    out_logp = out - mx.logsumexp(out, axis=-1, keepdims=True)
-    kl = (mx.exp(ref_logp) * (ref_logp - out_logp)).sum(axis=-1)
+    tokens = report_tokens(Path(float_folder), count + 1, config["vocab_size"])
+    stats = compare(quantized, reference, tokens, seq_len=count, batch_size=1)
     return {
-        "tokens": int(tokens.shape[1]),
-        "mean_kl": kl.mean().item(),
-        "top1_agreement": (ref.argmax(-1) == out.argmax(-1)).astype(mx.float32).mean().item(),
-        "max_logit_diff": mx.abs(ref - out).max().item(),
+        "tokens": stats["tokens"],
+        "mean_kl": stats["kl"],
+        "top1_agreement": stats["top1_agreement"],
+        "max_logit_diff": stats["max_logit_diff"],
     }
