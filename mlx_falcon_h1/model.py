@@ -29,9 +29,9 @@ from mlx_lm.models.base import (
 from mlx_lm.models.rope_utils import initialize_rope
 
 from .cache import MAX_ROLLBACK_TOKENS, FalconH1Cache
-from .kernels.conv1d import causal_conv1d_reference
-from .kernels.ssd_scan import ssd_scan_reference
-from .kernels.ssm_step import discretize, ssm_step_reference
+from .kernels.conv1d import causal_conv1d
+from .kernels.ssd_scan import ssd_scan
+from .kernels.ssm_step import discretize, ssm_step
 
 
 class ConfigError(ValueError):
@@ -338,7 +338,7 @@ class Mixer(nn.Module):
         b, l, _ = xBC.shape
         conv_weight, conv_bias = self.conv1d.weight[:, :, 0], self.conv1d.get("bias")
         if l == 1 and ssm_state is not None and lengths is None:
-            y, conv_state, ssm_state = ssm_step_reference(
+            y, conv_state, ssm_state = ssm_step(
                 xBC[:, 0], dt[:, 0], conv_state, conv_weight, conv_bias,
                 self.dt_bias, self.A_log, self.D, ssm_state,
                 self.time_step_limit, self.n_groups,
@@ -346,7 +346,7 @@ class Mixer(nn.Module):
             return y[:, None], conv_state, ssm_state
 
         xBC_raw = xBC
-        xBC, new_conv_state = causal_conv1d_reference(xBC, conv_weight, conv_bias, conv_state)
+        xBC, new_conv_state = causal_conv1d(xBC, conv_weight, conv_bias, conv_state)
         gn = self.n_groups * self.d_state
         x, B, C = mx.split(xBC, [self.d_ssm, self.d_ssm + gn], axis=-1)
         dt, A = discretize(dt, self.dt_bias, self.A_log, self.time_step_limit)
@@ -354,7 +354,7 @@ class Mixer(nn.Module):
             # dt = 0 is an exact no-op step (no decay, no input) for padded positions.
             dt = mx.where((mx.arange(l) < lengths[:, None])[..., None], dt, 0.0)
             new_conv_state = _conv_state_at(xBC_raw, conv_state, lengths, self.conv_width)
-        y, ssm_state = ssd_scan_reference(
+        y, ssm_state = ssd_scan(
             x.reshape(b, l, self.n_heads, self.head_dim),
             dt,
             A,

@@ -1,0 +1,44 @@
+"""Each kernel module exports foo, foo_kernel and foo_reference with one signature and docstring."""
+
+import inspect
+
+import pytest
+
+mx = pytest.importorskip("mlx.core")
+from mlx_falcon_h1 import kernels  # noqa: E402
+from mlx_falcon_h1.kernels import conv1d, ssd_scan, ssm_step  # noqa: E402
+
+OPS = [(conv1d, "causal_conv1d"), (ssd_scan, "ssd_scan"), (ssm_step, "ssm_step")]
+
+
+@pytest.mark.parametrize("module,op", OPS, ids=[op for _, op in OPS])
+def test_triplet_shares_signature_and_docstring(module, op):
+    fns = [getattr(module, op + suffix) for suffix in ("", "_kernel", "_reference")]
+    assert len({str(inspect.signature(f)) for f in fns}) == 1
+    assert len({f.__doc__ for f in fns}) == 1 and fns[0].__doc__
+
+
+@pytest.mark.parametrize("module,op", OPS, ids=[op for _, op in OPS])
+def test_kernel_built_once_at_import_and_none_without_metal(module, op):
+    assert (module._KERNEL is None) == (not kernels.metal_available())
+    if module._KERNEL is None:
+        with pytest.raises(RuntimeError, match="needs Metal"):
+            getattr(module, op + "_kernel")(*([None] * len(inspect.signature(
+                getattr(module, op)).parameters)))
+
+
+def test_switch_reads_the_environment(monkeypatch):
+    monkeypatch.setenv("MLX_FALCON_H1_KERNELS", "0")
+    assert not kernels.kernels_enabled()
+    monkeypatch.setenv("MLX_FALCON_H1_KERNELS", "1")
+    assert kernels.kernels_enabled()
+    monkeypatch.delenv("MLX_FALCON_H1_KERNELS")
+    assert kernels.kernels_enabled()
+
+
+def test_model_calls_the_dispatchers():
+    from mlx_falcon_h1 import model
+
+    src = inspect.getsource(model)
+    for _, op in OPS:
+        assert f"{op}(" in src and f"{op}_reference(" not in src
