@@ -1,0 +1,178 @@
+"""Check this machine's Metal kernels against their pure-MLX references.
+
+    python -m mlx_falcon_h1.selfcheck            # on a Mac: GPU errors and timings
+    python -m mlx_falcon_h1.selfcheck --emulate  # also (or elsewhere: only) the emulator
+
+On Apple Silicon, runs each custom kernel (ssd_scan, causal_conv1d, ssm_step)
+and its reference on the GPU at Falcon-H1-7B sizes, in float32 and bfloat16,
+and prints the largest error and the time per call of each. Elsewhere there is
+no Metal: it says what it could not check and, if g++ is there, runs each
+kernel's exact Metal source in the project's emulator (mlx_falcon_h1.msl_emu)
+at small sizes instead. Exit status 1 if any check fails.
+"""
+
+import argparse
+import math
+import platform
+import sys
+import time
+
+import mlx.core as mx
+import numpy as np
+
+from .kernels import conv1d, kernels_enabled, metal_available, ssd_scan, ssm_step
+from .kernels.ssm_step import discretize
+
+# Bound on max |kernel - reference| / max |reference| (see tests/test_kernels_*.py).
+TOLERANCE = {
+    ("ssd_scan", mx.float32): 2e-5, ("ssd_scan", mx.bfloat16): 2e-5,
+    ("ssm_step", mx.float32): 2e-5, ("ssm_step", mx.bfloat16): 1e-2,
+    ("causal_conv1d", mx.float32): 2e-6, ("causal_conv1d", mx.bfloat16): 2.0**-7,
+}
+# Falcon-H1-7B's mixer: 24 heads of 128, state 256, one group, conv width 4.
+GPU_SIZES = dict(batch=1, length=2048, heads=24, head_dim=128, groups=1, n=256, width=4)
+EMULATOR_SIZES = dict(batch=2, length=37, heads=2, head_dim=32, groups=1, n=32, width=4)
+
+
+def _inputs(op, dtype, batch, length, heads, head_dim, groups, n, width, seed=0):
+    rng = np.random.default_rng(seed)
+
+    def normal(*shape, dt=mx.float32, scale=1.0):
+        return mx.array((rng.standard_normal(shape) * scale).astype(np.float32)).astype(dt)
+
+    channels = heads * head_dim + 2 * groups * n
+    a_log = mx.array(rng.uniform(-5.0, 1.5, heads).astype(np.float32))
+    if op == "ssd_scan":
+        dt, A = discretize(normal(batch, length, heads), normal(heads), a_log, (0.0, math.inf))
+        return dict(x=normal(batch, length, heads, head_dim, dt=dtype), dt=dt, A=A,
+                    B=normal(batch, length, groups, n, dt=dtype),
+                    C=normal(batch, length, groups, n, dt=dtype), D=normal(heads),
+                    state=normal(batch, heads, head_dim, n), chunk_size=256)
+    if op == "causal_conv1d":
+        return dict(x=normal(batch, length, channels, dt=dtype),
+                    weight=normal(channels, width, scale=0.5), bias=normal(channels),
+                    state=normal(batch, width - 1, channels, dt=dtype))
+    return dict(xBC=normal(batch, channels, dt=dtype), dt=normal(batch, heads, dt=dtype),
+                conv_state=normal(batch, width - 1, channels, dt=dtype),
+                conv_weight=normal(channels, width, scale=0.5), conv_bias=normal(channels),
+                dt_bias=normal(heads), A_log=a_log, D=normal(heads),
+                state=normal(batch, heads, head_dim, n), time_step_limit=(0.0, math.inf),
+                n_groups=groups)
+
+
+OPS = [("ssd_scan", ssd_scan), ("causal_conv1d", conv1d), ("ssm_step", ssm_step)]
+
+
+def _timed(fn, reps):
+    out = fn()
+    mx.eval(out)  # first call compiles
+    start = time.perf_counter()
+    for _ in range(reps):
+        out = fn()
+        mx.eval(out)
+    return out, (time.perf_counter() - start) / reps
+
+
+def _error(ours, ref):
+    worst, scale = 0.0, 0.0
+    for o, r in zip(ours, ref):
+        o, r = o.astype(mx.float32), r.astype(mx.float32)
+        worst = max(worst, float(mx.abs(o - r).max()))
+        scale = max(scale, float(mx.abs(r).max()))
+    return worst, worst / max(scale, 1e-30)
+
+
+def _describe(sizes, op):
+    s = sizes
+    if op == "ssm_step":
+        return f"B{s['batch']} H{s['heads']} P{s['head_dim']} G{s['groups']} N{s['n']}"
+    if op == "causal_conv1d":
+        return f"B{s['batch']} L{s['length']} C{s['heads'] * s['head_dim'] + 2 * s['groups'] * s['n']}"
+    return f"B{s['batch']} L{s['length']} H{s['heads']} P{s['head_dim']} G{s['groups']} N{s['n']}"
+
+
+def check_gpu(sizes=GPU_SIZES, dtypes=(mx.float32, mx.bfloat16), reps=10, out=print):
+    """Each kernel vs its reference on the GPU; returns True if all are within tolerance."""
+    ok = True
+    out(f"{'kernel':15}{'shape':30}{'dtype':10}{'max|err|':>10}{'rel err':>10}"
+        f"{'kernel ms':>11}{'reference ms':>14}{'speedup':>9}  result")
+    for name, module in OPS:
+        for dtype in dtypes:
+            inp = _inputs(name, dtype, **sizes)
+            kernel_fn = getattr(module, name + "_kernel")
+            reference_fn = getattr(module, name + "_reference")
+            ours, t_kernel = _timed(lambda: kernel_fn(**inp), reps)
+            ref, t_ref = _timed(lambda: reference_fn(**inp), reps)
+            worst, rel = _error(ours, ref)
+            good = rel <= TOLERANCE[(name, dtype)]
+            ok &= good
+            out(f"{name:15}{_describe(sizes, name):30}{str(dtype).split('.')[-1]:10}{worst:10.2e}"
+                f"{rel:10.2e}{t_kernel * 1e3:11.3f}{t_ref * 1e3:14.3f}{t_ref / t_kernel:8.1f}x"
+                f"  {'ok' if good else 'FAILED'}")
+    return ok
+
+
+def check_emulator(sizes=EMULATOR_SIZES, dtypes=(mx.float32, mx.bfloat16), out=print):
+    """Each kernel's Metal source run in the CPU emulator vs its reference."""
+    from .msl_emu.testing import emulated
+
+    ok = True
+    out(f"{'kernel':15}{'shape':30}{'dtype':10}{'max|err|':>10}{'rel err':>10}{'emulated s':>12}"
+        "  result")
+    for name, module in OPS:
+        for dtype in dtypes:
+            inp = _inputs(name, dtype, **sizes)
+            start = time.perf_counter()
+            try:
+                with emulated(module) as (kernel,):
+                    ours = getattr(module, name + "_kernel")(**inp)
+                    mx.eval(ours)
+                seconds = time.perf_counter() - start
+                worst, rel = _error(ours, getattr(module, name + "_reference")(**inp))
+                good, note = rel <= TOLERANCE[(name, dtype)], ""
+            except Exception as e:  # an emulator finding: report it, check the rest
+                seconds, worst, rel, good = time.perf_counter() - start, math.nan, math.nan, False
+                note = f"\n    {type(e).__name__}: {str(e).splitlines()[0]}"
+            ok &= good
+            out(f"{name:15}{_describe(sizes, name):30}{str(dtype).split('.')[-1]:10}{worst:10.2e}"
+                f"{rel:10.2e}{seconds:12.2f}  {'ok' if good else 'FAILED'}{note}")
+    return ok
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mlx_falcon_h1.selfcheck", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--emulate", action="store_true",
+                        help="also run the emulator check (always run when there is no Metal)")
+    parser.add_argument("--reps", type=int, default=10, help="timed calls per kernel (GPU)")
+    args = parser.parse_args(argv)
+
+    print(f"mlx-falcon-h1 selfcheck: mlx {mx.__version__}, {platform.system()} {platform.machine()}")
+    ok = True
+    if not kernels_enabled():
+        print("MLX_FALCON_H1_KERNELS=0: the model runs the reference path; checking the "
+              "kernels anyway.")
+    if metal_available():
+        info = mx.metal.device_info() if hasattr(mx.metal, "device_info") else {}
+        print(f"GPU: {info.get('architecture', 'Metal device')}; sizes of Falcon-H1-7B's mixer")
+        ok &= check_gpu(reps=args.reps)
+    else:
+        print("NOT CHECKED: Metal is not available here, so the kernels could not run on a GPU:\n"
+              "  their results on Apple GPUs and their speed are unverified on this machine.\n"
+              "  The model runs the pure-MLX reference path here. Run this command on an Apple\n"
+              "  Silicon Mac to check the GPU.")
+    if args.emulate or not metal_available():
+        from . import msl_emu
+
+        if msl_emu.available():
+            print("Emulator check: each kernel's exact Metal source, compiled as C++ and run on\n"
+                  "the CPU with race, bounds and barrier checks (small sizes; not a GPU timing).")
+            ok &= check_emulator()
+        else:
+            print("NOT CHECKED: no g++ on PATH, so the Metal emulator could not run either.")
+    print("selfcheck: " + ("passed" if ok else "FAILED"))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
