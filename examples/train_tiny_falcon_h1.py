@@ -165,6 +165,12 @@ def train_tokenizer(texts, vocab_size, out):
         model_max_length=4096,
     )
     wrapped.save_pretrained(out)
+    # transformers 5 names its own class (TokenizersBackend), unknown to 4.x;
+    # the 4.x name loads as the same class in 5.
+    config_file = Path(out) / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config_file.write_text(json.dumps(config, indent=2) + "\n")
     return wrapped
 
 
