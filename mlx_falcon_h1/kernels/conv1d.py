@@ -22,12 +22,12 @@ the conv is not copied first.
 Memory traffic per token per layer: C inputs read and C outputs written in the
 activation dtype, plus (K-1)/16 re-read halo and the weights (K+1 floats per
 channel per 16 tokens, from cache): about 2 * C * 2 bytes in bfloat16.
-Falcon-H1-7B (C = 3584): ~15 KB per token per layer, 4 * C * K ~ 57 kFLOP.
-Roofline (an estimate on paper, not a measurement): memory-bound at ~0.3
-FLOP/byte; at 400 GB/s (M3/M4 Max) ~38 ns per token per layer, i.e. ~14 ms
-for an 8K-token prompt through 44 layers; ~150 ns per token per layer at 102
-GB/s (base M2/M3). The reference does K multiply-adds as separate MLX ops
-(~2K+3 dispatches, each streaming L x C floats).
+Falcon-H1-7B (C = 3584): ~15 KB and ~2CK + 5C ~ 47 kFLOP per token per layer.
+Roofline (an estimate on paper, not a measurement): ~3 FLOP/byte, far below
+the ~35-50 FLOP/byte ridge, so memory-bound; at 400 GB/s (M3/M4 Max) ~38 ns
+per token per layer, i.e. ~14 ms for an 8K-token prompt through 44 layers;
+~150 ns per token per layer at 102 GB/s (base M2/M3). The reference runs
+~3K+5 element-wise MLX ops, each streaming L x C values.
 """
 
 from typing import Optional, Tuple

@@ -37,7 +37,7 @@ from chunk to chunk instead of materialised per chunk:
   y = diag(exp(cum dA)) Z + M (dt x) + D x.
 - Threadgroup memory ~21.5 KB (B, C slices 8 KB, reused for M; dt x, decayed
   dt x and y tiles 4 KB each; the diagonal exp tiles 1 KB). Per chunk
-  3 + 2 N/32 threadgroup barriers. Decays are exp of sums of dA <= 0 computed
+  5 + N/16 threadgroup barriers. Decays are exp of sums of dA <= 0 computed
   directly (segment sums), never differences of large cumulative sums.
 
 Work per chunk of 32 tokens and 32 rows: CB 1280 N, C S^T 2048 N, state update
@@ -47,7 +47,7 @@ layer: x (H*P), B and C (2*G*N) in the activation dtype, dt, y (H*P floats):
 ~20 KB; B and C are re-read from cache by each of the H*P/32 threadgroups.
 Roofline (an estimate on paper, not a measurement): ~200 FLOP/byte, so
 compute-bound; at half of an M3/M4 Max's ~14-18 fp32 TFLOPS, ~0.5-0.6 us per
-token per layer, ~0.2 s for an 8K-token prompt through 44 layers (~2% of the
+token per layer, ~0.2 s for an 8K-token prompt through 44 layers (~2-3% of the
 prefill's matmuls); ~4x that on a base M-chip. The state (8*H*P*N bytes) is read
 and written once per call, not once per chunk.
 """

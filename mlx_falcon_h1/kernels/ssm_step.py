@@ -30,7 +30,7 @@ inputs are re-read by every threadgroup of a group, from cache.
 Falcon-H1-7B (H=24, P=128, N=256): 6.3 MB of state + ~0.1 MB, 4*H*P*N = 3.1
 MFLOP (0.5 FLOP/byte: memory-bound). Roofline (an estimate on paper, not a
 measurement): 6.4 MB / 400 GB/s = 16 us per layer on an M3/M4 Max, 0.7 ms per
-token over 44 layers; 2.7 ms at 120 GB/s (base M4). At batch 1 the 4-bit
+token over 44 layers; 2.3 ms at 120 GB/s (base M4). At batch 1 the 4-bit
 weights (~4.3 GB) still dominate decode; the state matters from batch ~8.
 """
 

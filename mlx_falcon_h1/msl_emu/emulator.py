@@ -64,8 +64,6 @@ def cache_dir() -> str:
     if explicit:
         return explicit
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    if not os.access(os.path.dirname(base) or ".", os.W_OK) and not os.path.isdir(base):
-        base = tempfile.gettempdir()
     return os.path.join(base, "mlx_falcon_h1", "msl_emu")
 
 
@@ -237,7 +235,11 @@ STATS = {"compile_s": 0.0, "compiles": 0, "cache_hits": 0}
 def compile_cpp(cpp: str) -> str:
     """Compile a translation unit into a shared library, or reuse the cached one."""
     cache = cache_dir()
-    os.makedirs(cache, exist_ok=True)
+    try:
+        os.makedirs(cache, exist_ok=True)
+    except OSError:  # read-only home: a temporary folder still caches within the run
+        cache = os.path.join(tempfile.gettempdir(), "mlx_falcon_h1_msl_emu")
+        os.makedirs(cache, exist_ok=True)
     with open(HEADER, "rb") as f:
         hdr = f.read()
     key = hashlib.sha256(cpp.encode() + hdr + " ".join([CXX] + CXXFLAGS).encode()).hexdigest()[:24]
@@ -245,7 +247,8 @@ def compile_cpp(cpp: str) -> str:
     if os.path.exists(so):
         STATS["cache_hits"] += 1
         return so
-    src = os.path.join(cache, f"k_{key}.cpp")
+    # Per-process names, renamed into place: concurrent runs never see half a file.
+    src = os.path.join(cache, f"k_{key}.{os.getpid()}.cpp")
     with open(src, "w") as f:
         f.write(cpp)
     t0 = time.perf_counter()
@@ -257,6 +260,7 @@ def compile_cpp(cpp: str) -> str:
     STATS["compiles"] += 1
     if r.returncode != 0:
         raise MSLEmuError(f"C++ compilation of the kernel failed ({src}):\n{r.stderr[-6000:]}")
+    os.replace(src, src.replace(f".{os.getpid()}.cpp", ".cpp"))  # kept for debugging
     os.replace(tmp, so)
     return so
 

@@ -18,7 +18,6 @@ _RULES = [
               r"thread_local)\b", "not allowed in MSL"),
     ("error", r"\bstatic\s+(?!constexpr|constant|const\b)[\w:<>]+\s+\w+\s*[=;\[]",
      "static local variables are not allowed in MSL (use constant / constexpr)"),
-    ("error", r"\brecursi", "MSL has no recursion"),
     # Metal features the emulator does not model.
     ("error", r"\b(texture[123]d\w*|sampler|imageblock|raytracing|visible_function_table)\b",
      "textures, imageblocks and function tables are not emulated"),
