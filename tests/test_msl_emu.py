@@ -266,6 +266,23 @@ def test_bug_wrong_group_index():
     assert not np.allclose(as_np(y), ssm_ref(*[inp[n] for n in SSM_INPUTS])[0], rtol=1e-3, atol=1e-3)
 
 
+def test_bug_conv_tap_off_by_one():
+    src = mutate(CONV_SRC, "static_cast<float>(w[c * K + k])", "static_cast<float>(w[c * K + k + 1])")
+    x, cs, w, b = conv_inputs(3)
+    y, _ = run_conv(src, x, cs, w, b)
+    assert not np.allclose(y, conv_ref(x, cs, w, b)[0], rtol=1e-3, atol=1e-3)
+
+
+def test_wild_pointer_is_contained_with_isolate():
+    # Raw pointers escape the bounds checks; isolate=True runs the launch in a
+    # forked child so the crash is reported instead of killing the test run.
+    k = metal_kernel(name="wild", input_names=["inp"], output_names=["out"],
+                     source="device float* p = out; p[thread_position_in_grid.x * 100000000ull] = inp[0];")
+    with pytest.raises(MSLEmuError, match="kernel crashed: SIGSEGV"):
+        k(inputs=[np.ones(4, np.float32)], output_shapes=[(1,)], output_dtypes=[np.float32],
+          grid=(4, 1, 1), threadgroup=(4, 1, 1), isolate=True, schedules=("forward",))
+
+
 def test_bug_conv_state_shift_off_by_one():
     src = mutate(CONV_SRC, "new_state[(b * (K - 1) + k - 1) * C + c] = v;",
                  "new_state[(b * (K - 1) + k) * C + c] = v;")

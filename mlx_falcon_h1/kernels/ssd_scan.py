@@ -35,6 +35,9 @@ from chunk to chunk instead of materialised per chunk:
   Z = C S^T from the entering state, S = exp(sum dA) S + B^T (decayed dt x).
   Then M = CB * exp(segment sums of dA) (causal), and
   y = diag(exp(cum dA)) Z + M (dt x) + D x.
+- Registers: the state is 2N floats per lane (64 at N = 256) plus ~24 for
+  accumulators and operands, so few simdgroups fit per core; the MMAs keep
+  the ALUs busy regardless (an estimate: selfcheck times it on a Mac).
 - Threadgroup memory ~21.5 KB (B, C slices 8 KB, reused for M; dt x, decayed
   dt x and y tiles 4 KB each; the diagonal exp tiles 1 KB). Per chunk
   5 + N/16 threadgroup barriers. Decays are exp of sums of dA <= 0 computed
