@@ -11,6 +11,7 @@ from importlib import import_module
 from mlx_lm.models.cache import LRUPromptCache
 
 from .loading import load
+from .sharding import sharded_load
 
 
 class FalconPromptCache(LRUPromptCache):
@@ -41,6 +42,8 @@ def run_mlx_lm_command(name: str) -> None:
     if "--model" not in " ".join(sys.argv[1:]).replace("=", " ").split():
         sys.exit(f"python -m mlx_falcon_h1.{name}: --model is required (a Falcon-H1 folder or Hub repo)")
     module.load = load  # mlx-lm's commands look their loader up at call time
+    if hasattr(module, "sharded_load"):  # chat and server under mlx.launch
+        module.sharded_load = sharded_load
     if name == "server":
         module.LRUPromptCache = FalconPromptCache
     module.main()

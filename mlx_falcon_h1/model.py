@@ -460,6 +460,18 @@ class Model(nn.Module):
             out[name] = w
         return out
 
+    def shard(self, group=None):
+        """Tensor parallelism over `group` (mlx-lm's interface); see sharding.py."""
+        from .sharding import shard
+
+        return shard(self, group)
+
+    def pipeline(self, group=None, split=None):
+        """Keep only this rank's layers of a pipeline over `group`; see sharding.py."""
+        from .sharding import pipeline
+
+        return pipeline(self, group, split)
+
     # Tokens any cache from make_cache() can be trimmed by (see cache.py).
     rollback_tokens = MAX_ROLLBACK_TOKENS
 
