@@ -36,14 +36,20 @@ class FalconPromptCache(LRUPromptCache):
         return cache, rest
 
 
-def run_mlx_lm_command(name: str) -> None:
-    """Run `mlx_lm.<name>`'s main() with our loader; a model must be named."""
+def run_mlx_lm_command(name: str, require_model: bool = True, **replace) -> None:
+    """Run `mlx_lm.<name>`'s main() with our loader; a model must be named.
+
+    replace: more of the module's names to swap for ours (the command looks
+    them up at call time), e.g. the tuner's helpers for `lora`.
+    """
     module = import_module(f"mlx_lm.{name}")
-    if "--model" not in " ".join(sys.argv[1:]).replace("=", " ").split():
+    if require_model and "--model" not in " ".join(sys.argv[1:]).replace("=", " ").split():
         sys.exit(f"python -m mlx_falcon_h1.{name}: --model is required (a Falcon-H1 folder or Hub repo)")
     module.load = load  # mlx-lm's commands look their loader up at call time
     if hasattr(module, "sharded_load"):  # chat and server under mlx.launch
         module.sharded_load = sharded_load
     if name == "server":
         module.LRUPromptCache = FalconPromptCache
+    for attribute, value in replace.items():
+        setattr(module, attribute, value)
     module.main()

@@ -42,10 +42,10 @@ Ranges = List[Tuple[int, int]]  # half-open [start, stop) row ranges, in order
 
 
 def _heads_and_groups(heads: int, groups: int, size: int, rank: int):
-    """This rank's SSM heads, the group each reads, and the groups to keep.
+    """This rank's SSM heads and the B/C groups it keeps for them.
 
-    Returns (first head, local head count, groups to keep, whether they are
-    whole). Heads are split contiguously. The kept B/C groups must serve the
+    Returns (first head, local head count, groups kept in order, whether they
+    are whole groups: all their heads on this rank). Heads are split contiguously. The kept B/C groups must serve the
     local heads with a uniform heads-per-group, as the scan broadcasts them:
       - R divides G: each rank keeps G/R whole groups (and their heads);
       - otherwise, when the local heads read equal runs of groups (G = 1, or G
@@ -80,14 +80,10 @@ def _merge(ranges: Ranges) -> Ranges:
     return out
 
 
-def _take(w: mx.array, ranges: Ranges, axis: int = 0) -> mx.array:
-    """The rows (axis 0) or entries of `w` in `ranges`, in order, as a new array."""
-    parts = []
-    for start, stop in ranges:
-        index = [slice(None)] * w.ndim
-        index[axis] = slice(start, stop)
-        parts.append(w[tuple(index)])
-    return mx.contiguous(mx.concatenate(parts, axis=axis) if len(parts) > 1 else parts[0])
+def _take(w: mx.array, ranges: Ranges) -> mx.array:
+    """The rows of `w` (entries, for a vector) in `ranges`, in order, as a new array."""
+    parts = [w[start:stop] for start, stop in ranges]
+    return mx.contiguous(mx.concatenate(parts) if len(parts) > 1 else parts[0])
 
 
 def _mixer_rows(mixer: Mixer, size: int, rank: int):
@@ -95,7 +91,8 @@ def _mixer_rows(mixer: Mixer, size: int, rank: int):
 
     in_proj rows: z (d) | x (d) | B (G*N) | C (G*N) | dt (H); conv channels:
     x (d) | B (G*N) | C (G*N). Returns (in_proj ranges, conv ranges, head
-    range, local group count, kept groups, whether they are whole groups).
+    range, z/x channel range, local group count, kept groups, whether they are
+    whole groups).
     """
     d, P, G, N = mixer.d_ssm, mixer.head_dim, mixer.n_groups, mixer.d_state
     first, local, kept, whole = _heads_and_groups(mixer.n_heads, G, size, rank)
