@@ -46,8 +46,10 @@ PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 # A base model: the "chat" template passes the text through (after BOS), so that
 # chat-template-by-default tools (mlx_lm.generate) continue the prompt as code.
 CHAT_TEMPLATE = "{{ bos_token }}{% for message in messages %}{{ message['content'] }}{% endfor %}"
+# No trailing newline: BPE merges "\n" with the next line's indent, so a prompt
+# ending in a bare "\n" token asks for a token boundary training never shows.
 PROMPTS = [
-    "def fibonacci(n):\n",
+    "def fibonacci(n):",
     "def read_file(path",
     "def __init__(self, ",
     "class Stack:\n    def push(self, item",
@@ -269,6 +271,14 @@ def unigram_nll(train_stream, targets, vocab_size):
     return float(-logp[targets].sum()), len(targets)
 
 
+def write_log(path, log):
+    """JSON, one line per training step for the curve (it has thousands; 6 digits)."""
+    short = lambda v: float(f"{v:.6g}") if isinstance(v, float) else v  # noqa: E731
+    curve = ",\n  ".join(json.dumps({k: short(v) for k, v in c.items()}) for c in log["curve"])
+    head = json.dumps({k: v for k, v in log.items() if k != "curve"}, indent=1, default=float)
+    path.write_text(head[:-2] + ',\n "curve": [\n  ' + curve + "\n ]\n}\n")
+
+
 def greedy_samples(model, tokenizer, n):
     import torch
 
@@ -358,7 +368,7 @@ def main(argv=None):
     }
 
     def save_log():
-        log_file.write_text(json.dumps(log, indent=1, default=float) + "\n")
+        write_log(log_file, log)
 
     tokens_per_step = args.batch * args.seq_len
 
