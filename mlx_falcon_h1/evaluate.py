@@ -15,7 +15,8 @@ With --reference, both models see the same windows and the report adds, over
 all predicted positions: the mean KL(reference || ours) of the next-token
 distributions (nats), the top-1 agreement (fraction of positions whose argmax
 tokens agree), the maximum |logit difference|, and the reference's own
-perplexity. The reference is another checkpoint run by this package
+perplexity. (KL is summed in float32, so two float32 runs of one model can give
+a mean of order -1e-9.) The reference is another checkpoint run by this package
 (--reference-backend mlx, the default) or a transformers checkpoint run by
 transformers' FalconH1ForCausalLM in float32 (--reference-backend torch; needs
 torch and transformers).
