@@ -80,7 +80,7 @@ def test_compare_with_transformers(tiny):
     cast_model(model, "float32")
     tokens = np.random.default_rng(1).integers(0, 96, size=80)
     result = compare(model, torch_reference(tiny), tokens, seq_len=32)
-    assert result["kl"] < 1e-8
+    assert result["kl"] < 1e-6  # float32 rounding gives ~1e-8; a real mismatch > 1e-3
     assert result["top1_agreement"] == 1.0
     assert abs(result["perplexity"] / result["reference_perplexity"] - 1) < 1e-5
 
@@ -115,7 +115,7 @@ def test_cli_reference_torch(tiny, tmp_path, capsys):
     result = main(args)
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     assert result["tokens"] == 63
-    assert result["top1_agreement"] == 1.0 and result["kl"] < 1e-8
+    assert result["top1_agreement"] == 1.0 and result["kl"] < 1e-6
     assert "top-1 agreement" in capsys.readouterr().out
 
 
