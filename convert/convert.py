@@ -210,9 +210,13 @@ def _prepare_destination(mlx_path: Path, force: bool) -> Path:
     parent = mlx_path.parent.resolve()
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f".{mlx_path.name}.partial-", dir=parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{mlx_path.name}.partial-", dir=parent))
     except OSError as e:
         raise ValueError(f"{parent}: cannot write the output there ({e.strerror})") from None
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp's folders are private; a model folder is not
+    return tmp
 
 
 def _move_into_place(tmp: Path, mlx_path: Path) -> None:

@@ -6,11 +6,16 @@ implementation.
 """
 
 import sys
+from pathlib import Path
 from importlib import import_module
 
 from mlx_lm.models.cache import LRUPromptCache
 
 from .loading import load
+
+# The small Falcon-H1 trained on Python's standard library that ships with the
+# package (examples/train_tiny_falcon_h1.py), 8-bit: the default --model.
+DEFAULT_MODEL = Path(__file__).parent / "default_model"
 from .sharding import sharded_load
 
 
@@ -37,14 +42,16 @@ class FalconPromptCache(LRUPromptCache):
 
 
 def run_mlx_lm_command(name: str, require_model: bool = True, **replace) -> None:
-    """Run `mlx_lm.<name>`'s main() with our loader; a model must be named.
+    """Run `mlx_lm.<name>`'s main() with our loader. Without --model it runs the
+    model shipped with the package (require_model: whether a model is needed).
 
     replace: more of the module's names to swap for ours (the command looks
     them up at call time), e.g. the tuner's helpers for `lora`.
     """
     module = import_module(f"mlx_lm.{name}")
-    if require_model and "--model" not in " ".join(sys.argv[1:]).replace("=", " ").split():
-        sys.exit(f"python -m mlx_falcon_h1.{name}: --model is required (a Falcon-H1 folder or Hub repo)")
+    flags = " ".join(sys.argv[1:]).replace("=", " ").split()
+    if require_model and "--model" not in flags and "--prompt-cache-file" not in flags:
+        sys.argv[1:1] = ["--model", str(DEFAULT_MODEL)]
     module.load = load  # mlx-lm's commands look their loader up at call time
     if hasattr(module, "sharded_load"):  # chat and server under mlx.launch
         module.sharded_load = sharded_load

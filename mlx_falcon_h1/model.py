@@ -30,6 +30,7 @@ from mlx_lm.models.rope_utils import initialize_rope
 
 from .cache import MAX_ROLLBACK_TOKENS, FalconH1Cache
 from .kernels.conv1d import causal_conv1d
+from .kernels.elementwise import silu, silu_gate
 from .kernels.ssd_scan import ssd_scan
 from .kernels.ssm_step import discretize, ssm_step
 
@@ -219,7 +220,7 @@ class GatedRMSNorm(nn.Module):
 
     def __call__(self, y: mx.array, gate: mx.array) -> mx.array:
         # y, gate: (B, L, d_ssm); computed in float32 like the reference.
-        gate = nn.silu(gate.astype(mx.float32))
+        gate = silu(gate.astype(mx.float32))
         y = y.astype(mx.float32)
         if not self.norm_before_gate:
             y = y * gate
@@ -323,7 +324,7 @@ class Mixer(nn.Module):
         if "norm" in self:
             y = self.norm(y, z)
         else:
-            y = y * nn.silu(z.astype(mx.float32))
+            y = silu_gate(z.astype(mx.float32), y)
         return self.out_proj(y.astype(u.dtype))
 
     def ssm(self, xBC, dt, conv_state, ssm_state, lengths=None):
@@ -389,8 +390,9 @@ class MLP(nn.Module):
         self.gate_multiplier, self.down_multiplier = args.mlp_multipliers
 
     def __call__(self, x: mx.array) -> mx.array:
-        gate = nn.silu(_scaled(self.gate_proj(x), self.gate_multiplier))
-        return _scaled(self.down_proj(self.up_proj(x) * gate), self.down_multiplier)
+        up = self.up_proj(x)
+        h = silu_gate(_scaled(self.gate_proj(x), self.gate_multiplier), up)
+        return _scaled(self.down_proj(h), self.down_multiplier)
 
 
 class DecoderLayer(nn.Module):

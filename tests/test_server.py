@@ -63,11 +63,3 @@ def test_two_concurrent_requests(server):
     model, tokenizer = load(str(path))
     for prompt, text in zip(PROMPTS, alone):
         assert text == generate(model, tokenizer, prompt, max_tokens=10)
-
-
-def test_commands_require_a_model():
-    for name in ("server", "chat"):
-        done = subprocess.run(
-            [sys.executable, "-m", f"mlx_falcon_h1.{name}"], capture_output=True, text=True, timeout=120
-        )
-        assert done.returncode == 1 and "--model is required" in done.stderr

@@ -60,6 +60,7 @@ from typing import Optional, Tuple
 import mlx.core as mx
 
 from . import kernels_enabled, metal_available, with_reference_vjp
+from .elementwise import exp
 
 
 def _segment_sum(a: mx.array) -> mx.array:
@@ -123,46 +124,53 @@ def ssd_scan_reference(
         B = mx.pad(B, widths + [(0, 0), (0, 0)])
         C = mx.pad(C, widths + [(0, 0), (0, 0)])
 
-    # Split heads into (group, head-in-group) so B and C broadcast without copies.
-    xdt = (x * dt[..., None]).reshape(batch, chunks, q, groups, per_group, head_dim)
-    xdt = xdt.transpose(0, 1, 3, 4, 2, 5)  # (B, c, G, H/G, Q, P)
-    B = B.reshape(batch, chunks, q, groups, n).transpose(0, 1, 3, 2, 4)[:, :, :, None]
-    C = C.reshape(batch, chunks, q, groups, n).transpose(0, 1, 3, 2, 4)[:, :, :, None]
-    # B, C: (B, c, G, 1, Q, N)
-    dA = (dt * A).reshape(batch, chunks, q, groups, per_group)
-    dA = dA.transpose(0, 1, 3, 4, 2)  # (B, c, G, H/G, Q)
+    # Token-major chunks; a group's heads side by side (R = H/G heads of P
+    # channels: R*P columns), so a group's B and C serve all its heads in one
+    # matmul wherever the decay does not depend on the head.
+    xdt = (x * dt[..., None]).reshape(batch, chunks, q, heads, head_dim)  # (B, c, Q, H, P)
+    B = B.reshape(batch, chunks, q, groups, n).transpose(0, 1, 3, 2, 4)  # (B, c, G, Q, N)
+    C = C.reshape(batch, chunks, q, groups, n).transpose(0, 1, 3, 2, 4)  # (B, c, G, Q, N)
+    dA = (dt * A).reshape(batch, chunks, q, heads).transpose(0, 1, 3, 2)  # (B, c, H, Q)
     dA_cumsum = mx.cumsum(dA, axis=-1)
 
-    # 1. Within each chunk: y_t += sum_{s<=t} (C_t . B_s) exp(sum dA(s, t]) dt_s x_s
-    decay = mx.exp(_segment_sum(dA))  # (B, c, G, H/G, Q, Q)
-    scores = (C @ B.swapaxes(-1, -2)) * decay
-    y = scores @ xdt  # (B, c, G, H/G, Q, P)
+    # 1. Within each chunk: y_t += sum_{s<=t} (C_t . B_s) exp(sum dA(s, t]) dt_s x_s,
+    #    per head (the decay is the head's): (Q x Q) @ (Q x P) for each chunk and head.
+    decay = exp(_segment_sum(dA)).reshape(batch, chunks, groups, per_group, q, q)
+    scores = (C @ B.swapaxes(-1, -2))[:, :, :, None] * decay  # (B, c, G, R, Q, Q)
+    xdt_heads = xdt.reshape(batch, chunks, q, groups, per_group, head_dim)
+    y = scores @ xdt_heads.transpose(0, 1, 3, 4, 2, 5)  # (B, c, G, R, Q, P)
+    y = y.transpose(0, 1, 4, 2, 3, 5).reshape(batch, chunks, q, heads, head_dim)
 
-    # 2. Each chunk's own contribution to the state at its end.
-    decay_to_end = mx.exp(dA_cumsum[..., -1:] - dA_cumsum)[..., None]  # (..., Q, 1)
-    chunk_states = xdt.swapaxes(-1, -2) @ (B * decay_to_end)  # (B, c, G, H/G, P, N)
+    # 2. Each chunk's own contribution to the state at its end: decay dt x to the
+    #    chunk's end, then one (R*P x Q) @ (Q x N) matmul per chunk and group.
+    decay_to_end = exp(dA_cumsum[..., -1:] - dA_cumsum).swapaxes(-1, -2)  # (B, c, Q, H)
+    xdt_end = (xdt * decay_to_end[..., None]).reshape(batch, chunks, q, groups, -1)
+    chunk_states = xdt_end.transpose(0, 1, 3, 4, 2) @ B  # (B, c, G, R*P, N) = (B, c, H, P, N)
 
     # 3. Carry states across chunks: the state entering chunk z is
     #    sum_{j<=z} exp(decay of chunks j..z-1) * (state made by chunk j-1).
     if state is None:
         state = mx.zeros((batch, heads, head_dim, n), dtype=mx.float32)
-    initial = state.astype(mx.float32).reshape(batch, 1, groups, per_group, head_dim, n)
-    chunk_states = mx.concatenate([initial, chunk_states], axis=1)  # (B, c+1, ...)
-    chunk_decay = dA_cumsum[..., -1].transpose(0, 2, 3, 1)  # (B, G, H/G, c)
-    chunk_decay = mx.pad(chunk_decay, [(0, 0), (0, 0), (0, 0), (1, 0)])
-    carry = mx.exp(_segment_sum(chunk_decay))  # (B, G, H/G, c+1, c+1)
-    flat = chunk_states.transpose(0, 2, 3, 1, 4, 5).reshape(
-        batch, groups, per_group, chunks + 1, head_dim * n
-    )
-    entering = (carry @ flat).reshape(batch, groups, per_group, chunks + 1, head_dim, n)
-    final_state = entering[:, :, :, -1].reshape(batch, heads, head_dim, n)
-    entering = entering[:, :, :, :-1].transpose(0, 3, 1, 2, 4, 5)  # (B, c, G, H/G, P, N)
+    made = mx.concatenate(
+        [state.astype(mx.float32).reshape(batch, 1, heads, -1),
+         chunk_states.reshape(batch, chunks, heads, -1)],
+        axis=1,
+    ).swapaxes(1, 2)  # (B, H, c+1, P*N)
+    chunk_decay = mx.pad(dA_cumsum[..., -1].swapaxes(1, 2), [(0, 0), (0, 0), (1, 0)])
+    carry = exp(_segment_sum(chunk_decay))  # (B, H, c+1, c+1)
+    entering = carry @ made  # (B, H, c+1, P*N)
+    final_state = entering[:, :, -1].reshape(batch, heads, head_dim, n)
+    entering = entering[:, :, :-1].swapaxes(1, 2).reshape(batch, chunks, groups, -1, n)
 
-    # 4. Output from the state entering each chunk, decayed to each position.
-    y = y + (C @ entering.swapaxes(-1, -2)) * mx.exp(dA_cumsum)[..., None]
+    # 4. Output from the state entering each chunk, decayed to each position:
+    #    one (Q x N) @ (N x R*P) matmul per chunk and group.
+    y_state = (C @ entering.swapaxes(-1, -2)).reshape(batch, chunks, groups, q, per_group, head_dim)
+    y_state = y_state.transpose(0, 1, 3, 2, 4, 5).reshape(batch, chunks, q, heads, head_dim)
+    y = y + y_state * exp(dA_cumsum).swapaxes(-1, -2)[..., None]
 
-    y = y.transpose(0, 1, 4, 2, 3, 5).reshape(batch, chunks * q, heads, head_dim)
-    return y[:, :length] + skip, final_state
+    y = y.reshape(batch, chunks * q, heads, head_dim)
+    # A copy, not a view: a view would keep all of `entering` alive in the cache.
+    return y[:, :length] + skip, mx.contiguous(final_state)
 
 
 # ---------------------------------------------------------------------------
