@@ -29,6 +29,7 @@ from mlx_lm.models.base import (
 from mlx_lm.models.rope_utils import initialize_rope
 
 from .cache import MAX_ROLLBACK_TOKENS, FalconH1Cache
+from .kernels.attention import causal_attention
 from .kernels.conv1d import causal_conv1d
 from .kernels.elementwise import silu, silu_gate
 from .kernels.ssd_scan import ssd_scan
@@ -264,7 +265,10 @@ class Attention(nn.Module):
         k = self.rope(k, offset=offset)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        out = scaled_dot_product_attention(q, k, v, cache=cache, scale=self.scale, mask=mask)
+        if isinstance(mask, str) and mask == "causal" and not hasattr(cache, "bits"):
+            out = causal_attention(q, k, v, self.scale)  # blocked: skips the masked half
+        else:  # one token, a mask array (batch padding) or a quantized cache
+            out = scaled_dot_product_attention(q, k, v, cache=cache, scale=self.scale, mask=mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(b, l, -1))
 
 
