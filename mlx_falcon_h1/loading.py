@@ -233,7 +233,9 @@ def load(
     trust_remote_code: bool = False,
 ):
     """(model, tokenizer[, config]) the way mlx_lm.load returns them, through our model."""
-    from mlx_lm.utils import load_adapters, load_tokenizer
+    from mlx_lm.utils import load_tokenizer
+
+    from .lora import load_adapters  # mlx-lm's, plus adapters that trained SSM parameters
 
     path = resolve_path(path_or_hf_repo, revision)
     tokenizer_files = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
