@@ -34,6 +34,8 @@ QUANT = [
     ("mxfp4", dict(q_mode="mxfp4")),
     ("nvfp4", dict(q_mode="nvfp4")),
     ("mixed_3_6 (mlx-lm recipe)", dict(q_mode="affine", q_group_size=32, quant_predicate="mixed_3_6")),
+    ("falcon_mixed_3_6 (our recipe)", dict(q_mode="affine", q_group_size=32, quant_predicate="falcon_mixed_3_6")),
+    ("falcon_mixed_4_8 (our recipe)", dict(q_mode="affine", q_group_size=64, quant_predicate="falcon_mixed_4_8")),
 ]
 
 

@@ -291,3 +291,15 @@ def test_remote_code_runs_our_implementation_in_stock_mlx_lm(tmp_path):
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "Generation:" in done.stdout
+
+
+def test_falcon_recipe_keeps_sensitive_layers_at_high_bits(source, tmp_path):
+    path, _ = source
+    convert(str(path), str(tmp_path / "m"), quantize=True, quant_predicate="falcon_mixed_3_6", q_group_size=32)
+    q = json.loads((tmp_path / "m" / "config.json").read_text())["quantization"]
+    assert q["model.layers.1.mamba.in_proj"]["bits"] == 6 and q["lm_head"]["bits"] == 6
+    assert "model.layers.0.feed_forward.down_proj" not in q  # input 80: no group of 32 fits
+    assert q["model.layers.1.feed_forward.up_proj"]["bits"] == 3
+    assert q["model.layers.1.mamba.out_proj"]["bits"] == 3
+    ours = logits_of(load_model(tmp_path / "m")[0])
+    assert_close_logits(logits_of(mlx_lm.utils.load_model(tmp_path / "m")[0]), ours, rel=1e-5)
