@@ -110,19 +110,20 @@ class FalconH1Cache(_BaseCache):
             self.conv_state = mx.zeros((batch, width - 1, channels), dtype=xBC.dtype)
         if self.history is None:
             self.history = self._context_rows(self.conv_state, dt)
-        rows = mx.concatenate([xBC, dt.astype(xBC.dtype)], axis=-1)
         if length > self.max_rollback:
             # Long call (a prompt): split it where the new window starts, so the
             # window's start state comes out of the scan instead of a replay.
             cut = length - self.max_rollback
+            rows = mx.concatenate([xBC[:, cut:], dt[:, cut:].astype(xBC.dtype)], axis=-1)
             y0, conv_state, state = mixer.ssm(xBC[:, :cut], dt[:, :cut], self.conv_state, self.ssm_state)
             y1, self.conv_state, self.ssm_state = mixer.ssm(xBC[:, cut:], dt[:, cut:], conv_state, state)
             self.window_state = state
-            self.history = mx.concatenate([self._context_rows(conv_state, dt), rows[:, cut:]], axis=1)
+            self.history = mx.concatenate([self._context_rows(conv_state, dt), rows], axis=1)
             self.window = self.max_rollback
             return mx.concatenate([y0, y1], axis=1)
 
         y, self.conv_state, self.ssm_state = mixer.ssm(xBC, dt, self.conv_state, self.ssm_state)
+        rows = mx.concatenate([xBC, dt.astype(xBC.dtype)], axis=-1)
         self.history = mx.concatenate([self.history, rows], axis=1)
         self.window += length
         if self.window > 2 * self.max_rollback:

@@ -401,7 +401,7 @@ class Mixer(nn.Module):
             C.reshape(b, l, self.n_groups, self.d_state),
             self.D,
             ssm_state,
-            self.chunk_size,
+            min(self.chunk_size, l),  # a short call (replay, prompt tail) needs no padding
         )
         return y, new_conv_state, ssm_state
 
