@@ -206,18 +206,19 @@ def _scaled(x: mx.array, multiplier: float) -> mx.array:
 
 
 # Decode-sized inputs (at most this many rows) take the mat-vec form below, in
-# blocks of output rows: OpenBLAS's mat-vec streams 256-row blocks of the 0.5B's
-# projections at ~15 GB/s against ~10 GB/s for whole matrices (this machine).
+# blocks of output rows of about _MATVEC_BLOCK_BYTES: OpenBLAS's mat-vec streams
+# ~2 MB blocks of the 0.5B's projections at ~16-17 GB/s, whole matrices at
+# ~10 GB/s, 0.5 MB blocks at ~14 (this machine; its memory reads ~26 GB/s).
 _MATVEC_ROWS = 4
-_MATVEC_BLOCK = 256
+_MATVEC_BLOCK_BYTES = 1 << 21
 
 
 def _linear(layer: nn.Module, x: mx.array) -> mx.array:
     """layer(x); on the CPU a float32 nn.Linear with a few rows runs as W @ x^T.
 
     Decode streams the weights once per token. For 1-4 rows, BLAS's mat-vec on
-    256-row blocks streams them ~2.5x faster than MLX's x @ W^T (all of the
-    0.5B's projections, one row: ~15 vs ~6 GB/s on the project's 2-core Linux
+    ~2 MB row blocks streams them ~2.5x faster than MLX's x @ W^T (all of the
+    0.5B's projections, one row: ~16 vs ~6 GB/s on the project's 2-core Linux
     machine). Quantized and LoRA layers, other dtypes and the GPU call the layer.
     """
     rows = x.size // x.shape[-1]
@@ -231,7 +232,8 @@ def _linear(layer: nn.Module, x: mx.array) -> mx.array:
         return layer(x)
     w = layer.weight
     v = x.reshape(rows, -1).T if rows > 1 else x.reshape(-1)  # (D,) or (D, rows)
-    y = [w[i : i + _MATVEC_BLOCK] @ v for i in range(0, w.shape[0], _MATVEC_BLOCK)]
+    block = max(64, _MATVEC_BLOCK_BYTES // (4 * w.shape[1]))
+    y = [w[i : i + block] @ v for i in range(0, w.shape[0], block)]
     y = y[0] if len(y) == 1 else mx.concatenate(y, axis=0)
     y = y.T if rows > 1 else y
     if "bias" in layer:
