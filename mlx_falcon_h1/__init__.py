@@ -2,9 +2,13 @@
 
 # Before anything imports mlx.core: on Linux, let an installed OpenBLAS serve
 # MLX's CPU matmuls (see blas.py; MLX_FALCON_H1_BLAS=0 opts out).
+# And keep freed memory for the next arrays instead of faulting in fresh pages
+# (see allocator.py; MLX_FALCON_H1_MALLOC=0 opts out).
+from .allocator import keep_freed_memory
 from .blas import prefer_optimized_blas
 
 prefer_optimized_blas()
+keep_freed_memory()
 
 from .loading import CheckpointError, load, load_model  # noqa: E402
 from .model import ConfigError, Model, ModelArgs  # noqa: E402

@@ -19,7 +19,7 @@ from pathlib import Path
 
 # Our package first: it picks the BLAS before mlx.core is imported (see blas.py).
 import mlx_falcon_h1
-from mlx_falcon_h1 import blas
+from mlx_falcon_h1 import allocator, blas
 
 import mlx.core as mx  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
@@ -187,6 +187,7 @@ def benchmark(
         "mlx": mx.__version__,
         "device": f"{mx.default_device()} ({platform.machine()}, {platform.system()})",
         "blas": blas.in_use,
+        "malloc": allocator.in_use,
         "load_s": load_s,
         "weight_bytes_per_token": per_token,
         "bandwidth_gbps": bandwidth / 1e9,
@@ -200,7 +201,7 @@ def benchmark(
 def print_table(result: dict) -> None:
     print(f"model {result['model']}  dtype {result['dtype']}  mlx {result['mlx']}  "
           f"device {result['device']}")  # fmt: skip
-    print(f"BLAS: {result['blas']}")
+    print(f"BLAS: {result['blas']}; malloc: {result['malloc']}")
     stock = any(k.startswith("mlx-lm") for k in result["rows"][0])
     names = ["ours"] + (["mlx-lm"] if stock else [])
     header = "| prompt | " + " | ".join(

@@ -17,7 +17,7 @@ def test_benchmark_smoke(tmp_path):
     for row in result["rows"]:
         for name in ("ours", "mlx-lm"):
             assert row[f"{name}_prompt_tps"] > 0 and row[f"{name}_generation_tps"] > 0
-    assert result["blas"] and result["mlx"] and result["dtype"] == "float32"
+    assert result["blas"] and result["malloc"] and result["mlx"] and result["dtype"] == "float32"
 
 
 def test_blas_opt_out(tmp_path):
@@ -25,3 +25,15 @@ def test_blas_opt_out(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env={"MLX_FALCON_H1_BLAS": "0", "PATH": ""})  # fmt: skip
     assert done.stdout.strip() == "bundled"
+
+
+def test_malloc_setting_and_its_opt_out():
+    code = "import mlx_falcon_h1.allocator as a, mlx_falcon_h1; print(a.in_use)"
+    runs = {}
+    for value in ("0", ""):
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              env={"MLX_FALCON_H1_MALLOC": value, "PATH": ""})  # fmt: skip
+        runs[value] = done.stdout.strip()
+    assert runs["0"] == "glibc defaults"
+    if sys.platform.startswith("linux"):
+        assert runs[""].startswith("kept") or "no mallopt" in runs[""]
