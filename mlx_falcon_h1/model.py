@@ -26,6 +26,7 @@ from mlx_lm.models.base import (
     create_attention_mask,
     scaled_dot_product_attention,
 )
+from mlx_lm.models.cache import KVCache
 from mlx_lm.models.rope_utils import initialize_rope
 
 from .cache import MAX_ROLLBACK_TOKENS, FalconH1Cache
@@ -206,21 +207,26 @@ def _scaled(x: mx.array, multiplier: float) -> mx.array:
 
 
 # Decode-sized inputs (at most this many rows) take the mat-vec form below, in
-# blocks of output rows of about _MATVEC_BLOCK_BYTES: OpenBLAS's mat-vec streams
-# ~2 MB blocks of the 0.5B's projections at ~16-17 GB/s, whole matrices at
-# ~10 GB/s, 0.5 MB blocks at ~14 (this machine; its memory reads ~26 GB/s).
+# blocks of output rows of about _MATVEC_BLOCK_BYTES, alternating between the
+# current stream and a second CPU stream, so the two cores stream the weights
+# side by side. Measured on the project's 2-core Linux machine (its memory reads
+# ~26 GB/s on one core, ~30 on two), 768 MB of 4096 x 1024 matrices: whole
+# matrices 14 GB/s, 1024-row blocks on one stream 15.8, 512-row (2 MB) blocks on
+# two streams 23.8 (4 MB blocks: 15.4, OpenBLAS then threads each call itself).
 _MATVEC_ROWS = 4
 _MATVEC_BLOCK_BYTES = 1 << 21
+_second_stream = None
 
 
 def _linear(layer: nn.Module, x: mx.array) -> mx.array:
     """layer(x); on the CPU a float32 nn.Linear with a few rows runs as W @ x^T.
 
     Decode streams the weights once per token. For 1-4 rows, BLAS's mat-vec on
-    ~2 MB row blocks streams them ~2.5x faster than MLX's x @ W^T (all of the
-    0.5B's projections, one row: ~16 vs ~6 GB/s on the project's 2-core Linux
-    machine). Quantized and LoRA layers, other dtypes and the GPU call the layer.
+    ~2 MB row blocks spread over two streams reads them ~1.7x faster than MLX's
+    x @ W^T does (see above). Quantized and LoRA layers, other dtypes and the
+    GPU call the layer.
     """
+    global _second_stream
     rows = x.size // x.shape[-1]
     if (
         rows > _MATVEC_ROWS
@@ -230,10 +236,15 @@ def _linear(layer: nn.Module, x: mx.array) -> mx.array:
         or mx.default_device() != mx.cpu
     ):
         return layer(x)
+    if _second_stream is None:  # thread-local: server threads each get their own
+        _second_stream = mx.new_thread_local_stream(mx.cpu)
     w = layer.weight
     v = x.reshape(rows, -1).T if rows > 1 else x.reshape(-1)  # (D,) or (D, rows)
     block = max(64, _MATVEC_BLOCK_BYTES // (4 * w.shape[1]))
-    y = [w[i : i + block] @ v for i in range(0, w.shape[0], block)]
+    y = [
+        mx.matmul(w[i : i + block], v, stream=_second_stream if n % 2 else None)
+        for n, i in enumerate(range(0, w.shape[0], block))
+    ]
     y = y[0] if len(y) == 1 else mx.concatenate(y, axis=0)
     y = y.T if rows > 1 else y
     if "bias" in layer:
@@ -299,11 +310,16 @@ class Attention(nn.Module):
         offset = cache.offset if cache is not None else 0
         q = self.rope(q, offset=offset)
         k = self.rope(k, offset=offset)
+        valid = None
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        if isinstance(mask, str) and mask == "causal" and not hasattr(cache, "bits"):
-            out = causal_attention(q, k, v, self.scale)  # blocked: skips the masked half
-        else:  # one token, a mask array (batch padding) or a quantized cache
+            if l == 1 and type(cache.kv) is KVCache:
+                # Decode reads the whole buffers: every matmul would copy a view.
+                k, v, valid = cache.kv.keys, cache.kv.values, cache.offset
+        causal = mask is None and l == 1 or isinstance(mask, str) and mask == "causal"
+        if causal and not hasattr(cache, "bits"):
+            out = causal_attention(q, k, v, self.scale, valid)  # blocked: skips the masked half
+        else:  # a mask array (batch padding) or a quantized cache
             out = scaled_dot_product_attention(q, k, v, cache=cache, scale=self.scale, mask=mask)
         return _linear(self.o_proj, out.transpose(0, 2, 1, 3).reshape(b, l, -1))
 

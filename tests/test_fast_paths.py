@@ -74,6 +74,31 @@ def test_blocked_attention_gradients_are_sdpa_s():
         assert rel(g, r) < 1e-5
 
 
+def test_one_query_attention_reads_only_the_valid_keys():
+    """Decode attends over a KV cache's whole buffers; their tail must not count."""
+    keys = mx.random.split(mx.random.key(11), 3)
+    q = mx.random.normal((2, 8, 1, 32), key=keys[0])
+    k = mx.random.normal((2, 2, 300, 32), key=keys[1])
+    v = mx.random.normal((2, 2, 300, 32), key=keys[2])
+    stale = mx.arange(300)[:, None] >= 257  # what a trim leaves behind: large, finite
+    k, v = mx.where(stale, 1e3, k), mx.where(stale, -1e3, v)
+    ours = attention.causal_attention(q, k, v, 32**-0.5, valid=257)
+    ref = attention.causal_attention_reference(q, k[:, :, :257], v[:, :, :257], 32**-0.5)
+    assert rel(ours, ref) < 1e-5
+    whole = attention.causal_attention(q, k[:, :, :257], v[:, :, :257], 32**-0.5)
+    assert rel(whole, ref) < 1e-5
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_decode_matvec_blocks_match_the_layer(rows):
+    """Decode's projections: row blocks on two streams, concatenated, = x @ W^T + b."""
+    from mlx_falcon_h1.model import _linear
+
+    layer = nn.Linear(700, 1900, bias=True)  # 2 MB blocks of 748 rows: three blocks
+    x = mx.random.normal((1, rows, 700), key=mx.random.key(rows))
+    assert rel(_linear(layer, x), layer(x)) < 1e-5
+
+
 @pytest.fixture(scope="module")
 def long_pair(tmp_path_factory):
     path = tmp_path_factory.mktemp("long")
