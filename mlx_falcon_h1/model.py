@@ -239,17 +239,16 @@ def _linear(layer: nn.Module, x: mx.array) -> mx.array:
     if _second_stream is None:  # thread-local: server threads each get their own
         _second_stream = mx.new_thread_local_stream(mx.cpu)
     w = layer.weight
-    v = x.reshape(rows, -1).T if rows > 1 else x.reshape(-1)  # (D,) or (D, rows)
+    # v is (D, rows), 2-D: a 1-D vector costs an expand and a squeeze per block.
+    v = x.reshape(-1, 1) if rows == 1 else x.reshape(rows, -1).T
     block = max(64, _MATVEC_BLOCK_BYTES // (4 * w.shape[1]))
     y = [
         mx.matmul(w[i : i + block], v, stream=_second_stream if n % 2 else None)
         for n, i in enumerate(range(0, w.shape[0], block))
     ]
     y = y[0] if len(y) == 1 else mx.concatenate(y, axis=0)
-    y = y.T if rows > 1 else y
-    if "bias" in layer:
-        y = y + layer.bias
-    return y.reshape(*x.shape[:-1], -1)
+    y = (y if rows == 1 else y.T).reshape(*x.shape[:-1], -1)
+    return y + layer.bias if "bias" in layer else y
 
 
 class GatedRMSNorm(nn.Module):
@@ -308,8 +307,9 @@ class Attention(nn.Module):
         k = k.reshape(b, l, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
         v = _linear(self.v_proj, x).reshape(b, l, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
         offset = cache.offset if cache is not None else 0
-        q = self.rope(q, offset=offset)
-        k = self.rope(k, offset=offset)
+        # One RoPE call for q and k (heads are independent): on the CPU RoPE is a
+        # chain of ~20 small ops, which a decode step pays per call.
+        q, k = mx.split(self.rope(mx.concatenate([q, k], axis=1), offset=offset), [self.n_heads], axis=1)
         valid = None
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)

@@ -26,6 +26,9 @@ def models(tmp_path_factory):
         "realistic": {},
         "groups2_norm": dict(mamba_n_groups=2, mamba_rms_norm=True, mamba_norm_before_gate=False),
         "time_step_limit": dict(time_step_limit=[0.05, 0.9], mamba_conv_bias=False),
+        # Biases on every projection: decode's mat-vec form adds them itself.
+        "all_biases": dict(attention_bias=True, mlp_bias=True, projectors_bias=True,
+                           mamba_proj_bias=True),
     }
     for name, overrides in configs.items():
         path = tmp_path_factory.mktemp(name)
@@ -45,7 +48,7 @@ def run_split(model, ids: np.ndarray, pieces) -> np.ndarray:
     return np.concatenate(out, axis=1)
 
 
-@pytest.mark.parametrize("config", ["realistic", "groups2_norm", "time_step_limit"])
+@pytest.mark.parametrize("config", ["realistic", "groups2_norm", "time_step_limit", "all_biases"])
 @pytest.mark.parametrize("split", list(SPLITS))
 def test_split_matches_full_call(models, config, split, rng):
     torch_model, model = models[config]
