@@ -49,3 +49,8 @@ def prefer_optimized_blas() -> str:
         in_use = path
         break
     return in_use
+
+
+def optimized() -> bool:
+    """Whether prefer_optimized_blas() put a library in front of the bundled one."""
+    return not in_use.startswith("bundled")
