@@ -30,6 +30,16 @@ def metal_available() -> bool:
         return False
 
 
+def build_metal_kernel(spec: dict):
+    """mx.fast.metal_kernel(**spec), built once at import (MLX compiles it on first
+    use), or None without Metal. Tests build the same spec in the emulator."""
+    if not metal_available():
+        return None
+    import mlx.core as mx
+
+    return mx.fast.metal_kernel(**spec)
+
+
 def with_reference_vjp(kernel_fn, reference_fn):
     """kernel_fn, differentiable: its vjp is the reference's (Metal kernels have none).
 

@@ -34,7 +34,7 @@ from typing import Optional, Tuple
 
 import mlx.core as mx
 
-from . import kernels_enabled, metal_available, with_reference_vjp
+from . import build_metal_kernel, kernels_enabled, with_reference_vjp
 from .elementwise import silu
 
 
@@ -146,19 +146,7 @@ KERNEL_SPEC = dict(
 )
 
 
-def _make_causal_conv1d_kernel(factory=None):
-    """Build the kernel once (MLX compiles it on first use); None without Metal.
-
-    factory: mx.fast.metal_kernel by default; tests pass the emulator's.
-    """
-    if factory is None:
-        if not metal_available():
-            return None
-        factory = mx.fast.metal_kernel
-    return factory(**KERNEL_SPEC)
-
-
-_KERNEL = _make_causal_conv1d_kernel()
+_KERNEL = build_metal_kernel(KERNEL_SPEC)
 
 
 def _fits_kernel(x, weight, bias, state) -> bool:

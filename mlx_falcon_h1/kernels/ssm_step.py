@@ -39,7 +39,7 @@ from typing import Optional, Sequence, Tuple
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import kernels_enabled, metal_available, with_reference_vjp
+from . import build_metal_kernel, kernels_enabled, with_reference_vjp
 from .conv1d import causal_conv1d_reference
 
 
@@ -226,19 +226,7 @@ KERNEL_SPEC = dict(
 )
 
 
-def _make_ssm_step_kernel(factory=None):
-    """Build the kernel once (MLX compiles it on first use); None without Metal.
-
-    factory: mx.fast.metal_kernel by default; tests pass the emulator's.
-    """
-    if factory is None:
-        if not metal_available():
-            return None
-        factory = mx.fast.metal_kernel
-    return factory(**KERNEL_SPEC)
-
-
-_KERNEL = _make_ssm_step_kernel()
+_KERNEL = build_metal_kernel(KERNEL_SPEC)
 
 
 def _fits_kernel(xBC, dt, conv_state, conv_weight, conv_bias, state, n_groups) -> bool:
