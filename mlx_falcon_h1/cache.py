@@ -55,6 +55,15 @@ class FalconH1Cache(_BaseCache):
     def update_and_fetch(self, keys, values):
         return self.kv.update_and_fetch(keys, values)
 
+    def whole_buffers(self):
+        """(keys, values, valid): the K/V buffers after update_and_fetch, of which the
+        first `valid` positions are real; None unless a plain KVCache holds them.
+        One-token attention reads these: a view of their first keys would be
+        copied by every matmul that reads it."""
+        if type(self.kv) is not KVCache:
+            return None
+        return self.kv.keys, self.kv.values, self.kv.offset
+
     def make_mask(self, *args, **kwargs):
         return self.kv.make_mask(*args, **kwargs)
 

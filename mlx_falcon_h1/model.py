@@ -26,7 +26,6 @@ from mlx_lm.models.base import (
     create_attention_mask,
     scaled_dot_product_attention,
 )
-from mlx_lm.models.cache import KVCache
 from mlx_lm.models.rope_utils import initialize_rope
 
 from . import blas
@@ -216,7 +215,7 @@ def _scaled(x: mx.array, multiplier: float) -> mx.array:
 # two streams 23.8 (4 MB blocks: 15.4, OpenBLAS then threads each call itself).
 _MATVEC_ROWS = 4
 _MATVEC_BLOCK_BYTES = 1 << 21
-_second_stream = None
+_SECOND_STREAM = mx.new_thread_local_stream(mx.cpu)  # each thread (server) gets its own
 
 
 def _linear(layer: nn.Module, x: mx.array) -> mx.array:
@@ -227,7 +226,6 @@ def _linear(layer: nn.Module, x: mx.array) -> mx.array:
     than MLX's x @ W^T does (see above). Quantized and LoRA layers, other
     dtypes, the GPU and the bundled BLAS call the layer.
     """
-    global _second_stream
     rows = x.size // x.shape[-1]
     if (
         rows > _MATVEC_ROWS
@@ -240,14 +238,12 @@ def _linear(layer: nn.Module, x: mx.array) -> mx.array:
         or not blas.optimized()
     ):
         return layer(x)
-    if _second_stream is None:  # thread-local: server threads each get their own
-        _second_stream = mx.new_thread_local_stream(mx.cpu)
     w = layer.weight
     # v is (D, rows), 2-D: a 1-D vector costs an expand and a squeeze per block.
     v = x.reshape(-1, 1) if rows == 1 else x.reshape(rows, -1).T
     block = max(64, _MATVEC_BLOCK_BYTES // (4 * w.shape[1]))
     y = [
-        mx.matmul(w[i : i + block], v, stream=_second_stream if n % 2 else None)
+        mx.matmul(w[i : i + block], v, stream=_SECOND_STREAM if n % 2 else None)
         for n, i in enumerate(range(0, w.shape[0], block))
     ]
     y = y[0] if len(y) == 1 else mx.concatenate(y, axis=0)
@@ -317,12 +313,11 @@ class Attention(nn.Module):
         valid = None
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-            if l == 1 and type(cache.kv) is KVCache:
-                # Decode reads the whole buffers: every matmul would copy a view.
-                k, v, valid = cache.kv.keys, cache.kv.values, cache.offset
+            if l == 1 and (buffers := cache.whole_buffers()) is not None:
+                k, v, valid = buffers
         causal = mask is None and l == 1 or isinstance(mask, str) and mask == "causal"
         if causal and not hasattr(cache, "bits"):
-            out = causal_attention(q, k, v, self.scale, valid)  # blocked: skips the masked half
+            out = causal_attention(q, k, v, self.scale, valid)  # blocked, or one query
         else:  # a mask array (batch padding) or a quantized cache
             out = scaled_dot_product_attention(q, k, v, cache=cache, scale=self.scale, mask=mask)
         return _linear(self.o_proj, out.transpose(0, 2, 1, 3).reshape(b, l, -1))

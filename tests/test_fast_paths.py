@@ -19,6 +19,12 @@ def rel(a, b):
     return float(mx.abs(a - b).max() / mx.abs(b).max())
 
 
+def random_qkv(seed, q_shape, kv_shape):
+    keys = mx.random.split(mx.random.key(seed), 3)
+    return (mx.random.normal(q_shape, key=keys[0]), mx.random.normal(kv_shape, key=keys[1]),
+            mx.random.normal(kv_shape, key=keys[2]))  # fmt: skip
+
+
 def test_fast_paths_are_taken_here():
     assert elementwise.use_fused(mx.zeros(1)) == (mx.default_device() == mx.cpu)
 
@@ -52,20 +58,15 @@ def test_silu_and_gate_match_mlx_and_their_gradients():
      (2, 6, 6, 64, 64, 8), (1, 4, 2, 300, 4300, 32)],
 )  # fmt: skip
 def test_blocked_attention_matches_sdpa(batch, hq, hkv, lq, lk, d):
-    keys = mx.random.split(mx.random.key(lq + lk), 3)
-    q = mx.random.normal((batch, hq, lq, d), key=keys[0])
-    k = mx.random.normal((batch, hkv, lk, d), key=keys[1]) * 2
-    v = mx.random.normal((batch, hkv, lk, d), key=keys[2])
+    q, k, v = random_qkv(lq + lk, (batch, hq, lq, d), (batch, hkv, lk, d))
+    k = k * 2
     ours = attention.causal_attention(q, k, v, d**-0.5)
     ref = attention.causal_attention_reference(q, k, v, d**-0.5)
     assert rel(ours, ref) < 1e-5
 
 
 def test_blocked_attention_gradients_are_sdpa_s():
-    keys = mx.random.split(mx.random.key(7), 3)
-    q = mx.random.normal((2, 4, 96, 16), key=keys[0])
-    k = mx.random.normal((2, 2, 150, 16), key=keys[1])
-    v = mx.random.normal((2, 2, 150, 16), key=keys[2])
+    q, k, v = random_qkv(7, (2, 4, 96, 16), (2, 2, 150, 16))
 
     def loss(fn):
         return mx.grad(lambda *a: (fn(*a, 0.25) ** 2).sum(), argnums=(0, 1, 2))(q, k, v)
@@ -76,10 +77,7 @@ def test_blocked_attention_gradients_are_sdpa_s():
 
 def test_one_query_attention_reads_only_the_valid_keys():
     """Decode attends over a KV cache's whole buffers; their tail must not count."""
-    keys = mx.random.split(mx.random.key(11), 3)
-    q = mx.random.normal((2, 8, 1, 32), key=keys[0])
-    k = mx.random.normal((2, 2, 300, 32), key=keys[1])
-    v = mx.random.normal((2, 2, 300, 32), key=keys[2])
+    q, k, v = random_qkv(11, (2, 8, 1, 32), (2, 2, 300, 32))
     stale = mx.arange(300)[:, None] >= 257  # what a trim leaves behind: large, finite
     k, v = mx.where(stale, 1e3, k), mx.where(stale, -1e3, v)
     ours = attention.causal_attention(q, k, v, 32**-0.5, valid=257)

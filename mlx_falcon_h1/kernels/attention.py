@@ -109,13 +109,13 @@ def _one_query(q, k, v, scale, valid):
 def causal_attention(q, k, v, scale, valid=None):
     # docstring: causal_attention_reference's (assigned below)
     lq = q.shape[2]
+    if valid is not None and lq > 1:  # only the one-query form reads whole buffers
+        k, v, valid = k[:, :, :valid], v[:, :, :valid], None
     if not (use_fused(q, k, v) and (lq == 1 or lq >= MIN_QUERIES)):
         return causal_attention_reference(q, k, v, scale, valid)
     if lq == 1:
         fast = lambda q, k, v: (_one_query(q, k, v, scale, valid),)  # noqa: E731
     else:
-        if valid is not None:
-            k, v = k[:, :, :valid], v[:, :, :valid]
         fast = lambda q, k, v: (_blocked(q, k, v, scale),)  # noqa: E731
     fn = with_reference_vjp(  # both return 1-tuples, as the helper expects
         fast, lambda q, k, v: (causal_attention_reference(q, k, v, scale, valid),)
