@@ -20,15 +20,12 @@ import time
 import mlx.core as mx
 import numpy as np
 
-from .kernels import conv1d, kernels_enabled, metal_available, ssd_scan, ssm_step
+from .kernels import conv1d, kernels_enabled, metal_available, runtime_check, ssd_scan, ssm_step
 from .kernels.ssm_step import discretize
 
-# Bound on max |kernel - reference| / max |reference| (see tests/test_kernels_*.py).
-TOLERANCE = {
-    ("ssd_scan", mx.float32): 2e-5, ("ssd_scan", mx.bfloat16): 2e-5,
-    ("ssm_step", mx.float32): 2e-5, ("ssm_step", mx.bfloat16): 1e-2,
-    ("causal_conv1d", mx.float32): 2e-6, ("causal_conv1d", mx.bfloat16): 2.0**-7,
-}
+# Bound on max |kernel - reference| / max |reference|: the run-time check's
+# (the same as tests/test_kernels_*.py).
+TOLERANCE = runtime_check.TOLERANCE
 # Falcon-H1-7B's mixer: 24 heads of 128, state 256, one group, conv width 4.
 GPU_SIZES = dict(batch=1, length=2048, heads=24, head_dim=128, groups=1, n=256, width=4)
 EMULATOR_SIZES = dict(batch=2, length=37, heads=2, head_dim=32, groups=1, n=32, width=4)
@@ -139,6 +136,23 @@ def check_emulator(sizes=EMULATOR_SIZES, dtypes=(mx.float32, mx.bfloat16), out=p
     return ok
 
 
+def report_runtime_checks(out=print) -> bool:
+    """The run-time check's cached results for this GPU (kernels.runtime_check):
+    which kernels the models run here turned off, and why. False if any failed."""
+    gpu = runtime_check.gpu_name()
+    path = runtime_check.cache_path()
+    entries = runtime_check._read_cache(path)["devices"].get(runtime_check.device_key(gpu), {})
+    if not entries:
+        out(f"Run-time check: no results yet for this GPU and version ({path}); a model checks "
+            "each kernel at its own sizes before first use.")
+        return True
+    out(f"Run-time check results for this GPU ({path}; delete it to check again):")
+    for key, e in sorted(entries.items()):
+        status = "ok" if e["ok"] else f"FAILED, turned off: {e['error']}"
+        out(f"  {key:45} {e.get('seconds', 0) * 1e3:8.1f} ms  {status}")
+    return all(e["ok"] for e in entries.values())
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mlx_falcon_h1.selfcheck", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -156,6 +170,7 @@ def main(argv=None) -> int:
         info = mx.metal.device_info() if hasattr(mx.metal, "device_info") else {}
         print(f"GPU: {info.get('architecture', 'Metal device')}; sizes of Falcon-H1-7B's mixer")
         ok &= check_gpu(reps=args.reps)
+        ok &= report_runtime_checks()
     else:
         print("NOT CHECKED: Metal is not available here, so the kernels could not run on a GPU:\n"
               "  their results on Apple GPUs and their speed are unverified on this machine.\n"

@@ -36,6 +36,7 @@ import mlx.core as mx
 
 from . import build_metal_kernel, kernels_enabled, with_reference_vjp
 from .elementwise import silu
+from .runtime_check import kernel_allowed
 
 
 def causal_conv1d_reference(
@@ -211,7 +212,8 @@ def causal_conv1d(
     state: Optional[mx.array],
 ) -> Tuple[mx.array, mx.array]:
     # docstring: causal_conv1d_reference's (assigned below)
-    if _fits_kernel(x, weight, bias, state):
+    if _fits_kernel(x, weight, bias, state) and kernel_allowed("causal_conv1d", dict(
+            channels=x.shape[2], width=weight.shape[1], dtype=x.dtype, wdtype=weight.dtype)):
         return causal_conv1d_kernel(x, weight, bias, state)
     return causal_conv1d_reference(x, weight, bias, state)
 

@@ -61,6 +61,7 @@ import mlx.core as mx
 
 from . import build_metal_kernel, kernels_enabled, with_reference_vjp
 from .elementwise import exp
+from .runtime_check import kernel_allowed
 
 
 def _segment_sum(a: mx.array) -> mx.array:
@@ -481,7 +482,8 @@ def ssd_scan(
     chunk_size: int,
 ) -> Tuple[mx.array, mx.array]:
     # docstring: ssd_scan_reference's (assigned below)
-    if _fits_kernel(x, dt, A, B, C, D, state):
+    if _fits_kernel(x, dt, A, B, C, D, state) and kernel_allowed("ssd_scan", dict(
+            heads=x.shape[2], head_dim=x.shape[3], groups=B.shape[2], n=B.shape[3], dtype=x.dtype)):
         return ssd_scan_kernel(x, dt, A, B, C, D, state, chunk_size)
     return ssd_scan_reference(x, dt, A, B, C, D, state, chunk_size)
 

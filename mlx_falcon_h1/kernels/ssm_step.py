@@ -41,6 +41,7 @@ import mlx.nn as nn
 
 from . import build_metal_kernel, kernels_enabled, with_reference_vjp
 from .conv1d import causal_conv1d_reference
+from .runtime_check import kernel_allowed
 
 
 def discretize(
@@ -315,7 +316,10 @@ def ssm_step(
     # docstring: ssm_step_reference's (assigned below)
     args = (xBC, dt, conv_state, conv_weight, conv_bias, dt_bias, A_log, D, state,
             time_step_limit, n_groups)
-    if _fits_kernel(xBC, dt, conv_state, conv_weight, conv_bias, state, n_groups):
+    if _fits_kernel(xBC, dt, conv_state, conv_weight, conv_bias, state, n_groups) and kernel_allowed(
+            "ssm_step", dict(heads=state.shape[1], head_dim=state.shape[2], groups=n_groups,
+                             n=state.shape[3], width=conv_weight.shape[1], dtype=xBC.dtype,
+                             wdtype=conv_weight.dtype)):
         return ssm_step_kernel(*args)
     return ssm_step_reference(*args)
 

@@ -1,0 +1,202 @@
+"""The run-time kernel check, with the emulator standing in for the GPU.
+
+On a Mac each kernel is checked once against its reference at the model's
+mixer sizes before its first use, and turned off (reference path, one warning,
+cached) if it disagrees or cannot run. Here the emulated kernels play the GPU:
+`runtime_check.gpu_name` is patched to report a GPU, everything else is the code
+a Mac runs.
+"""
+
+import json
+import warnings
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from conftest import assert_close_logits, make_checkpoint
+from mlx_falcon_h1 import load_model, msl_emu, selfcheck
+from mlx_falcon_h1.kernels import conv1d, runtime_check, ssd_scan, ssm_step
+from mlx_falcon_h1.msl_emu import metal_kernel
+from mlx_falcon_h1.msl_emu.testing import emulated
+
+pytestmark = pytest.mark.skipif(not msl_emu.available(), reason="the emulator needs g++")
+
+MODULES = (conv1d, ssd_scan, ssm_step)
+FAST = dict(schedules=("forward",), track_races=False)
+# The decode kernel with its output scaled by 1.01: a plausible wrong-layout bug,
+# small enough that only a comparison with the reference catches it.
+_Y_LINE = "y[int64_t(bh) * P + p] = acc + xv * static_cast<float>(D[h * D_strides[0]]);"
+assert _Y_LINE in ssm_step.KERNEL_SPEC["source"]
+WRONG_STEP_SPEC = dict(ssm_step.KERNEL_SPEC, name="planted_wrong_ssm_step",
+                       source=ssm_step.KERNEL_SPEC["source"].replace(
+                           _Y_LINE, _Y_LINE.replace("acc +", "1.01f * acc +")))
+
+
+class Counting:
+    """Wraps a kernel: counts launches."""
+
+    def __init__(self, kernel):
+        self.kernel, self.calls = kernel, 0
+
+    def __call__(self, **kwargs):
+        self.calls += 1
+        return self.kernel(**kwargs)
+
+
+class FailsToBuild:
+    """A kernel whose library does not compile on this GPU."""
+
+    calls = 0
+
+    def __call__(self, **kwargs):
+        self.calls += 1
+        raise RuntimeError("[metal::Device] Unable to build metal library from source\n"
+                           "error: planted compiler difference")
+
+
+@pytest.fixture
+def on_gpu(monkeypatch, tmp_path):
+    """The check believes it runs on a GPU; its cache lives in tmp_path."""
+    monkeypatch.setattr(runtime_check, "gpu_name", lambda: "Emulated GPU (msl_emu)")
+    monkeypatch.setenv("MLX_FALCON_H1_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("MLX_FALCON_H1_KERNEL_CHECK", raising=False)
+    runtime_check.reset()
+    yield tmp_path / runtime_check.CACHE_FILE
+    runtime_check.reset()
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("rtcheck")
+    make_checkpoint(path, mamba_n_groups=2, mamba_rms_norm=True)
+    return load_model(path)[0]
+
+
+IDS = np.random.default_rng(3).integers(0, 96, size=(1, 21))
+
+
+def run(model):
+    """Prefill 18 tokens, then 3 decode steps: every kernel the model uses."""
+    cache = model.make_cache()
+    pieces = []
+    for start, stop in [(0, 18), (18, 19), (19, 20), (20, 21)]:
+        logits = model(mx.array(IDS[:, start:stop]), cache=cache)
+        mx.eval(logits)
+        pieces.append(np.array(logits))
+    return np.concatenate(pieces, axis=1)
+
+
+@pytest.fixture(scope="module")
+def reference(model):
+    import os
+
+    os.environ["MLX_FALCON_H1_KERNELS"] = "0"
+    try:
+        return run(model)
+    finally:
+        del os.environ["MLX_FALCON_H1_KERNELS"]
+
+
+def kernel_warnings(record):
+    return [w for w in record if issubclass(w.category, runtime_check.KernelCheckWarning)]
+
+
+def cached(path):
+    (device,) = json.loads(path.read_text())["devices"].values()
+    return device
+
+
+def test_real_kernels_pass_and_stay_on(on_gpu, model, reference):
+    with emulated(*MODULES, **FAST) as kernels, warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        counters = [Counting(k) for k in kernels]
+        for m, c in zip(MODULES, counters):
+            m._KERNEL = c
+        logits = run(model)
+    assert not kernel_warnings(record)
+    entries = cached(on_gpu)
+    assert sorted(k.split()[0] for k in entries) == ["causal_conv1d", "ssd_scan", "ssm_step"]
+    assert all(e["ok"] and e["max_rel_err"] <= e["tolerance"] for e in entries.values()), entries
+    assert "ssm_step H6 P16 G2 N8 K4 float32/float32" in entries
+    # Each kernel: one check launch, then the model's own launches (2 layers).
+    conv, scan, step = (c.calls for c in counters)
+    assert (conv, scan, step) == (1 + 2, 1 + 2, 1 + 2 * 3), (conv, scan, step)
+    assert_close_logits(logits, reference)
+
+
+def test_wrong_kernel_is_turned_off_with_one_warning_and_cached(on_gpu, model, reference,
+                                                                monkeypatch):
+    wrong = Counting(metal_kernel(**WRONG_STEP_SPEC, **FAST))
+    # Negative control: unchecked, the planted kernel really changes the logits.
+    monkeypatch.setenv("MLX_FALCON_H1_KERNEL_CHECK", "0")
+    with emulated(conv1d, ssd_scan, **FAST):
+        monkeypatch.setattr(ssm_step, "_KERNEL", wrong)
+        unchecked = run(model)
+    with pytest.raises(AssertionError):
+        assert_close_logits(unchecked, reference)
+    monkeypatch.delenv("MLX_FALCON_H1_KERNEL_CHECK")
+    assert not on_gpu.exists()  # the switch skipped the check entirely
+
+    wrong.calls = 0
+    with emulated(conv1d, ssd_scan, **FAST), warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        monkeypatch.setattr(ssm_step, "_KERNEL", wrong)
+        logits = run(model)
+        run(model)  # a second generation: no second warning
+    assert_close_logits(logits, reference)
+    assert wrong.calls == 1  # the check's launch; the model never used it
+    (w,) = kernel_warnings(record)
+    text = str(w.message)
+    assert "ssm_step" in text and "max relative error" in text
+    assert "python -m mlx_falcon_h1.selfcheck" in text
+    entries = cached(on_gpu)
+    bad = entries["ssm_step H6 P16 G2 N8 K4 float32/float32"]
+    assert bad["ok"] is False and bad["max_rel_err"] > bad["tolerance"]
+    assert entries["causal_conv1d C128 K4 float32/float32"]["ok"]
+    lines = []  # what `python -m mlx_falcon_h1.selfcheck` prints about it on a Mac
+    assert selfcheck.report_runtime_checks(out=lines.append) is False
+    assert any("ssm_step" in line and "FAILED, turned off" in line for line in lines), lines
+
+    # A later process: the cached verdict, no new check, one warning again.
+    runtime_check.reset()
+    wrong.calls = 0
+    with emulated(conv1d, ssd_scan, **FAST), warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        monkeypatch.setattr(ssm_step, "_KERNEL", wrong)
+        assert_close_logits(run(model), reference)
+    assert wrong.calls == 0
+    (w,) = kernel_warnings(record)
+    assert "cached in" in str(w.message)
+
+
+def test_kernel_that_fails_to_build_is_turned_off(on_gpu, model, reference, monkeypatch):
+    broken = FailsToBuild()
+    with emulated(conv1d, ssm_step, **FAST), warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        monkeypatch.setattr(ssd_scan, "_KERNEL", broken)
+        logits = run(model)
+    assert_close_logits(logits, reference)
+    assert broken.calls == 1
+    (w,) = kernel_warnings(record)
+    assert "ssd_scan" in str(w.message) and "Unable to build metal library" in str(w.message)
+    entry = cached(on_gpu)["ssd_scan H6 P16 G2 N8 float32"]
+    assert entry["ok"] is False and entry["error"].startswith("RuntimeError")
+
+
+def test_never_on_the_cpu(model, monkeypatch, tmp_path):
+    """Without a GPU (the real gpu_name here) nothing is checked or written."""
+    monkeypatch.setenv("MLX_FALCON_H1_CACHE_DIR", str(tmp_path))
+    runtime_check.reset()
+    assert runtime_check.gpu_name() is None
+    assert runtime_check.kernel_allowed("ssm_step", {})  # no GPU: nothing to veto
+    assert not list(tmp_path.iterdir())
+
+
+def test_unreadable_cache_is_checked_again_and_rewritten(on_gpu):
+    on_gpu.write_text("{ truncated")
+    sizes = dict(channels=40, width=4, dtype=mx.float32, wdtype=mx.float32)
+    with emulated(conv1d, **FAST):
+        assert runtime_check.kernel_allowed("causal_conv1d", sizes)
+    assert cached(on_gpu)["causal_conv1d C40 K4 float32/float32"]["ok"]
+    assert not list(on_gpu.parent.glob(".kernel_check.*"))  # no temporary file left behind
