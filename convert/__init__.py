@@ -1,5 +1,5 @@
 """The Falcon-H1 checkpoint converter (installed as `mlx-falcon-h1-convert`)."""
 
-from .convert import convert, fold_multipliers
+from .convert import convert, fold_multipliers, upgrade
 
-__all__ = ["convert", "fold_multipliers"]
+__all__ = ["convert", "fold_multipliers", "upgrade"]

@@ -1,10 +1,12 @@
 """mlx-falcon-h1-convert: a Hugging Face Falcon-H1 checkpoint to (quantized) MLX weights.
 
-The output runs in this package and in stock mlx-lm (`mlx_lm.load`,
-`mlx_lm.generate`, `mlx_lm.server`): the muP multipliers are folded into the
-weights once, the conv1d weights are stored in MLX layout (which tells stock
-mlx-lm not to fold again), and config.json records what was done under
-"mlx_falcon_h1" so our loader never folds twice or never.
+The output runs the same in this package, in stock mlx-lm (`mlx_lm.load`,
+`mlx_lm.generate`, `mlx_lm.server`, apps built on it) and in mlx-swift-lm: the
+muP multipliers are folded into the weights once, the conv1d weights are stored
+in MLX layout (which tells both ports not to fold again), and config.json states
+only what is left to apply at run time, with the originals recorded under
+"mlx_falcon_h1" (mlx_falcon_h1/folder_format.py: what each consumer reads).
+`--upgrade PATH` rewrites a folder made by an earlier version in that form.
 
 Falcon-aware precision: A_log, D, dt_bias, the conv1d weights and biases and every
 norm stay float32 and are never quantized; Linear and Embedding weights are
@@ -26,24 +28,21 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 from tqdm import tqdm
 
+from mlx_falcon_h1 import folder_format
+from mlx_falcon_h1.folder_format import FORMAT_KEY
 from mlx_falcon_h1.loading import (
-    FORMAT_KEY,
     CheckpointError,
-    _check_fold_state,
-    _check_tensors,
-    _load_weights,
-    _weight_files,
     load_model,
     make_args,
+    read_checkpoint,
     read_config,
     resolve_path,
 )
-from mlx_falcon_h1.model import Model, ModelArgs
+from mlx_falcon_h1.model import ModelArgs
 
 from .quality import quality_report
 from .recipes import RECIPES, make_recipe
 
-FORMAT_VERSION = 1
 MAX_SHARD_BYTES = 5 << 30  # mlx-lm's shard size
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 Q_MODES = ("affine", "mxfp4", "nvfp4", "mxfp8")
@@ -147,10 +146,10 @@ def _write_weights(folder: Path, params: Dict[str, mx.array], max_shard_bytes: i
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=4))
 
 
-def _write_config(folder: Path, config: dict) -> None:
+def _write_config_file(file: Path, config: dict) -> None:
     from mlx_lm.utils import save_config  # encodes inf as mlx-lm and transformers 5 read it
 
-    save_config(dict(config), folder / "config.json")
+    save_config(dict(config), file)
 
 
 def _model_card(source: str, settings: dict, report: Optional[dict]) -> str:
@@ -169,8 +168,10 @@ def _model_card(source: str, settings: dict, report: Optional[dict]) -> str:
     lines += [f"- {k}: `{v}`" for k, v in settings.items()]
     lines += [
         "",
-        "muP multipliers are folded into the weights (recorded under `mlx_falcon_h1` in",
-        "config.json). A_log, D, dt_bias, conv1d and norms are kept in float32.",
+        "muP multipliers are folded into the weights; config.json states only what is",
+        "left to apply at run time (the originals are recorded under `mlx_falcon_h1`),",
+        "so mlx-lm, apps built on it and mlx-swift-lm apps all compute the reference.",
+        "A_log, D, dt_bias, conv1d and norms are kept in float32.",
         "",
         "## Use",
         "",
@@ -190,16 +191,6 @@ def _model_card(source: str, settings: dict, report: Optional[dict]) -> str:
             f" | {report['max_logit_diff']:.3g} |",
         ]
     return "\n".join(lines) + "\n"
-
-
-def _stock_mlx_lm_caveats(args: ModelArgs) -> list:
-    """Configurations whose math stock mlx-lm's falcon_h1 cannot express."""
-    caveats = []
-    if args.mamba_rms_norm and args.mamba_n_groups > 1:
-        caveats.append("its gated RMSNorm normalises over all channels, not per group")
-    if tuple(args.time_step_limit) != (0.0, float("inf")):
-        caveats.append("it ignores time_step_limit")
-    return caveats
 
 
 def _prepare_destination(mlx_path: Path, force: bool) -> Path:
@@ -265,9 +256,7 @@ def convert(
     source = resolve_path(hf_path)
     config = read_config(source)
     args = make_args(config, source / "config.json")
-    # The config's own values; `args` of an already-converted source runs with
-    # folded (unit) multipliers, which must not be written back.
-    source_args = ModelArgs.from_dict({k: v for k, v in config.items() if k != FORMAT_KEY})
+    originals = folder_format.original_multipliers(config)
     mlx_path = Path(mlx_path)
     if mlx_path.resolve() == source.resolve():
         raise ValueError(f"{mlx_path}: the output folder cannot be the input folder")
@@ -288,13 +277,9 @@ def convert(
         else:
             if "quantization" in config:
                 raise ValueError(f"{source}: already quantized; use --dequantize first")
-            weights, origin = _load_weights(_weight_files(source))
+            model, config, weights = read_checkpoint(source)
             source_dtype = _source_dtype(weights)
-            _check_fold_state(args, config, weights, source)
-            model = Model(args)
-            weights = model.sanitize(weights)
-            _check_tensors(model, weights, origin, source)
-            if not (config.get(FORMAT_KEY) or {}).get("multipliers_folded"):
+            if not folder_format.is_folded(config):
                 weights = fold_multipliers(weights, args)
 
         # Precision: SSM parameters, conv and norms in float32 (or their source
@@ -328,22 +313,20 @@ def convert(
                 ("custom" if quant_predicate else "default"),
             )  # fmt: skip
 
-        # Every field spelled out as resolved: stock mlx-lm's defaults differ from
-        # transformers' (tie_word_embeddings, mamba_norm_before_gate, head_dim ...)
-        # and it reads the RoPE base from rope_theta only.
+        # Every field spelled out as resolved: mlx-lm's and mlx-swift-lm's
+        # defaults differ from transformers' (tie_word_embeddings,
+        # mamba_norm_before_gate, head_dim ...) and both read the RoPE base from
+        # rope_theta only. The multipliers: what is left to apply at run time.
         for f in dataclasses.fields(ModelArgs):
             if f.name != FORMAT_KEY:
-                value = getattr(source_args, f.name)
+                value = getattr(args, f.name)
                 config[f.name] = list(value) if isinstance(value, tuple) else value
         config["rope_theta"] = args.rope_base
         if args.rope_scaling_config is not None:
             config["rope_scaling"] = args.rope_scaling_config
-        config[FORMAT_KEY] = {
-            "format_version": FORMAT_VERSION,
-            "multipliers_folded": True,
-            "source": str(hf_path),
-            "ssm_dtype": ssm_dtype,
-        }
+        config = folder_format.folded_config(
+            config, originals, source=str(hf_path), ssm_dtype=ssm_dtype
+        )
 
         params = dict(tree_flatten(model.parameters()))
         del model  # the shards below must hold the only references, to be freed one by one
@@ -355,7 +338,7 @@ def convert(
         if remote_code:
             (tmp / REMOTE_CODE_FILE).write_text(REMOTE_CODE)
             config["model_file"] = REMOTE_CODE_FILE
-        _write_config(tmp, config)
+        _write_config_file(tmp / "config.json", config)
 
         report = None
         if quantize:
@@ -372,12 +355,14 @@ def convert(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
-    caveats = _stock_mlx_lm_caveats(args)
-    if caveats and not remote_code:
+    for consumer, caveats in folder_format.consumer_caveats(args, config).items():
+        if consumer == folder_format.MLX_LM and remote_code:
+            continue  # mlx-lm runs our implementation from the folder
+        fix = " or convert with --remote-code" if consumer == folder_format.MLX_LM else ""
         print(
-            "[warning] stock mlx-lm loads this folder but computes it differently: "
+            f"[warning] {consumer} does not compute this folder as the reference: "
             + "; ".join(caveats)
-            + ". Run it with mlx_falcon_h1, or convert with --remote-code."
+            + f". Run it with mlx_falcon_h1{fix}."
         )
     print(f"[done] {mlx_path} in {time.time() - started:.1f} s")
     if upload_repo:
@@ -387,11 +372,53 @@ def convert(
     return report
 
 
+def upgrade(mlx_path: str) -> bool:
+    """Rewrite the config.json of a folder made by an earlier version of this
+    converter (format 1) as format 2 writes it, in place; the weights stay as
+    they are. Atomic: the new file replaces the old in one rename. Returns
+    whether anything changed (False for a folder already in format 2)."""
+    path = Path(mlx_path)
+    if not path.is_dir():
+        raise ValueError(f"{path}: no such folder")
+    config = read_config(path)
+    record = folder_format.record(config)
+    if not record:
+        raise ValueError(
+            f"{path / 'config.json'}: no '{FORMAT_KEY}' record, so this folder was not made "
+            "by mlx-falcon-h1-convert and what its weights carry is unknown; convert the "
+            "original Hugging Face checkpoint instead"
+        )
+    if not record.get("multipliers_folded"):
+        raise ValueError(
+            f"{path / 'config.json'}: its weights do not carry the multipliers (e.g. fused "
+            "LoRA adapters on a Hugging Face base); convert it: "
+            f"mlx-falcon-h1-convert --hf-path {path} --mlx-path NEW_FOLDER"
+        )
+    if not folder_format.needs_upgrade(config):
+        print(f"[done] {path}: already format {folder_format.FORMAT_VERSION}, nothing to do")
+        return False
+    make_args(config, path / "config.json")  # refuse a config we could not run
+    upgraded = folder_format.upgraded_config(config)
+    tmp = path / f".config.json.upgrade-{os.getpid()}"
+    try:
+        _write_config_file(tmp, upgraded)
+        os.replace(tmp, path / "config.json")
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    print(f"[done] {path}: config.json upgraded to format {folder_format.FORMAT_VERSION}")
+    return True
+
+
 def configure_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Convert a Hugging Face Falcon-H1 checkpoint to (quantized) MLX weights."
     )
-    p.add_argument("--hf-path", "--model", required=True, help="Local folder or Hub repo id.")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--hf-path", "--model", help="Local folder or Hub repo id.")
+    source.add_argument("--upgrade", metavar="PATH",
+                        help="Rewrite the config.json of a folder converted by an earlier "
+                        "version so every MLX app reads it right (weights untouched).")  # fmt: skip
     p.add_argument("--mlx-path", default="mlx_model", help="Output folder (default: mlx_model).")
     p.add_argument("-q", "--quantize", action="store_true", help="Quantize the weights.")
     p.add_argument("--q-group-size", type=int, default=None, help="Group size (mode default).")
@@ -416,9 +443,12 @@ def configure_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None):
-    args = configure_parser().parse_args(argv)
+    args = vars(configure_parser().parse_args(argv))
     try:
-        convert(**vars(args))
+        if (path := args.pop("upgrade")) is not None:
+            upgrade(path)
+        else:
+            convert(**args)
     except (ValueError, CheckpointError) as e:
         raise SystemExit(f"mlx-falcon-h1-convert: error: {e}")
 

@@ -1,11 +1,13 @@
 """Load a Falcon-H1 checkpoint folder (Hugging Face's, or our converter's).
 
 Everything a user can get wrong is checked here, before MLX sees it, and
-reported with the file, tensor or config field at fault.
+reported with the file, tensor or config field at fault. `read_checkpoint` is
+the one reader of a folder; the loader and the converter both use it.
 """
 
 import json
 import struct
+import warnings
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
@@ -13,14 +15,12 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from .folder_format import FORMAT_KEY, needs_upgrade
 from .model import MULTIPLIERS, ConfigError, Model, ModelArgs
 
-# Key our converter writes into config.json: the record of what it did to the
+# FORMAT_KEY: our converter's record in config.json of what it did to the
 # weights (folded multipliers, layout). Its presence is what makes MLX-layout
 # weights trustworthy; see _check_fold_state.
-FORMAT_KEY = "mlx_falcon_h1"
-
-
 
 class CheckpointError(ValueError):
     """A checkpoint folder whose files or tensors do not make a Falcon-H1 model."""
@@ -120,7 +120,7 @@ def _check_safetensors(file: Path) -> None:
         )
 
 
-def _load_weights(files) -> Tuple[Dict[str, mx.array], Dict[str, Path]]:
+def _read_weights(files) -> Tuple[Dict[str, mx.array], Dict[str, Path]]:
     weights, origin = {}, {}
     for file in files:
         _check_safetensors(file)
@@ -191,6 +191,32 @@ def _check_tensors(model: Model, weights, origin, path: Path) -> None:
             )
 
 
+def read_checkpoint(
+    path: str, model_config: Optional[Dict[str, Any]] = None
+) -> Tuple[Model, Dict[str, Any], Dict[str, mx.array]]:
+    """Read and check a checkpoint folder (Hugging Face's or a converted one).
+
+    Returns (model, config, weights): the model built from the config (quantized
+    as it says, weights not yet loaded) and the tensors named and shaped as its
+    parameters. Raises CheckpointError / ConfigError (both ValueError) naming
+    the file, tensor or field at fault.
+    """
+    path = resolve_path(path)
+    config = read_config(path)
+    if model_config:
+        config.update(model_config)
+    args = make_args(config, path / "config.json")
+    model = Model(args)
+
+    weights, origin = _read_weights(_weight_files(path))
+    _check_fold_state(args, config, weights, path)
+    weights = model.sanitize(weights)  # keeps names, so `origin` still applies
+    if (quantization := config.get("quantization")) is not None:
+        _quantize(model, quantization, weights)
+    _check_tensors(model, weights, origin, path)
+    return model, config, weights
+
+
 def load_model(
     path: str,
     lazy: bool = False,
@@ -201,20 +227,14 @@ def load_model(
     Returns (model, config). Raises CheckpointError / ConfigError (both
     ValueError) naming the file, tensor or field at fault.
     """
-    path = resolve_path(path)
-    config = read_config(path)
-    if model_config:
-        config.update(model_config)
-    args = make_args(config, path / "config.json")
-    model = Model(args)
-
-    weights, origin = _load_weights(_weight_files(path))
-    _check_fold_state(args, config, weights, path)
-    weights = model.sanitize(weights)  # keeps names, so `origin` still applies
-    if (quantization := config.get("quantization")) is not None:
-        _quantize(model, quantization, weights)
-    _check_tensors(model, weights, origin, path)
-
+    model, config, weights = read_checkpoint(path, model_config)
+    if needs_upgrade(config):
+        warnings.warn(
+            f"{path}: converted by an earlier mlx-falcon-h1-convert (format 1); it runs "
+            "right here and in mlx-lm, but mlx-swift-lm apps apply its key multiplier "
+            f"twice. Upgrade it in place (weights untouched): mlx-falcon-h1-convert --upgrade {path}",
+            stacklevel=2,
+        )
     model.load_weights(list(weights.items()), strict=True)
     model.eval()
     if not lazy:

@@ -165,14 +165,16 @@ class ModelArgs(BaseModelArgs):
         for ok, message in checks:
             if not ok:
                 fail(message)
-        if (self.mlx_falcon_h1 or {}).get("multipliers_folded"):
+        record = self.mlx_falcon_h1 or {}
+        if record.get("multipliers_folded") and record.get("format_version", 1) < 2:
             self._use_folded_multipliers()
 
     def _use_folded_multipliers(self):
-        # The converter multiplied every muP multiplier into the weights and kept
-        # the config's values (mlx-lm reads them), so at run time they are 1.
-        # Tied embeddings share one matrix, which carries the embedding
-        # multiplier; the head still needs lm_head / embedding.
+        # Format 1 of our converter (folder_format.py) multiplied every muP
+        # multiplier into the weights but kept the original values in the config,
+        # so at run time they are 1. Tied embeddings share one matrix, which
+        # carries the embedding multiplier; the head still needs lm_head /
+        # embedding. Format 2 writes exactly these run-time values.
         head = self.lm_head_multiplier / self.embedding_multiplier
         for name in MULTIPLIERS:
             setattr(self, name, 1.0)

@@ -94,7 +94,10 @@ def test_output_folder_contents(source, tmp_path):
     assert config["mlx_falcon_h1"]["multipliers_folded"] is True
     assert config["quantization"]["bits"] == 4 and config["quantization"]["mode"] == "affine"
     assert config["quantization_config"] == config["quantization"]
-    assert config["key_multiplier"] == pytest.approx(0.39062499999999994)  # kept for the record
+    # The weights carry the key multiplier: config.json says 1.0 (a reader that
+    # scales keys at run time must not scale them again) and records the original.
+    assert config["key_multiplier"] == 1.0
+    assert config["mlx_falcon_h1"]["multipliers"]["key_multiplier"] == pytest.approx(0.39062499999999994)
     card = (out / "README.md").read_text()
     assert "q_bits: `4`" in card and "mean KL" in card
 
