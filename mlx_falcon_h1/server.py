@@ -1,7 +1,191 @@
 """`python -m mlx_falcon_h1.server`: mlx-lm's OpenAI-compatible server (same flags,
-continuous batching, prompt cache) on our Falcon-H1."""
+continuous batching, prompt cache) on our Falcon-H1.
+
+Three things differ from mlx-lm's, all about holding up under bad input:
+- `GET /v1/models` lists the model being served, and works on a machine with
+  no Hugging Face cache folder (mlx-lm's scan raises CacheNotFound there and
+  the client gets an empty reply).
+- Requests are checked before they reach the generation thread: JSON types
+  (a prompt that is not a string, messages that are not role/content objects,
+  stop words, logit_bias token ids outside the vocabulary), non-finite
+  numbers, a seed MLX cannot take, and max_tokens or a prompt beyond the
+  model's context (max_position_embeddings). Each gets a 400 naming the field.
+- mlx-lm answers every error raised while preparing a request with 404; here
+  a rejected prompt is a 400, a failed model load stays 404 and a dead
+  generation thread is a 503.
+"""
+
+import math
+from pathlib import Path
+
+from mlx_lm import server as mlx_server
 
 from .commands import run_mlx_lm_command
 
+
+class RequestRejected(ValueError):
+    """The request cannot be served as asked (HTTP 400); the message says why."""
+
+
+def _context_length(model_provider):
+    """The served model's context (max_position_embeddings), or None before it loads."""
+    args = getattr(getattr(model_provider, "model", None), "args", None)
+    return getattr(args, "max_position_embeddings", None)
+
+
+def _vocab_size(model_provider):
+    args = getattr(getattr(model_provider, "model", None), "args", None)
+    return getattr(args, "vocab_size", None)
+
+
+class FalconResponseGenerator(mlx_server.ResponseGenerator):
+    """mlx-lm's generation loop; prompts are checked once tokenized (on the
+    generation thread, where the tokenizer lives) so that an empty prompt or one
+    longer than the context never reaches the model."""
+
+    def _tokenize(self, tokenizer, request, args):
+        result = super()._tokenize(tokenizer, request, args)
+        prompt = result[0]
+        if len(prompt) == 0:
+            raise RequestRejected("the prompt is empty: it tokenizes to no tokens")
+        context = _context_length(self.model_provider)
+        if context is not None and len(prompt) + args.max_tokens > context:
+            raise RequestRejected(
+                f"the prompt ({len(prompt)} tokens) plus max_tokens ({args.max_tokens}) exceed "
+                f"the model's context of {context} tokens (max_position_embeddings)")
+        return result
+
+
+class _RecordingGenerator:
+    """Stands in for the response generator inside one request handler: records
+    the error generate() raised, so that the handler can give it its status."""
+
+    def __init__(self, generator, handler):
+        self._generator, self._handler = generator, handler
+
+    def __getattr__(self, name):
+        return getattr(self._generator, name)
+
+    def generate(self, *args, **kwargs):
+        try:
+            return self._generator.generate(*args, **kwargs)
+        except Exception as e:
+            self._handler._generate_error = e
+            raise
+
+
+def _is_finite_number(value) -> bool:
+    return not isinstance(value, (int, float)) or isinstance(value, bool) or math.isfinite(value)
+
+
+class FalconAPIHandler(mlx_server.APIHandler):
+    def __init__(self, response_generator, *args, **kwargs):
+        self._generate_error = None
+        super().__init__(_RecordingGenerator(response_generator, self), *args, **kwargs)
+
+    # -- statuses ------------------------------------------------------------
+    def _set_completion_headers(self, status_code: int = 200):
+        # mlx-lm sends 404 for any exception from generate(); give each its own.
+        error = self._generate_error
+        if status_code == 404 and error is not None:
+            if isinstance(error, (RequestRejected, ValueError, TypeError, KeyError)):
+                status_code = 400
+            elif "generation thread died" in str(error):
+                status_code = 503
+        super()._set_completion_headers(status_code)
+
+    # -- request checks --------------------------------------------------------
+    def validate_model_parameters(self) -> None:
+        super().validate_model_parameters()
+        body = self.body
+        for name, value in body.items():
+            if not _is_finite_number(value):
+                raise ValueError(f"{name} must be a finite number, not {value}")
+        if self.path == "/v1/completions":
+            if not isinstance(body.get("prompt"), str):
+                raise ValueError("prompt must be a string (a completion request needs one)")
+        else:
+            messages = body.get("messages")
+            if not isinstance(messages, list) or not messages:
+                raise ValueError("messages must be a non-empty list of {role, content} objects")
+            for i, m in enumerate(messages):
+                if not (isinstance(m, dict) and isinstance(m.get("role"), str)
+                        and isinstance(m.get("content", ""), (str, list, type(None)))):
+                    raise ValueError(f"messages[{i}] must be an object with a string role and "
+                                     "string content")
+        stop = body.get("stop")
+        if stop is not None and not (isinstance(stop, str) or (
+                isinstance(stop, list) and all(isinstance(s, str) for s in stop))):
+            raise ValueError("stop must be a string or a list of strings")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed must be between 0 and 2**63 - 1, not {self.seed}")
+        if self.stream_options is not None and not isinstance(self.stream_options, dict):
+            raise ValueError("stream_options must be an object")
+        provider = self.response_generator.model_provider
+        context = _context_length(provider)
+        if context is not None and self.max_tokens > context:
+            raise ValueError(f"max_tokens must be at most the model's context of {context} tokens "
+                             f"(max_position_embeddings), not {self.max_tokens}")
+        vocab = _vocab_size(provider)
+        if self.logit_bias and vocab is not None:
+            bad = [k for k in self.logit_bias if not 0 <= k < vocab]
+            if bad:
+                raise ValueError(f"logit_bias token ids must be in [0, {vocab}): got {bad[:5]}")
+
+    # -- GET /v1/models ----------------------------------------------------------
+    def handle_models_request(self):
+        parts = self.path.split("/")
+        wanted = "/".join(parts[3:]) or None if len(parts) > 3 else None
+        models = []
+        served = self.response_generator.cli_args.model
+        if served:
+            path = Path(served)
+            models.append(str(path.resolve()) if path.exists() else served)
+        models += [m for m in _hub_cache_models() if m not in models]
+        if wanted is not None:
+            models = [m for m in models if m == wanted]
+        body = mlx_server.json.dumps({"object": "list", "data": [
+            {"id": m, "object": "model", "created": self.created} for m in models]}).encode()
+        self._set_completion_headers(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+        self.wfile.flush()
+
+
+def _hub_cache_models():
+    """Repo ids of Hugging Face cache entries that look like MLX-loadable models
+    (a config, a tokenizer config and safetensors on main); [] when there is no
+    cache folder or it cannot be read."""
+    try:
+        from huggingface_hub import scan_cache_dir
+
+        repos = scan_cache_dir().repos
+    except Exception:  # CacheNotFound, a permission error: nothing cached to list
+        return []
+    found = []
+    for repo in repos:
+        if repo.repo_type != "model" or "main" not in repo.refs:
+            continue
+        names = {f.file_path.name for f in repo.refs["main"].files}
+        if {"config.json", "tokenizer_config.json"} <= names and any(
+                n.endswith(".safetensors") for n in names):
+            found.append(repo.repo_id)
+    return found
+
+
+def _run_http_server(host, port, response_generator, **kwargs):
+    kwargs.setdefault("handler_class", FalconAPIHandler)
+    return _MLX_RUN_HTTP_SERVER(host, port, response_generator, **kwargs)
+
+
+_MLX_RUN_HTTP_SERVER = mlx_server._run_http_server
+
+
+def main() -> None:
+    run_mlx_lm_command("server", ResponseGenerator=FalconResponseGenerator,
+                       _run_http_server=_run_http_server)
+
+
 if __name__ == "__main__":
-    run_mlx_lm_command("server")
+    main()

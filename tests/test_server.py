@@ -1,10 +1,14 @@
-"""`python -m mlx_falcon_h1.server` answers concurrent requests as it answers each alone."""
+"""`python -m mlx_falcon_h1.server`: concurrent requests answered as each alone, the
+model list on a machine without a Hugging Face cache, bad requests refused with a
+400 naming the field. (examples/load_test.py puts it under load: test_load_test.py.)"""
 
 import json
+import os
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
@@ -39,7 +43,11 @@ def server(tmp_path_factory):
     make_tokenizer(path)
     port = free_port()
     cmd = [sys.executable, "-m", "mlx_falcon_h1.server", "--model", str(path), "--port", str(port)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # A fresh machine: no Hugging Face cache folder (mlx-lm's /v1/models failed there).
+    env = dict(os.environ, HF_HOME=str(tmp_path_factory.mktemp("no_hf_home") / "absent"))
+    env.pop("HF_HUB_CACHE", None)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env)
     deadline = time.time() + 120
     while time.time() < deadline:
         try:
@@ -63,3 +71,43 @@ def test_two_concurrent_requests(server):
     model, tokenizer = load(str(path))
     for prompt, text in zip(PROMPTS, alone):
         assert text == generate(model, tokenizer, prompt, max_tokens=10)
+
+
+def post(port, path, body):
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data,
+                                     {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_models_lists_the_served_model_without_a_hugging_face_cache(server):
+    path, port = server
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=30) as response:
+        assert response.status == 200
+        body = json.loads(response.read())
+    assert [m["id"] for m in body["data"]] == [str(path.resolve())]
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models/elsewhere", timeout=30) as r:
+        assert json.loads(r.read())["data"] == []
+
+
+@pytest.mark.parametrize("path,body,field", [
+    ("/v1/completions", {"prompt": 5, "max_tokens": 4}, "prompt must be a string"),
+    ("/v1/completions", {"prompt": "class", "max_tokens": 10**9}, "max_tokens must be at most"),
+    ("/v1/completions", {"prompt": "class " * 9000, "max_tokens": 4}, "exceed the model's context"),
+    ("/v1/completions", {"prompt": "class", "max_tokens": 4, "logit_bias": {"500": 1.0}},
+     "logit_bias token ids"),
+    ("/v1/completions", b'{"prompt": "class", "max_tokens": 4, "temperature": NaN}',
+     "temperature must be a finite number"),
+    ("/v1/completions", {"prompt": "class", "max_tokens": 4, "seed": 2**70}, "seed must be"),
+    ("/v1/chat/completions", {"messages": [{"content": "hi"}], "max_tokens": 4}, "messages[0]"),
+], ids=["prompt-type", "max-tokens", "long-prompt", "logit-bias", "nan", "seed", "message"])
+def test_bad_requests_get_400_naming_the_field(server, path, body, field):
+    _, port = server
+    status, answer = post(port, path, body)
+    assert status == 400 and field in answer["error"], (status, answer)
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=30) as response:
+        assert json.loads(response.read())["status"] == "ok"
