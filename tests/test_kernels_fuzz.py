@@ -1,0 +1,80 @@
+"""Seeded random shapes for every kernel, for a fixed time budget, in the emulator.
+
+Each case draws a kernel, sizes (batch, length, heads, head dim, groups, state
+size, conv width), activation and weight dtypes and an input layout, runs the
+dispatcher with the emulated kernel and compares with the reference. Shapes the
+kernel does not take (e.g. a head dim that is not a multiple of 8 for the scan)
+must go to the reference and still be right. The sequence of cases is fixed by
+the seed; how many run depends on the machine (the budget is wall time, and the
+first cases pay for compiling each template instantiation).
+
+    MLX_FALCON_H1_FUZZ_SECONDS=600 MLX_FALCON_H1_FUZZ_SEED=7 python -m pytest tests/test_kernels_fuzz.py
+"""
+
+import os
+import random
+import time
+
+import mlx.core as mx
+import pytest
+
+from mlx_falcon_h1 import msl_emu
+from mlx_falcon_h1.kernels import conv1d, runtime_check, ssd_scan, ssm_step
+from mlx_falcon_h1.msl_emu.testing import emulated
+
+pytestmark = pytest.mark.skipif(not msl_emu.available(), reason="the emulator needs g++")
+
+BUDGET_S = float(os.environ.get("MLX_FALCON_H1_FUZZ_SECONDS", "20"))
+SEED = int(os.environ.get("MLX_FALCON_H1_FUZZ_SEED", "0"))
+MODULES = {"ssd_scan": ssd_scan, "causal_conv1d": conv1d, "ssm_step": ssm_step}
+DTYPES = [mx.float32, mx.float16, mx.bfloat16]
+
+
+def draw(rng):
+    """One case: (op, sizes, batch, length, layout). Small enough to run in ~1 s."""
+    op = rng.choice(list(MODULES))
+    groups = rng.choice([1, 1, 2, 3])
+    heads = groups * rng.randint(1, 3)
+    # Mostly multiples of 8 (what the scan takes), sometimes not (reference path).
+    head_dim = rng.choice([8, 16, 24, 32, 40, 64, 8 * rng.randint(1, 17), rng.randint(1, 70)])
+    n = rng.choice([8, 16, 32, 64, 128, 256, 8 * rng.randint(1, 32), rng.randint(1, 260)])
+    width = rng.choice([4, 4, 2, 3, rng.randint(2, 8)])
+    dtype, wdtype = rng.choice(DTYPES), rng.choice(DTYPES)
+    sizes = dict(heads=heads, head_dim=head_dim, groups=groups, n=n, width=width, dtype=dtype,
+                 wdtype=wdtype, channels=heads * head_dim + 2 * groups * n)
+    keep = {"ssd_scan": ("heads", "head_dim", "groups", "n", "dtype"),
+            "causal_conv1d": ("channels", "width", "dtype", "wdtype"),
+            "ssm_step": ("heads", "head_dim", "groups", "n", "width", "dtype", "wdtype")}[op]
+    sizes = {k: sizes[k] for k in keep}
+    length = 1 if op == "ssm_step" else rng.choice([1, 2, 7, 16, 31, 32, 33, rng.randint(1, 70)])
+    return op, sizes, rng.randint(1, 3), length, rng.choice(["given", "contiguous", "padded"])
+
+
+def run_case(op, sizes, batch, length, layout, seed):
+    module = MODULES[op]
+    inputs = runtime_check.check_inputs(op, sizes, batch=batch, length=length, seed=seed)
+    with emulated(module, schedules=("forward", "random:1"), layout=layout) as (kernel,):
+        ours = getattr(module, op)(**inputs)
+        mx.eval(ours)
+        took_kernel = bool(kernel.last)
+    ref = getattr(module, op + "_reference")(**inputs)
+    rel = runtime_check.relative_error(ours, ref)
+    # The scan's tolerance does not depend on the dtype (float32 outputs from
+    # exactly representable inputs); the others' follow the activation dtype.
+    assert rel <= runtime_check.TOLERANCE[(op, sizes["dtype"])], rel
+    return took_kernel
+
+
+def test_random_shapes_for_a_fixed_budget():
+    rng = random.Random(SEED)
+    start, cases, kernel_cases = time.perf_counter(), 0, 0
+    while time.perf_counter() - start < BUDGET_S:
+        case = draw(rng)
+        try:
+            kernel_cases += run_case(*case, seed=cases)
+        except Exception as e:
+            raise AssertionError(f"fuzz case {cases} (seed {SEED}) failed: {case}: {e}") from e
+        cases += 1
+    print(f"\nkernel fuzz: {cases} cases ({kernel_cases} through a kernel) in "
+          f"{time.perf_counter() - start:.1f} s, seed {SEED}")
+    assert cases >= 1 and (cases < 4 or kernel_cases >= 1)
