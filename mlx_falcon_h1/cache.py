@@ -27,6 +27,10 @@ import mlx.core as mx
 import mlx_lm.models.cache as mlx_lm_cache
 from mlx_lm.models.cache import BatchKVCache, KVCache, QuantizedKVCache, _BaseCache
 
+class PromptCacheError(ValueError):
+    """A prompt-cache file that cannot be read, or does not fit the model it is used with."""
+
+
 # Speculative decoding trims at most --num-draft-tokens; chat templates that
 # re-render a reply trim a few tokens. Larger windows cost memory (see above).
 MAX_ROLLBACK_TOKENS = 32
@@ -45,6 +49,10 @@ class FalconH1Cache(_BaseCache):
         self.window_state: Optional[mx.array] = None  # SSM state at the window start
         self.history: Optional[mx.array] = None  # (B, K-1 + window, C + H) raw [xBC | dt]
         self.replay_to: Optional[int] = None  # pending rollback: recompute the state
+        # Loaded from a file (from_state): its sizes are checked against the layer
+        # at the first call, so that a cache made for another model or
+        # configuration fails with the mismatch named, not deep in a matmul.
+        self.unverified_mixer = self.unverified_kv = False
 
     # --- attention side: mlx-lm's KV caches do the work -------------------------
 
@@ -53,6 +61,8 @@ class FalconH1Cache(_BaseCache):
         return self.kv.offset
 
     def update_and_fetch(self, keys, values):
+        if self.unverified_kv:
+            self._check_attention(keys)
         return self.kv.update_and_fetch(keys, values)
 
     def whole_buffers(self):
@@ -102,6 +112,8 @@ class FalconH1Cache(_BaseCache):
         """Run `mixer.ssm` on this call's raw xBC (B, L, C) and dt (B, L, H) from
         the cached state, keep the new state and the rollback window; return y."""
         width = mixer.conv_width
+        if self.unverified_mixer:
+            _check_fits(self, mixer_sizes(mixer), "this model")
         if self.replay_to is not None:
             self.ssm_state = self._replay(mixer, self.replay_to)
             self.replay_to = None
@@ -221,6 +233,23 @@ class FalconH1Cache(_BaseCache):
         self.kv = getattr(mlx_lm_cache, kv_class).from_state(kv_state)
         self.conv_state, self.ssm_state, self.window_state, self.history, self.lengths = arrays
         self.replay_to = None if replay_to < 0 else replay_to
+        self.unverified_mixer = self.unverified_kv = True
+
+    def _check_attention(self, keys: mx.array) -> None:
+        stored = self.kv.state[0] if self.kv.keys is not None else None
+        if stored is not None and not isinstance(stored, mx.array):
+            stored = stored[0]  # quantized: (packed, scales, biases)
+        if stored is not None and stored.shape[1] != keys.shape[1]:
+            raise PromptCacheError(
+                f"prompt cache does not fit this model: its attention K/V has {stored.shape[1]} "
+                f"KV heads, this model's layer {keys.shape[1]}; the file was made for another "
+                "model or configuration")
+        if isinstance(stored, mx.array) and stored.shape[3] != keys.shape[3]:
+            raise PromptCacheError(
+                f"prompt cache does not fit this model: its attention keys have head_dim "
+                f"{stored.shape[3]}, this model's layer {keys.shape[3]}; the file was made for "
+                "another model or configuration")
+        self.unverified_kv = False
 
     # --- batching (mlx-lm's BatchGenerator and server) --------------------------
 
@@ -293,6 +322,92 @@ def _concat(a: Optional[mx.array], b: Optional[mx.array], rows_a: int, rows_b: i
     if b is None:
         b = mx.zeros((rows_b,) + like.shape[1:], like.dtype)
     return mx.concatenate([a, b])
+
+
+def mixer_sizes(mixer) -> dict:
+    """What a Falcon-H1 cache's arrays must match: H, P, N, G, K, conv channels."""
+    return dict(heads=mixer.n_heads, head_dim=mixer.head_dim, n=mixer.d_state,
+                groups=mixer.n_groups, width=mixer.conv_width,
+                channels=mixer.n_heads * mixer.head_dim + 2 * mixer.n_groups * mixer.d_state)
+
+
+def _check_fits(cache: "FalconH1Cache", want: dict, where: str, layer: Optional[int] = None) -> None:
+    """Raise PromptCacheError naming the first of the cache's arrays whose sizes differ
+    from the layer's (want: mixer_sizes, plus kv_heads and kv_head_dim if known)."""
+    at = "" if layer is None else f"layer {layer}: "
+    hpn = (want["heads"], want["head_dim"], want["n"])
+    checks = [
+        ("SSM state (H heads, P head dim, N state size)", cache.ssm_state, lambda s: s[1:], hpn),
+        ("rollback-window SSM state (H, P, N)", cache.window_state, lambda s: s[1:], hpn),
+        ("conv state (K-1 inputs, conv channels)", cache.conv_state, lambda s: s[1:],
+         (want["width"] - 1, want["channels"])),
+        ("rollback history (conv channels + H)", cache.history, lambda s: s[2:],
+         (want["channels"] + want["heads"],)),
+    ]
+    if "kv_heads" in want and cache.kv.keys is not None:
+        keys = cache.kv.state[0]
+        if isinstance(keys, mx.array):
+            checks.append(("attention keys (KV heads, _, head_dim)", keys, lambda s: (s[1], s[3]),
+                           (want["kv_heads"], want["kv_head_dim"])))
+        else:  # quantized K/V: the packed head_dim depends on the bits
+            checks.append(("attention K/V (KV heads)", keys[0], lambda s: s[1:2],
+                           (want["kv_heads"],)))
+    batch = None
+    for name, array, pick, expected in checks:
+        if array is None:
+            continue
+        got = tuple(pick(array.shape))
+        if got != tuple(expected):
+            raise PromptCacheError(
+                f"prompt cache does not fit {where}: {at}its {name} is {got}, the model's is "
+                f"{tuple(expected)}; the file was made for another model or configuration")
+        if batch is not None and array.shape[0] != batch:
+            raise PromptCacheError(f"prompt cache is inconsistent: {at}its {name} has batch "
+                                   f"{array.shape[0]}, other arrays {batch} (a damaged file?)")
+        batch = array.shape[0]
+    cache.unverified_mixer = False
+    if "kv_heads" in want:
+        cache.unverified_kv = False
+
+
+def validate_prompt_cache(model, cache, source: str = "prompt cache") -> None:
+    """Raise PromptCacheError unless `cache` (a list, one per layer) fits `model`:
+    the number of layers, each layer's cache class, SSM, conv and K/V sizes."""
+    layers = getattr(model, "layers", None)
+    if layers is None:
+        return
+    if len(cache) != len(layers):
+        raise PromptCacheError(
+            f"{source}: {len(cache)} layer caches, but the model has {len(layers)} layers; the "
+            "file was made for another model")
+    for i, (layer, c) in enumerate(zip(layers, cache)):
+        if not isinstance(c, FalconH1Cache):
+            raise PromptCacheError(
+                f"{source}: layer {i} holds a {type(c).__name__}, not a Falcon-H1 cache; the file "
+                "was made for another architecture")
+        want = mixer_sizes(layer.mamba)
+        want.update(kv_heads=layer.self_attn.n_kv_heads, kv_head_dim=layer.self_attn.head_dim)
+        _check_fits(c, want, f"{source} for this model", layer=i)
+
+
+def load_prompt_cache(path, model=None, return_metadata: bool = False):
+    """mlx-lm's load_prompt_cache with clear errors: a file that cannot be read
+    (missing, truncated, not a prompt cache) and, given `model`, a cache that does
+    not fit it raise PromptCacheError naming the file and the mismatch."""
+    import os
+
+    if not os.path.isfile(path):
+        raise PromptCacheError(f"{path}: no such prompt-cache file")
+    try:
+        cache, metadata = mlx_lm_cache.load_prompt_cache(str(path), return_metadata=True)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise PromptCacheError(
+            f"{path}: cannot read this prompt-cache file ({first}); it is truncated, damaged "
+            "or not a prompt cache saved by mlx_lm.save_prompt_cache") from e
+    if model is not None:
+        validate_prompt_cache(model, cache, source=str(path))
+    return (cache, metadata) if return_metadata else cache
 
 
 # mlx-lm's load_prompt_cache rebuilds caches by class name from its own module.

@@ -11,6 +11,8 @@ from importlib import import_module
 
 from mlx_lm.models.cache import LRUPromptCache
 
+from . import cache as cache_module
+from .cache import PromptCacheError
 from .loading import load
 
 # The small Falcon-H1 trained on Python's standard library that ships with the
@@ -57,6 +59,38 @@ def run_mlx_lm_command(name: str, require_model: bool = True, **replace) -> None
         module.sharded_load = sharded_load
     if name == "server":
         module.LRUPromptCache = FalconPromptCache
+    if name == "generate":
+        _check_prompt_cache_files(module, with_draft="--draft-model" in flags)
     for attribute, value in replace.items():
         setattr(module, attribute, value)
-    module.main()
+    try:
+        module.main()
+    except PromptCacheError as e:
+        sys.exit(f"error: {e}")
+
+
+def _check_prompt_cache_files(module, with_draft: bool) -> None:
+    """--prompt-cache-file: read it with clear errors (missing, truncated, not a
+    prompt cache), and check it against the model once that is loaded, so that a
+    cache made for another model or configuration is named as such instead of
+    failing deep in a layer. With a draft model the file holds both caches; the
+    model's part is checked."""
+    loaded = []
+
+    def load_prompt_cache(path, return_metadata=False):
+        result = cache_module.load_prompt_cache(path, return_metadata=return_metadata)
+        loaded.append((path, result[0] if return_metadata else result))
+        return result
+
+    def load_and_check(*args, **kwargs):
+        result = module_load(*args, **kwargs)
+        while loaded:
+            path, prompt_cache = loaded.pop()
+            layers = len(getattr(result[0], "layers", []))
+            part = prompt_cache[:layers] if with_draft else prompt_cache
+            cache_module.validate_prompt_cache(result[0], part, source=str(path))
+        return result
+
+    module_load = module.load
+    module.load_prompt_cache = load_prompt_cache
+    module.load = load_and_check
