@@ -213,7 +213,9 @@ def causal_conv1d(
 ) -> Tuple[mx.array, mx.array]:
     # docstring: causal_conv1d_reference's (assigned below)
     if _fits_kernel(x, weight, bias, state) and kernel_allowed("causal_conv1d", dict(
-            channels=x.shape[2], width=weight.shape[1], dtype=x.dtype, wdtype=weight.dtype)):
+            channels=x.shape[2], width=weight.shape[1], dtype=x.dtype,
+            # the wrapper widens weight and bias to float32 when their dtypes differ
+            wdtype=weight.dtype if bias is None or bias.dtype == weight.dtype else mx.float32)):
         return causal_conv1d_kernel(x, weight, bias, state)
     return causal_conv1d_reference(x, weight, bias, state)
 

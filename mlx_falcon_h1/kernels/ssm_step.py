@@ -249,6 +249,13 @@ def _fits_kernel(xBC, dt, conv_state, conv_weight, conv_bias, state, n_groups) -
     )
 
 
+def _param_dtype(*params) -> mx.Dtype:
+    """The kernel's W: the parameters' dtype, or float32 when they differ (the
+    wrapper widens them), so the run-time check tests the instantiation that runs."""
+    dtypes = {a.dtype for a in params if a is not None}
+    return dtypes.pop() if len(dtypes) == 1 else mx.float32
+
+
 def _launch(kernel, xBC, dt, conv_state, conv_weight, conv_bias, dt_bias, A_log, D, state,
             time_step_limit, n_groups):
     batch, heads, head_dim, n = state.shape
@@ -319,7 +326,7 @@ def ssm_step(
     if _fits_kernel(xBC, dt, conv_state, conv_weight, conv_bias, state, n_groups) and kernel_allowed(
             "ssm_step", dict(heads=state.shape[1], head_dim=state.shape[2], groups=n_groups,
                              n=state.shape[3], width=conv_weight.shape[1], dtype=xBC.dtype,
-                             wdtype=conv_weight.dtype)):
+                             wdtype=_param_dtype(conv_weight, conv_bias, dt_bias, A_log, D))):
         return ssm_step_kernel(*args)
     return ssm_step_reference(*args)
 
