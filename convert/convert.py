@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Callable, Dict, Optional, Union
 
 import mlx.core as mx
-import mlx.nn as nn
 from mlx.utils import tree_flatten
 from tqdm import tqdm
 

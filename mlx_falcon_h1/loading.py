@@ -255,7 +255,7 @@ def load(
     """(model, tokenizer[, config]) the way mlx_lm.load returns them, through our model."""
     from mlx_lm.utils import load_tokenizer
 
-    from .lora import load_adapters  # mlx-lm's, plus adapters that trained SSM parameters
+    from .adapters import load_adapters  # mlx-lm's, plus adapters that trained SSM parameters
 
     path = resolve_path(path_or_hf_repo, revision)
     tokenizer_files = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")

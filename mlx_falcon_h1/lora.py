@@ -17,94 +17,27 @@ differ:
   `train_ssm: true` in the YAML config) adds A_log, D and dt_bias of the tuned
   layers; `lora_parameters.trainable` lists any parameters by their path in a
   layer (e.g. ["mamba.A_log", "mamba.conv1d.weight"]). They are saved in
-  adapters.safetensors and restored by `load_adapters` below (and the fuse).
+  adapters.safetensors and restored by `load_adapters` (adapters.py; and the fuse).
 - A fused model is saved so that our loader reloads it to the same logits:
   weights keep the base's folding state (a LoRA delta is added inside the
   Linear, before any multiplier), and config.json records that state under
   "mlx_falcon_h1" (see `save`).
 """
 
-import json
 import os
 import sys
-import types
-from pathlib import Path
-from typing import Dict, Optional, Sequence
+from typing import Optional
 
-import mlx.core as mx
-import mlx.nn as nn
-from mlx.utils import tree_flatten
 from mlx_lm import lora as mlx_lm_lora
 from mlx_lm import utils as mlx_lm_utils
-from mlx_lm.tuner import utils as tuner_utils
 
+from .adapters import linear_to_lora_layers, load_adapters
 from .commands import run_mlx_lm_command
-from .loading import FORMAT_KEY
+from .folder_format import FORMAT_KEY
 from .loading import load as load_base
 
 # --train-ssm: the Mamba2 parameters that are neither Linear nor conv.
 SSM_PARAMETERS = ("mamba.A_log", "mamba.D", "mamba.dt_bias")
-
-
-def _unfreeze_extra(model: nn.Module, num_layers: int, names: Sequence[str]) -> None:
-    """Make the parameters at `names` (paths inside a layer) of the last `num_layers` layers trainable."""
-    for layer in model.layers[-max(num_layers, 0) :]:  # mlx-lm's choice of layers
-        known = dict(tree_flatten(layer.parameters()))
-        for name in names:
-            if name not in known:
-                raise ValueError(
-                    f"lora_parameters.trainable: {name!r} is not a parameter of a "
-                    f"Falcon-H1 layer; choose from {', '.join(sorted(known))}"
-                )
-            path, _, leaf = name.rpartition(".")
-            module = layer
-            for part in path.split(".") if path else []:
-                module = module[int(part)] if isinstance(module, list) else getattr(module, part)
-            module.unfreeze(keys=[leaf], recurse=False)
-
-
-def linear_to_lora_layers(
-    model: nn.Module, num_layers: int, config: Dict, use_dora: bool = False
-) -> None:
-    """mlx-lm's conversion to LoRA/DoRA layers, plus config["trainable"] parameters."""
-    tuner_utils.linear_to_lora_layers(model, num_layers, config, use_dora=use_dora)
-    _unfreeze_extra(model, num_layers, config.get("trainable") or ())
-
-
-def load_adapters(model: nn.Module, adapter_path: str) -> nn.Module:
-    """mlx-lm's load_adapters, which also restores trained SSM (or other) parameters."""
-    adapter_path = Path(adapter_path)
-    config_file = adapter_path / "adapter_config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{config_file}: missing; is {adapter_path} an adapter folder?")
-    config = types.SimpleNamespace(**json.loads(config_file.read_text()))
-    extra = (getattr(config, "lora_parameters", None) or {}).get("trainable") or []
-    fine_tune_type = getattr(config, "fine_tune_type", "lora")
-    if not extra or fine_tune_type == "full":
-        return tuner_utils.load_adapters(model, str(adapter_path))
-
-    linear_to_lora_layers(
-        model, config.num_layers, config.lora_parameters, use_dora=fine_tune_type == "dora"
-    )
-    weights = mx.load(str(adapter_path / "adapters.safetensors"))
-    params = dict(tree_flatten(model.parameters()))
-    allowed = {
-        name
-        for name in params
-        if name.rsplit(".", 1)[-1] in ("lora_a", "lora_b", "m")  # LoRA and DoRA leaves
-        or any(name.endswith("." + e) for e in extra)
-    }
-    errors = [
-        f"  {name}: not a parameter this adapter config trains"
-        if name not in allowed
-        else f"  {name}: shape {tuple(w.shape)}, the model's is {tuple(params[name].shape)}"
-        for name, w in weights.items()
-        if name not in allowed or w.shape != params[name].shape
-    ]
-    if errors:
-        raise ValueError(f"{adapter_path}: incompatible adapter tensors:\n" + "\n".join(errors))
-    model.load_weights(list(weights.items()), strict=False)
-    return model
 
 
 def load(path_or_hf_repo: str, adapter_path: Optional[str] = None, **kwargs):

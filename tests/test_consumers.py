@@ -19,7 +19,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from conftest import MUP_05B, assert_close_logits, edit_config, make_checkpoint, reference_logits
+from conftest import assert_close_logits, edit_config, make_checkpoint, reference_logits
 from consumers import CONSUMERS, CannotLoad, mlx_swift_lm, stock_mlx_lm
 from mlx_falcon_h1 import folder_format, load_model
 from mlx_falcon_h1_convert import convert, upgrade

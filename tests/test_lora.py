@@ -27,8 +27,9 @@ from mlx.utils import tree_flatten
 import mlx_falcon_h1.model as model_module
 from conftest import TINY, make_checkpoint, make_tokenizer
 from mlx_falcon_h1 import load
-from mlx_falcon_h1.loading import FORMAT_KEY
-from mlx_falcon_h1.lora import SSM_PARAMETERS, linear_to_lora_layers
+from mlx_falcon_h1.folder_format import FORMAT_KEY
+from mlx_falcon_h1.adapters import linear_to_lora_layers
+from mlx_falcon_h1.lora import SSM_PARAMETERS
 from mlx_falcon_h1.lora import load as load_with_adapters
 from mlx_falcon_h1.model import Mixer, Model, ModelArgs
 
