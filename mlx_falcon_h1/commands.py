@@ -40,6 +40,13 @@ class FalconPromptCache(LRUPromptCache):
         cache, rest = super().fetch_nearest_cache(model, tokens)
         for c in cache or []:
             c.stored = False  # a live copy again: speculative decoding may trim it
+        if cache is not None and not rest and tokens:
+            # An exact hit. The model must still read the last token to give the
+            # next logits (mlx-lm's batch generator raises on an empty prompt, and
+            # that kills its generation thread). Rolling one token back would leave
+            # a replay pending, which batching cannot merge: start over instead
+            # (rare: stored keys are prompts plus their completions, or segment ends).
+            cache, rest = None, tokens
         return cache, rest
 
 

@@ -61,6 +61,9 @@ def on_gpu(monkeypatch, tmp_path):
     monkeypatch.setattr(runtime_check, "gpu_name", lambda: "Emulated GPU (msl_emu)")
     monkeypatch.setenv("MLX_FALCON_H1_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv("MLX_FALCON_H1_KERNEL_CHECK", raising=False)
+    # The emulator's kernels are Python callables reading arrays through numpy:
+    # they cannot run inside mx.compile's trace, so decode runs uncompiled here.
+    monkeypatch.setenv("MLX_FALCON_H1_COMPILE", "0")
     runtime_check.reset()
     yield tmp_path / runtime_check.CACHE_FILE
     runtime_check.reset()
@@ -191,6 +194,9 @@ def test_never_on_the_cpu(model, monkeypatch, tmp_path):
     assert runtime_check.gpu_name() is None
     assert runtime_check.kernel_allowed("ssm_step", {})  # no GPU: nothing to veto
     assert not list(tmp_path.iterdir())
+    # A Mac whose default device is the CPU (as here): still nothing to check.
+    monkeypatch.setattr(runtime_check, "metal_available", lambda: True)
+    assert mx.default_device() == mx.cpu and runtime_check.gpu_name() is None
 
 
 def test_unreadable_cache_is_checked_again_and_rewritten(on_gpu):

@@ -111,3 +111,24 @@ def test_bad_requests_get_400_naming_the_field(server, path, body, field):
     assert status == 400 and field in answer["error"], (status, answer)
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=30) as response:
         assert json.loads(response.read())["status"] == "ok"
+
+
+def test_prompt_cache_exact_hit_leaves_one_token_to_read(tmp_path):
+    """An exact prompt-cache hit used to hand mlx-lm's batch generator an empty
+    prompt, which killed the server's generation thread (found by
+    examples/load_test.py): the prompt is processed again instead."""
+    import mlx.core as mx
+
+    from mlx_falcon_h1 import load_model
+    from mlx_falcon_h1.commands import FalconPromptCache
+
+    make_checkpoint(tmp_path)
+    model = load_model(tmp_path)[0]
+    tokens = [5, 17, 3, 9, 40, 2, 11]
+    cache = model.make_cache()
+    mx.eval(model(mx.array([tokens]), cache=cache))
+    store = FalconPromptCache(max_size=4)
+    store.insert_cache("m", tokens, cache)
+    assert store.fetch_nearest_cache("m", tokens) == (None, tokens)
+    hit, rest = store.fetch_nearest_cache("m", tokens + [8, 9])  # a longer prompt still uses it
+    assert hit is not None and rest == [8, 9]
