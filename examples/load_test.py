@@ -312,6 +312,16 @@ def main(argv=None):
                     alone[(kind, prompt, stream)] = completion_text(path, status, data, stream)
         rss_start = rss_mb(proc.pid)
         deadline = time.time() + args.duration
+        samples = []  # (seconds into the load, RSS MB): does it level off?
+
+        def sample():
+            t0 = time.time()
+            while time.time() < deadline:
+                samples.append((round(time.time() - t0, 1), round(rss_mb(proc.pid), 1)))
+                time.sleep(min(5.0, max(args.duration / 24, 0.5)))
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
         bad = bad_requests(context)
         threads = [threading.Thread(target=client, args=(port, args.seed + i, deadline, alone, bad,
                                                          edge_requests(), tally)) for i in range(args.clients)]
@@ -334,6 +344,10 @@ def main(argv=None):
     import mlx.core as mx
 
     bound = cache_bound_mb(args.model, args.prompt_cache_size, context)
+    # RSS at mid-run: growth after it is what a leak would show (warm-up, MLX's
+    # buffer cache and the prompt cache filling up come first).
+    later = [r for t, r in samples if t >= args.duration / 2]
+    half = later[0] if later else rss_start
     counts = tally.counts
     result = dict(
         server="mlx_lm.server" if args.stock else "mlx_falcon_h1.server",
@@ -342,6 +356,7 @@ def main(argv=None):
         models_endpoint_ok=models_ok, server_alive_at_end=alive, server_exit_code=exit_code,
         rss_start_mb=round(rss_start, 1), rss_end_mb=round(rss_end, 1),
         rss_growth_mb=round(rss_end - rss_start, 1), prompt_cache_bound_mb=round(bound, 1),
+        rss_growth_second_half_mb=round(rss_end - half, 1), rss_samples=samples,
         examples=tally.examples, server_log=log,
     )
     targets = {
@@ -362,7 +377,8 @@ def main(argv=None):
                 "disconnects", "bad_accepted", "good_refused", "greedy_checked", "greedy_mismatch"):
         print(f"| {key} | {counts[key]} |")
     print(f"| server RSS start / end MB | {rss_start:.1f} / {rss_end:.1f} "
-          f"(growth {rss_end - rss_start:+.1f}; prompt-cache bound {bound:.1f}) |")
+          f"(growth {rss_end - rss_start:+.1f}, {rss_end - half:+.1f} in the second half; "
+          f"prompt-cache bound {bound:.1f}) |")
     for name, ok in targets.items():
         print(f"{'ok  ' if ok else 'MISS'} {name}")
     for key, examples in tally.examples.items():
