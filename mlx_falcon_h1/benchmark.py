@@ -24,6 +24,8 @@ from mlx_falcon_h1 import allocator, blas
 import mlx.core as mx  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 
+from . import decode  # noqa: E402
+from .launch_count import decode_step_launches, our_decode_step  # noqa: E402
 from .model import Model, ModelArgs  # noqa: E402
 
 # Released shapes (falcon_h1_spec.md) with Falcon-H1-0.5B's multipliers.
@@ -184,6 +186,10 @@ def benchmark(
     # measure steady state, not the compiler.
     for model in models.values():
         run_once(model, mx.arange(min(WARMUP_TOKENS, prefill_step_size)) % vocab, 2, prefill_step_size)
+    launches = {
+        name: decode_step_launches(model, our_decode_step if name == "ours" else None)
+        for name, model in models.items()
+    }
     bandwidth, matvec = memory_bandwidth(), matvec_bandwidth()
     rows = []
     for length in prompt_tokens:
@@ -213,6 +219,11 @@ def benchmark(
         "mlx_matvec_gbps": matvec / 1e9,
         "decode_bound_tps": bandwidth / per_token,
         "loadavg_before_after": [load_before, os.getloadavg()],
+        # Launching primitives of one decode step per layer, as on a Mac (launch_count.py).
+        "decode_launches_per_layer": {name: r["per_layer"] for name, r in launches.items()},
+        "decode_launches_by_primitive": {name: r["by_primitive"] for name, r in launches.items()},
+        "compiled_decode": decode.compiled_decode(models["ours"]) is not None,
+        "compiled_decode_traces": getattr(models["ours"].__dict__.get("_compiled_decode"), "traces", 0),
         "rows": rows,
     }
 
@@ -237,6 +248,12 @@ def print_table(result: dict) -> None:
         if stock:
             cells += [f"{r[f'ours_{k}'] / r[f'mlx-lm_{k}']:.2f}" for k in ("prompt_tps", "generation_tps", "peak_gb")]
         print("| " + " | ".join(cells) + " |")
+    launches = result["decode_launches_per_layer"]
+    line = ", ".join(f"{k} {v:.1f}" for k, v in launches.items())
+    if stock:
+        line += f" (x {launches['ours'] / launches['mlx-lm']:.2f})"
+    print(f"decode launches per layer as on a Mac: {line}; compiled decode step "
+          f"{'on' if result['compiled_decode'] else 'off'}, traced {result['compiled_decode_traces']} times")  # fmt: skip
     load = ", ".join(f"{k} {v:.2f} s" for k, v in result["load_s"].items())
     before, after = result["loadavg_before_after"]
     print(f"load: {load}; machine load average before {before[0]:.2f}, after {after[0]:.2f}")

@@ -108,9 +108,10 @@ class FalconH1Cache(_BaseCache):
 
     # --- mixer side -------------------------------------------------------------
 
-    def run_mixer(self, mixer, xBC: mx.array, dt: mx.array) -> mx.array:
+    def run_mixer(self, mixer, xBC: mx.array, dt: mx.array, rows: mx.array) -> mx.array:
         """Run `mixer.ssm` on this call's raw xBC (B, L, C) and dt (B, L, H) from
-        the cached state, keep the new state and the rollback window; return y."""
+        the cached state, keep the new state and the rollback window; return y.
+        rows: the same values as one (B, L, C + H) array, [xBC | dt]."""
         width = mixer.conv_width
         if self.unverified_mixer:
             _check_fits(self, mixer_sizes(mixer), "this model")
@@ -135,7 +136,7 @@ class FalconH1Cache(_BaseCache):
             # Long call (a prompt): split it where the new window starts, so the
             # window's start state comes out of the scan instead of a replay.
             cut = length - self.max_rollback
-            rows = mx.concatenate([xBC[:, cut:], dt[:, cut:].astype(xBC.dtype)], axis=-1)
+            rows = rows[:, cut:]
             y0, conv_state, state = mixer.ssm(xBC[:, :cut], dt[:, :cut], self.conv_state, self.ssm_state)
             y1, self.conv_state, self.ssm_state = mixer.ssm(xBC[:, cut:], dt[:, cut:], conv_state, state)
             self.window_state = state
@@ -144,9 +145,13 @@ class FalconH1Cache(_BaseCache):
             return mx.concatenate([y0, y1], axis=1)
 
         y, self.conv_state, self.ssm_state = mixer.ssm(xBC, dt, self.conv_state, self.ssm_state)
-        rows = mx.concatenate([xBC, dt.astype(xBC.dtype)], axis=-1)
+        self._extend_window(mixer, rows)
+        return y
+
+    def _extend_window(self, mixer, rows: mx.array) -> None:
+        """Append this call's raw [xBC | dt] rows (B, L, C + H) to the rollback window."""
         self.history = mx.concatenate([self.history, rows], axis=1)
-        self.window += length
+        self.window += rows.shape[1]
         if self.window > 2 * self.max_rollback:
             # Move the window start forward by one replay of the oldest rows,
             # once per max_rollback tokens of decoding.
@@ -154,7 +159,6 @@ class FalconH1Cache(_BaseCache):
             self.window_state = self._replay(mixer, drop)
             self.history = self.history[:, drop:]
             self.window = self.max_rollback
-        return y
 
     def _context_rows(self, conv_state: mx.array, dt: mx.array) -> mx.array:
         # The K-1 conv-context rows before the window; their dt columns are unused.
@@ -178,6 +182,32 @@ class FalconH1Cache(_BaseCache):
             self.window_state,
         )
         return state
+
+    # --- the compiled decode step (decode.py) ----------------------------------
+
+    def prepare_decode(self, mixer) -> None:
+        """Before a compiled step, eagerly: a pending rollback replayed, and room in
+        the K/V buffers for one more token (grown as KVCache grows them)."""
+        if self.replay_to is not None:
+            self.ssm_state = self._replay(mixer, self.replay_to)
+            self.replay_to = None
+        kv = self.kv
+        if kv.offset + 1 > kv.keys.shape[2]:
+            if kv.offset % kv.step:
+                kv.keys, kv.values = kv.keys[..., : kv.offset, :], kv.values[..., : kv.offset, :]
+            grow = lambda a: mx.zeros(a.shape[:2] + (kv.step, a.shape[3]), a.dtype)  # noqa: E731
+            kv.keys = mx.concatenate([kv.keys, grow(kv.keys)], axis=2)
+            kv.values = mx.concatenate([kv.values, grow(kv.values)], axis=2)
+
+    def decode_state(self):
+        return self.kv.keys, self.kv.values, self.conv_state, self.ssm_state
+
+    def take_decode_state(self, mixer, keys, values, conv_state, ssm_state, rows) -> None:
+        """After a compiled step: its new buffers and states, one more token."""
+        self.kv.keys, self.kv.values = keys, values
+        self.kv.offset += 1
+        self.conv_state, self.ssm_state = conv_state, ssm_state
+        self._extend_window(mixer, rows)
 
     # --- trimming (speculative decoding, prompt-cache prefix reuse) -------------
 

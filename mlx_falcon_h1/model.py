@@ -30,6 +30,7 @@ from mlx_lm.models.rope_utils import initialize_rope
 
 from . import blas
 from .cache import MAX_ROLLBACK_TOKENS, FalconH1Cache
+from .decode import compiled_decode
 from .kernels.attention import causal_attention
 from .kernels.conv1d import causal_conv1d
 from .kernels.elementwise import silu, silu_gate
@@ -371,12 +372,13 @@ class Mixer(nn.Module):
         zxbcdt = _linear(self.in_proj, _scaled(u, self.ssm_in_multiplier))
         if self._mup is not None:
             zxbcdt = zxbcdt * self._mup.astype(zxbcdt.dtype)
-        z, xBC, dt = mx.split(zxbcdt, [self.d_ssm, zxbcdt.shape[-1] - self.n_heads], axis=-1)
+        z, xBC_dt = mx.split(zxbcdt, [self.d_ssm], axis=-1)
+        xBC, dt = mx.split(xBC_dt, [xBC_dt.shape[-1] - self.n_heads], axis=-1)
 
         if cache is None:
             y, _, _ = self.ssm(xBC, dt, None, None)
-        else:
-            y = cache.run_mixer(self, xBC, dt)  # keeps state and the rollback window
+        else:  # keeps state and the rollback window (of raw [xBC | dt] rows)
+            y = cache.run_mixer(self, xBC, dt, xBC_dt)
         y = y.reshape(b, l, self.d_ssm)  # float32
         if "norm" in self:
             y = self.norm(y, z)
@@ -501,6 +503,11 @@ class Model(nn.Module):
 
     def __call__(self, inputs: mx.array, cache=None) -> mx.array:
         """inputs: (B, L) token ids -> (B, L, vocab) logits."""
+        if inputs.shape[1] == 1 and (step := compiled_decode(self)) and step.eligible(cache):
+            return step(self, inputs, cache)  # the same forward, traced once (decode.py)
+        return self.forward(inputs, cache)
+
+    def forward(self, inputs: mx.array, cache=None) -> mx.array:
         h = self.model(inputs, cache)
         if self.args.tie_word_embeddings:
             logits = self.model.embed_tokens.as_linear(h)

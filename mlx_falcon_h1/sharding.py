@@ -213,6 +213,7 @@ def shard(model: Model, group: Optional[mx.distributed.Group] = None) -> Model:
     if size == 1:
         return model
     _check_divisible(model.args, size)
+    model.compile_decode = False  # collectives are not traced into mx.compile (decode.py)
     for layer in model.layers:
         attn = layer.self_attn
         attn.q_proj = shard_linear(attn.q_proj, "all-to-sharded", group=group)
@@ -299,6 +300,7 @@ def pipeline(
     start = sum(split[rank + 1 :])
     end = start + split[rank]
     inner.__class__ = PipelinedFalconH1Model
+    model.compile_decode = False  # sends and receives are not traced into mx.compile
     inner.pipeline_rank, inner.pipeline_size, inner.pipeline_group = rank, size, group
     inner.start_idx, inner.end_idx = start, end
     inner["layers"] = [None] * start + layers[start:end]

@@ -18,6 +18,9 @@ def test_benchmark_smoke(tmp_path):
         for name in ("ours", "mlx-lm"):
             assert row[f"{name}_prompt_tps"] > 0 and row[f"{name}_generation_tps"] > 0
     assert result["blas"] and result["malloc"] and result["mlx"] and result["dtype"] == "float32"
+    launches = result["decode_launches_per_layer"]
+    assert 0 < launches["ours"] < launches["mlx-lm"] and "launches per layer" in done.stdout
+    assert result["compiled_decode"] and result["compiled_decode_traces"] >= 1
 
 
 def test_blas_opt_out(tmp_path):

@@ -49,11 +49,15 @@ def causal_attention_reference(q, k, v, scale, valid=None):
         scale: the score scale (D^-0.5 for Falcon-H1).
         valid: only the first `valid` keys are real, or None (all are). For a
             KV cache's whole buffers: a view of their first keys would be copied
-            by every matmul that reads it.
+            by every matmul that reads it. An int, or for one query a (Lk,)
+            boolean array of the real keys (a compiled decode step's, so it
+            need not retrace per token).
 
     Returns:
         (B, Hq, Lq, D) in q's dtype.
     """
+    if isinstance(valid, mx.array):  # the compiled decode step's: one query, every valid key
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=valid)
     if valid is not None:
         k, v = k[:, :, :valid], v[:, :, :valid]
     return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal")
@@ -99,7 +103,9 @@ def _one_query(q, k, v, scale, valid):
     b, hq, _, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
     scores = (q * scale).reshape(b, hkv, hq // hkv, d) @ k.swapaxes(-1, -2)
-    if valid is not None and valid < lk:  # a buffer's unused tail gets weight 0
+    if isinstance(valid, mx.array):  # a mask of the real keys: the unused tail gets weight 0
+        scores = mx.where(valid, scores, -mx.inf)
+    elif valid is not None and valid < lk:
         scores = mx.where(mx.arange(lk) < valid, scores, -mx.inf)
     p = _exp_shifted(scores, scores.max(axis=-1, keepdims=True))
     out = (p @ v) / p.sum(axis=-1, keepdims=True)

@@ -1,0 +1,130 @@
+"""Decode as one compiled step: the whole model's one-token forward under mx.compile.
+
+A decode step of Falcon-H1 is a few hundred small MLX ops per layer: the muP
+scalings, residual adds, gates, SiLU, dt softplus and clip, the parts of the
+norms and RoPE that are not one `mx.fast` call. On a Metal GPU each is at least
+one kernel launch; on the CPU each costs a few microseconds of dispatch, more
+than its arithmetic. `mx.compile` traces the step once and replays it, fusing
+the elementwise chains into single kernels and skipping the graph building.
+
+One source of truth: the compiled function runs the model's own layers, with
+each layer's cache replaced by a `_StepCache` that holds the same state as
+plain arrays (the K/V buffers, the valid length as an array, the conv and SSM
+states), so the math is the layer code's, only traced once.
+
+Not retraced at every token: the K/V buffers have a fixed capacity that grows in
+steps of mlx-lm's KVCache (256 tokens), and the number of valid keys is an
+input array. A step retraces when the capacity grows, or the batch size or a
+dtype changes. What the step does not cover runs outside it, eagerly: the
+rollback window's bookkeeping and replay (cache.py), a trim's replay, growing
+the buffers, and every cache the step cannot express (a quantized K/V cache,
+batch generation's padded caches, a cache loaded from a file and not yet
+checked); those calls take the uncompiled path, which computes the same thing.
+
+MLX_FALCON_H1_COMPILE=0 turns it off.
+"""
+
+import os
+from typing import List, Optional
+
+import mlx.core as mx
+from mlx_lm.models.cache import KVCache
+
+from .cache import FalconH1Cache
+
+
+def enabled() -> bool:
+    """False when MLX_FALCON_H1_COMPILE=0 (read at each call)."""
+    return os.environ.get("MLX_FALCON_H1_COMPILE", "1").strip() != "0"
+
+
+class _StepCache:
+    """One layer's cache as the compiled step sees it: arrays in, arrays out."""
+
+    def __init__(self, keys, values, offset, valid, conv_state, ssm_state):
+        self.keys, self.values = keys, values
+        self.offset = offset  # (), int32: tokens already in the buffers (RoPE's position)
+        self.valid = valid  # (capacity,) bool: the buffers' real keys once this one is in
+        self.conv_state, self.ssm_state = conv_state, ssm_state
+        self.rows = None
+
+    def update_and_fetch(self, keys, values):
+        # keys, values: (B, Hkv, 1, D) written at position `offset`.
+        self.keys = mx.slice_update(self.keys, keys, self.offset[None], axes=(2,))
+        self.values = mx.slice_update(self.values, values, self.offset[None], axes=(2,))
+        return self.keys, self.values
+
+    def whole_buffers(self):
+        return self.keys, self.values, self.valid
+
+    def run_mixer(self, mixer, xBC, dt, rows):
+        y, self.conv_state, self.ssm_state = mixer.ssm(xBC, dt, self.conv_state, self.ssm_state)
+        self.rows = rows  # the rollback window's new row: kept by the cache after the step
+        return y
+
+
+def _step(model, tokens, offset, states):
+    # One mask for every layer: the buffers share their capacity.
+    valid = mx.arange(states[0][0].shape[2]) <= offset
+    caches = [_StepCache(k, v, offset, valid, c, s) for k, v, c, s in states]
+    logits = model.forward(tokens, caches)
+    return logits, [(c.keys, c.values, c.conv_state, c.ssm_state, c.rows) for c in caches]
+
+
+class CompiledDecode:
+    """The compiled one-token step of one model; `traces` counts its (re)traces."""
+
+    def __init__(self, model):
+        self.traces = 0
+
+        def traced(tokens, offset, states):
+            self.traces += 1  # runs only while MLX traces
+            return _step(model, tokens, offset, states)
+
+        # inputs=model: the parameters are read at each call, not frozen at the
+        # first trace (weights may be replaced, e.g. by adapters).
+        self._fn = mx.compile(traced, inputs=model, outputs=None)
+
+    @staticmethod
+    def eligible(cache) -> bool:
+        """Whether every layer's cache is one the compiled step expresses."""
+        if not cache or not all(type(c) is FalconH1Cache for c in cache):
+            return False
+        first = cache[0]
+        return all(
+            type(c.kv) is KVCache
+            and c.kv.keys is not None
+            and c.kv.offset == first.kv.offset
+            and c.lengths is None
+            and c.conv_state is not None
+            and c.ssm_state is not None
+            and c.history is not None
+            and not c.unverified_mixer
+            and not c.unverified_kv
+            for c in cache
+        )
+
+    def __call__(self, model, tokens: mx.array, cache: List[FalconH1Cache]) -> mx.array:
+        for layer, c in zip(model.layers, cache):
+            c.prepare_decode(layer.mamba)  # eager: pending replay, buffer capacity
+        offset = mx.array(cache[0].kv.offset, mx.int32)
+        # Sampled tokens come as uint32, prompt tokens as int32: one dtype, one trace.
+        tokens = tokens.astype(mx.int32)
+        logits, new = self._fn(tokens, offset, [c.decode_state() for c in cache])
+        # Rebinding the buffers leaves the step's graph the only reference to the
+        # old ones, so MLX updates them in place when it evaluates the step.
+        for layer, c, arrays in zip(model.layers, cache, new):
+            c.take_decode_state(layer.mamba, *arrays)
+        return logits
+
+
+def compiled_decode(model) -> Optional[CompiledDecode]:
+    """The model's compiled step, made at first use; None when switched off (by the
+    environment, or for a model split over processes: sharding.py)."""
+    if not enabled() or not getattr(model, "compile_decode", True):
+        return None
+    step = model.__dict__.get("_compiled_decode")
+    if step is None:
+        step = CompiledDecode(model)
+        object.__setattr__(model, "_compiled_decode", step)  # not a parameter
+    return step

@@ -1,0 +1,149 @@
+"""Launching primitives of one decode step, counted as MLX would run it on a Mac.
+
+On a Metal GPU every MLX primitive in a step's graph is at least one kernel
+dispatch, except views, which launch nothing. This machine has no Metal, so the
+step's graph is built (never evaluated) the way it would be on a Mac: Metal
+reported available, the GPU the default device, so every dispatcher takes the
+path it takes there (plain MLX ops instead of the CPU's fused forms, custom
+kernels where they fit). Each custom Metal kernel stands in as one node. The
+graph is then read with `mx.export_to_dot` and its primitives counted.
+
+Approximations, the same for every model counted: a reshape is counted as a
+view (on Metal it copies when its input is not contiguous), and a compiled
+(fused) node as one launch, as MLX's Metal backend runs it.
+"""
+
+import contextlib
+import os
+import re
+import tempfile
+from collections import Counter
+from typing import Callable, Dict, List
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+from . import decode
+
+# Primitives that launch nothing: views of their input's memory, and
+# CustomTransforms (mx.custom_function's wrapper: its outputs share the buffers
+# of the function's).
+VIEWS = {
+    "AsStrided", "Broadcast", "CustomTransforms", "Depends", "ExpandDims", "Reshape",
+    "Slice", "Split", "Squeeze", "StopGradient", "Transpose", "Unflatten", "Flatten",
+}  # fmt: skip
+
+
+class _StandIns:
+    """Custom kernels and mx.fast ops as they are on Metal: one launch each.
+
+    Their outputs are views of an input, behind an mx.depends on every input: no
+    launching node of their own in the graph (so compile cannot merge or fuse
+    them), and a fusion barrier like the real kernel. The launches are counted
+    here, as the calls happen while the step is built (or traced)."""
+
+    def __init__(self):
+        self.launches = 0
+
+    def outputs(self, shapes_dtypes, inputs):
+        self.launches += 1
+        arrays = [a for a in inputs if isinstance(a, mx.array)]
+        outs = []
+        for shape, dtype in shapes_dtypes:
+            source = next((a for a in arrays if a.dtype == dtype), None)
+            if source is None:  # no input of that dtype to view: a cast (one more launch)
+                source = arrays[0].astype(dtype)
+            outs.append(mx.broadcast_to(source.reshape(-1)[:1].reshape(()), tuple(shape)))
+        return mx.depends(outs, arrays)
+
+
+def _stand_ins(counter: _StandIns):
+    """A stand-in for each mx.fast op (one Metal kernel each; on this machine's CPU
+    stream MLX would run them as a chain of plain ops) and for mx.fast.metal_kernel."""
+
+    def kernel(inputs, output_shapes, output_dtypes, **_):
+        return counter.outputs(list(zip(output_shapes, output_dtypes)), inputs)
+
+    def rms_norm(x, weight, eps, **_):
+        return counter.outputs([(x.shape, x.dtype)], [x, weight])[0]
+
+    def layer_norm(x, weight, bias, eps, **_):
+        return counter.outputs([(x.shape, x.dtype)], [x, weight, bias])[0]
+
+    def rope(x, dims, *, traditional, base, scale, offset, freqs=None, **_):
+        return counter.outputs([(x.shape, x.dtype)], [x, offset, freqs])[0]
+
+    def sdpa(q, k, v, *, scale, mask=None, sinks=None, **_):
+        return counter.outputs([(q.shape[:-1] + v.shape[-1:], q.dtype)], [q, k, v, mask, sinks])[0]
+
+    fast = {"rms_norm": rms_norm, "layer_norm": layer_norm, "rope": rope,
+            "scaled_dot_product_attention": sdpa}  # fmt: skip
+    return kernel, fast
+
+
+@contextlib.contextmanager
+def as_on_a_mac():
+    """Dispatchers see Metal and a GPU default device; custom kernels and mx.fast
+    ops are stand-ins that count their launches (yields the counter)."""
+    import mlx_lm.models.ssm as mlx_lm_ssm
+
+    from .kernels import conv1d, ssd_scan, ssm_step
+
+    counter = _StandIns()
+    kernel, fast = _stand_ins(counter)
+    kernels = [(mlx_lm_ssm, "_ssm_kernel")] + [(m, "_KERNEL") for m in (ssm_step, conv1d, ssd_scan)]
+    patches = [(m, name, kernel) for m, name in kernels]
+    patches += [(mx.fast, name, fn) for name, fn in fast.items()]
+    patches += [(mx, "default_device", lambda: mx.Device(mx.gpu)), (mx.metal, "is_available", lambda: True)]
+    saved = [(m, name, getattr(m, name)) for m, name, _ in patches]
+    check = os.environ.get("MLX_FALCON_H1_KERNEL_CHECK")
+    try:
+        for module, name, value in patches:
+            setattr(module, name, value)
+        os.environ["MLX_FALCON_H1_KERNEL_CHECK"] = "0"  # nothing to check against here
+        yield counter
+    finally:
+        for module, name, value in saved:
+            setattr(module, name, value)
+        if check is None:
+            os.environ.pop("MLX_FALCON_H1_KERNEL_CHECK", None)
+        else:
+            os.environ["MLX_FALCON_H1_KERNEL_CHECK"] = check
+
+
+def count_launches(outputs: List[mx.array]) -> Counter:
+    """The launching primitives in the graph that computes `outputs`, by name."""
+    with tempfile.TemporaryDirectory() as tmp:
+        dot = os.path.join(tmp, "graph.dot")
+        mx.export_to_dot(dot, *outputs)
+        labels = re.findall(r'\[label ="([^"]+)"', open(dot).read())
+    return Counter(label for label in labels if label not in VIEWS)
+
+
+def decode_step_launches(model, step: Callable = None, prompt_tokens: int = 8) -> Dict:
+    """Launching primitives of one decode step of `model` (ours or mlx-lm's) as on a Mac.
+
+    The cache is filled by a short prompt on this machine first; `step(model,
+    token, cache)` makes the step's logits (default: model(token, cache=cache)).
+    Returns {"total", "per_layer", "by_primitive"}.
+    """
+    cache = model.make_cache()
+    vocab = model.model.embed_tokens.weight.shape[0]
+    prompt = mx.arange(prompt_tokens)[None] % vocab
+    mx.eval(model(prompt, cache=cache), [c.state for c in cache])
+    token = mx.array([[1]])
+    with as_on_a_mac() as kernels:
+        logits = step(model, token, cache) if step else model(token, cache=cache)
+        outputs = [logits] + [a for c in cache for _, a in tree_flatten(c.state) if isinstance(a, mx.array)]
+        counts = count_launches(outputs)
+    counts["custom kernels and mx.fast ops"] = kernels.launches
+    total = sum(counts.values())
+    return {"total": total, "per_layer": total / len(model.layers), "by_primitive": dict(counts)}
+
+
+def our_decode_step(model, token, cache):
+    """Our model's decode step as it runs by default, traced afresh (a compiled step
+    already traced on this machine's CPU would replay the CPU's path)."""
+    if decode.compiled_decode(model) is not None and decode.CompiledDecode.eligible(cache):
+        return decode.CompiledDecode(model)(model, token, cache)
+    return model.forward(token, cache)

@@ -1,0 +1,113 @@
+"""The compiled decode step (decode.py) and the launch counter (launch_count.py)."""
+
+import mlx.core as mx
+import mlx_lm
+import numpy as np
+import pytest
+from mlx_lm.generate import generate_step
+from mlx_lm.models.cache import QuantizedKVCache
+
+from conftest import make_checkpoint
+from mlx_falcon_h1 import load_model
+from mlx_falcon_h1.decode import CompiledDecode
+from mlx_falcon_h1.launch_count import decode_step_launches
+from mlx_falcon_h1_convert import convert
+
+PROMPT = mx.array([[3, 17, 5, 40, 9, 11, 60, 2, 33]])
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("compiled")
+    make_checkpoint(path, mamba_rms_norm=True, attention_bias=True)
+    return load_model(path)[0]
+
+
+def decode(model, steps, compiled, monkeypatch):
+    """Greedy decode after PROMPT: (logits per step, tokens), with the step on or off."""
+    monkeypatch.setenv("MLX_FALCON_H1_COMPILE", "1" if compiled else "0")
+    cache = model.make_cache()
+    logits = model(PROMPT, cache=cache)[:, -1:]
+    out, tokens = [], []
+    for _ in range(steps):
+        token = logits.argmax(-1)
+        logits = model(token, cache=cache)
+        mx.eval(logits, [c.state for c in cache])
+        out.append(np.array(logits[0, 0]))
+        tokens.append(token.item())
+    return np.stack(out), tokens
+
+
+def test_compiled_step_is_on_and_matches_the_uncompiled_path(model, monkeypatch):
+    step = CompiledDecode(model)
+    calls = []
+
+    def counting(m, tokens, cache):
+        calls.append(1)
+        return CompiledDecode.__call__(step, m, tokens, cache)
+
+    monkeypatch.setitem(model.__dict__, "_compiled_decode", type("S", (), {
+        "__call__": staticmethod(counting), "eligible": staticmethod(CompiledDecode.eligible)})())
+    compiled, tokens = decode(model, 256, True, monkeypatch)
+    assert len(calls) == 256  # every decode step took it
+    # Retraced only when the K/V buffers grow (every 256 tokens): 9 + 256 tokens -> 2.
+    assert step.traces == 2
+    eager, eager_tokens = decode(model, 256, False, monkeypatch)
+    assert len(calls) == 256  # off with MLX_FALCON_H1_COMPILE=0
+    assert tokens == eager_tokens  # greedy output identical over 256 tokens
+    assert np.abs(compiled - eager).max() <= 1e-5 * np.abs(eager).max()
+
+
+def test_generation_uses_it_through_mlx_lm(model, monkeypatch):
+    monkeypatch.setenv("MLX_FALCON_H1_COMPILE", "1")
+    model.__dict__.pop("_compiled_decode", None)
+    list(generate_step(PROMPT[0], model, max_tokens=5))
+    assert model._compiled_decode.traces == 1
+
+
+def test_caches_it_cannot_express_take_the_uncompiled_path(model):
+    """--kv-bits (tested end to end in test_generation_paths) and batch padding."""
+    cache = model.make_cache()
+    assert not CompiledDecode.eligible(cache)  # nothing cached yet: the prompt runs first
+    model(PROMPT, cache=cache)
+    assert CompiledDecode.eligible(cache)
+    cache[1].kv = QuantizedKVCache(group_size=32, bits=8)
+    assert not CompiledDecode.eligible(cache)
+    cache = model.make_cache()
+    model(PROMPT, cache=cache)
+    cache[0].lengths = mx.array([3])
+    assert not CompiledDecode.eligible(cache)
+
+
+def test_after_a_trim_the_step_replays_the_rollback(model, monkeypatch):
+    """Speculative decoding rolls the cache back, then decodes on: same logits as eager."""
+    results = []
+    for compiled in (True, False):
+        monkeypatch.setenv("MLX_FALCON_H1_COMPILE", "1" if compiled else "0")
+        cache = model.make_cache()
+        model(PROMPT, cache=cache)
+        for t in (4, 8, 15, 16):
+            model(mx.array([[t]]), cache=cache)
+        for c in cache:
+            c.trim(3)
+        logits = [model(mx.array([[t]]), cache=cache) for t in (21, 22, 23)]
+        results.append(np.array(mx.concatenate(logits, axis=1)))
+    assert np.abs(results[0] - results[1]).max() <= 1e-5 * np.abs(results[1]).max()
+
+
+def test_launch_counter(tmp_path):
+    """Metal-path launches per layer: the compiled step below the uncompiled one and
+    below stock mlx-lm's on the same folder; custom kernels and mx.fast ops counted once."""
+    make_checkpoint(tmp_path / "hf", mamba_rms_norm=True)
+    convert(str(tmp_path / "hf"), str(tmp_path / "mlx"), dtype="float32")
+    ours = load_model(tmp_path / "mlx")[0]
+    stock = mlx_lm.utils.load_model(tmp_path / "mlx")[0]
+    compiled = decode_step_launches(ours, lambda m, t, c: CompiledDecode(m)(m, t, c))
+    eager = decode_step_launches(ours, lambda m, t, c: m.forward(t, c))
+    theirs = decode_step_launches(stock)
+    layers = len(ours.layers)
+    # Per layer: 2 RMSNorms, the gated norm, RoPE, attention, the decode kernel.
+    assert compiled["by_primitive"]["custom kernels and mx.fast ops"] == 6 * layers + 1
+    assert compiled["by_primitive"]["Matmul"] == 9 * layers + 1  # 9 projections + head
+    assert compiled["per_layer"] < eager["per_layer"]
+    assert compiled["per_layer"] < theirs["per_layer"]
