@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Callable, Dict, Optional, Union
 
 import mlx.core as mx
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_map_with_path
 from tqdm import tqdm
 
 from mlx_falcon_h1 import folder_format
@@ -38,6 +38,9 @@ from mlx_falcon_h1.loading import (
     resolve_path,
 )
 from mlx_falcon_h1.model import ModelArgs
+from mlx_falcon_h1.quantize import add_arguments as add_calibration_arguments
+from mlx_falcon_h1.quantize import calibrated_quantize
+from mlx_falcon_h1.quantize import settings_from as calibration_settings
 
 from .quality import quality_report
 from .recipes import RECIPES, make_recipe
@@ -114,6 +117,20 @@ def fold_multipliers(weights: Dict[str, mx.array], args: ModelArgs) -> Dict[str,
             w = w.astype(mx.float32) * factor  # cast to the output dtype later
         folded[name] = w
     return folded
+
+
+def _cast_calibrated(model, target: mx.Dtype, before: Dict[str, mx.Dtype]) -> None:
+    """After calibration (which computes in float32): the dtypes a plain
+    conversion writes. Scales, biases and other weights in `target`; SSM
+    parameters, conv and norms as they were before (`before`: path -> dtype)."""
+    keep = model.cast_predicate
+
+    def cast(path, w):
+        if not mx.issubdtype(w.dtype, mx.floating):
+            return w
+        return w.astype(target if keep(path) else before.get(path, mx.float32))
+
+    model.update(tree_map_with_path(cast, model.parameters()))
 
 
 def _source_dtype(weights) -> mx.Dtype:
@@ -235,11 +252,16 @@ def convert(
     max_shard_size_gb: float = MAX_SHARD_BYTES / (1 << 30),
     report_tokens: int = 256,
     remote_code: bool = False,
+    method: Optional[str] = None,
+    **calibration,
 ) -> Optional[dict]:
     """Convert `hf_path` (folder or Hub repo id) into an MLX folder at `mlx_path`.
 
-    Keyword arguments mirror the command-line flags. Returns the quality report
-    of a quantized conversion (also written to quality_report.json), else None.
+    Keyword arguments mirror the command-line flags; `method` and the
+    calibration flags (`calibration_data`, `num_samples`, ...: see
+    mlx_falcon_h1/quantize.py) quantize with a calibrated method. Returns the
+    quality report of a quantized conversion (also written to
+    quality_report.json), else None.
     """
     if quantize and dequantize:
         raise ValueError("--quantize and --dequantize are exclusive")
@@ -251,6 +273,14 @@ def convert(
         raise ValueError(f"--ssm-dtype {ssm_dtype!r}: choose 'float32' or 'source'")
     if isinstance(quant_predicate, str) and quant_predicate not in RECIPES:
         raise ValueError(f"--quant-predicate {quant_predicate!r}: choose one of {', '.join(RECIPES)}")
+    calibrated = calibration_settings(dict(calibration, method=method))
+    if calibrated is not None:
+        if not quantize:
+            raise ValueError(f"--method {method} quantizes: add -q")
+        if q_mode != "affine":
+            raise ValueError(f"--method {method} learns affine scales and biases: use --q-mode affine")
+        if quant_predicate is not None:
+            raise ValueError(f"--method and --quant-predicate are exclusive (--method dynamic mixes bits itself)")
 
     source = resolve_path(hf_path)
     config = read_config(source)
@@ -296,7 +326,19 @@ def convert(
         del weights
 
         settings = {"dtype": str(target).removeprefix("mlx.core."), "ssm_dtype": ssm_dtype}
-        if quantize:
+        if quantize and calibrated is not None:
+            from mlx_lm.utils import load_tokenizer
+
+            bits, group_size = q_bits or 4, q_group_size or 64
+            before = {k: v.dtype for k, v in tree_flatten(model.parameters())}
+            q, record = calibrated_quantize(
+                model, load_tokenizer(source), bits, group_size, calibrated, scale_dtype=target
+            )
+            _cast_calibrated(model, target, before)
+            config["quantization"] = q
+            config["quantization_config"] = q
+            settings.update(q_mode="affine", q_bits=bits, q_group_size=group_size, **record)
+        elif quantize:
             from mlx_lm.utils import quantize_model
 
             predicate = quant_predicate
@@ -342,6 +384,8 @@ def convert(
         report = None
         if quantize:
             report = quality_report(source, tmp, report_tokens)
+            if calibrated is not None:
+                report["calibration"] = record
             (tmp / "quality_report.json").write_text(json.dumps(report, indent=2))
             print(
                 f"[quality] {report['tokens']} tokens: mean KL {report['mean_kl']:.4g}, "
@@ -438,6 +482,7 @@ def configure_parser() -> argparse.ArgumentParser:
     p.add_argument("--remote-code", action="store_true",
                    help="Make mlx-lm's --trust-remote-code run this package's implementation "
                    "from the folder (mlx-lm then needs that flag to load it).")  # fmt: skip
+    add_calibration_arguments(p)
     return p
 
 
