@@ -10,6 +10,7 @@ Three things differ from mlx-lm's, all about holding up under bad input:
   stop words, logit_bias token ids outside the vocabulary), non-finite
   numbers, a seed MLX cannot take, and max_tokens or a prompt beyond the
   model's context (max_position_embeddings). Each gets a 400 naming the field.
+  A prompt that fits leaves its generation capped at the context's end.
 - mlx-lm answers every error raised while preparing a request with 404; here
   a rejected prompt is a 400, a failed model load stays 404 and a dead
   generation thread is a 503.
@@ -49,10 +50,14 @@ class FalconResponseGenerator(mlx_server.ResponseGenerator):
         if len(prompt) == 0:
             raise RequestRejected("the prompt is empty: it tokenizes to no tokens")
         context = _context_length(self.model_provider)
-        if context is not None and len(prompt) + args.max_tokens > context:
+        if context is not None and len(prompt) >= context:
             raise RequestRejected(
-                f"the prompt ({len(prompt)} tokens) plus max_tokens ({args.max_tokens}) exceed "
-                f"the model's context of {context} tokens (max_position_embeddings)")
+                f"the prompt has {len(prompt)} tokens; the model's context is {context} tokens "
+                "(max_position_embeddings), with room for at least one generated token")
+        if context is not None and len(prompt) + args.max_tokens > context:
+            # As OpenAI's API does for an unset max_tokens: stop at the context's end
+            # (the server's default --max-tokens applies when a client sets none).
+            args.max_tokens = context - len(prompt)
         return result
 
 

@@ -39,7 +39,7 @@ def complete(port, prompt):
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     path = tmp_path_factory.mktemp("srv")
-    make_checkpoint(path)
+    make_checkpoint(path, max_position_embeddings=256)  # a short context: cheap to fill
     make_tokenizer(path)
     port = free_port()
     cmd = [sys.executable, "-m", "mlx_falcon_h1.server", "--model", str(path), "--port", str(port)]
@@ -97,7 +97,7 @@ def test_models_lists_the_served_model_without_a_hugging_face_cache(server):
 @pytest.mark.parametrize("path,body,field", [
     ("/v1/completions", {"prompt": 5, "max_tokens": 4}, "prompt must be a string"),
     ("/v1/completions", {"prompt": "class", "max_tokens": 10**9}, "max_tokens must be at most"),
-    ("/v1/completions", {"prompt": "class " * 9000, "max_tokens": 4}, "exceed the model's context"),
+    ("/v1/completions", {"prompt": "class " * 300, "max_tokens": 4}, "the model's context is 256"),
     ("/v1/completions", {"prompt": "class", "max_tokens": 4, "logit_bias": {"500": 1.0}},
      "logit_bias token ids"),
     ("/v1/completions", b'{"prompt": "class", "max_tokens": 4, "temperature": NaN}',
@@ -132,3 +132,14 @@ def test_prompt_cache_exact_hit_leaves_one_token_to_read(tmp_path):
     assert store.fetch_nearest_cache("m", tokens) == (None, tokens)
     hit, rest = store.fetch_nearest_cache("m", tokens + [8, 9])  # a longer prompt still uses it
     assert hit is not None and rest == [8, 9]
+
+
+def test_generation_stops_at_the_context_end(server):
+    """A prompt that fits, with max_tokens past the context: capped, not refused."""
+    _, port = server
+    status, answer = post(port, "/v1/completions", {"prompt": "class " * 250, "max_tokens": 50,
+                                                     "temperature": 0.0})
+    assert status == 200, answer
+    usage = answer["usage"]
+    assert usage["prompt_tokens"] + usage["completion_tokens"] <= 256
+    assert usage["completion_tokens"] >= 1
