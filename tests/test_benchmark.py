@@ -1,8 +1,12 @@
-"""Smoke run of the benchmark on a tiny random model (the real numbers live in the README)."""
+"""Smoke run of the benchmark on a tiny random model (the real numbers live in the README),
+and the Linux BLAS and malloc settings."""
 
 import json
+import os
 import subprocess
 import sys
+
+import pytest
 
 
 def test_benchmark_smoke(tmp_path):
@@ -40,3 +44,40 @@ def test_malloc_setting_and_its_opt_out():
     assert runs["0"] == "glibc defaults"
     if sys.platform.startswith("linux"):
         assert runs[""].startswith("kept") or "no mallopt" in runs[""]
+
+
+def run_python(code, **env):
+    full = {**os.environ, **env}
+    full.pop("MLX_FALCON_H1_BLAS", None) if "MLX_FALCON_H1_BLAS" not in env else None
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full)
+
+
+CHECK_MATMUL = (
+    "import numpy as np, mlx.core as mx; a = np.random.default_rng(0).normal(size=(64, 80))"
+    ".astype(np.float32); b = a[:48].T.copy(); "
+    "assert np.allclose(np.array(mx.array(a) @ mx.array(b)), a @ b, rtol=1e-4, atol=1e-4)"
+)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux only")
+def test_pip_openblas_through_the_shim():
+    """scipy-openblas32 (a dependency on Linux) serves MLX's matmuls, right."""
+    code = "import mlx_falcon_h1.blas as b, mlx_falcon_h1; print(b.in_use); " + CHECK_MATMUL
+    done = run_python(code, MLX_FALCON_H1_BLAS="scipy-openblas32")
+    assert done.returncode == 0, done.stderr
+    assert "libcblas_scipy_openblas" in done.stdout
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux only")
+def test_import_order_is_detected():
+    """mlx.core first: the bundled BLAS is named, with the fix, once."""
+    code = "import mlx.core, mlx_falcon_h1.blas as b; print(b.in_use)"
+    done = run_python(code)
+    assert "bundled (mlx.core was imported before mlx_falcon_h1)" in done.stdout
+    assert done.stderr.count("Import mlx_falcon_h1 first") == 1
+    # With the library preloaded, the order does not matter and nothing is said.
+    shim = run_python("import mlx_falcon_h1.blas as b, mlx_falcon_h1; print(b.in_use)",
+                      MLX_FALCON_H1_BLAS="scipy-openblas32").stdout.strip()  # fmt: skip
+    done = run_python(code + "; " + CHECK_MATMUL, LD_PRELOAD=shim)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == shim and "Import mlx_falcon_h1 first" not in done.stderr
