@@ -21,6 +21,7 @@ skips the check (kernels run unchecked); MLX_FALCON_H1_KERNELS=0 turns the
 kernels off altogether.
 """
 
+import functools
 import json
 import math
 import os
@@ -158,7 +159,7 @@ def run_check(op: str, sizes: dict) -> dict:
 # Where it runs, and the cache
 # ---------------------------------------------------------------------------
 def check_enabled() -> bool:
-    """False when MLX_FALCON_H1_KERNEL_CHECK=0 (read at each call)."""
+    """False when MLX_FALCON_H1_KERNEL_CHECK=0 (read before each check)."""
     return os.environ.get("MLX_FALCON_H1_KERNEL_CHECK", "1").strip() != "0"
 
 
@@ -167,6 +168,11 @@ def gpu_name() -> Optional[str]:
     device is the CPU: nothing to check)."""
     if not metal_available() or mx.default_device().type != mx.DeviceType.gpu:
         return None
+    return _metal_device_name()
+
+
+@functools.lru_cache(maxsize=None)
+def _metal_device_name() -> str:
     try:
         info = mx.device_info() if hasattr(mx, "device_info") else mx.metal.device_info()
     except Exception:  # pragma: no cover - MLX without device_info
@@ -184,6 +190,7 @@ def cache_path() -> str:
     return os.path.join(base, CACHE_FILE)
 
 
+@functools.lru_cache(maxsize=None)  # the dispatchers ask at every call
 def device_key(gpu: str) -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -224,16 +231,21 @@ def _write_cache(path: str, device: str, key: str, record: dict) -> None:
 
 _lock = threading.RLock()
 _results: dict = {}  # (device, key) -> record, this process
+_verdicts: dict = {}  # (op, *sizes) -> bool, this process (one GPU per process)
 _warned: set = set()
 
 
 def kernel_allowed(op: str, sizes: dict) -> bool:
     """Whether `op`'s kernel may run at `sizes` on this device: the dispatchers'
     last condition. True without a GPU to check or with the check switched off."""
-    if not check_enabled():
-        return True
     gpu = gpu_name()
     if gpu is None:
+        return True
+    fast_key = (op, *sizes.values())  # the hot path (every dispatch): one dict lookup
+    verdict = _verdicts.get(fast_key)
+    if verdict is not None:
+        return verdict
+    if not check_enabled():
         return True
     device, key = device_key(gpu), describe(op, sizes)
     record = _results.get((device, key))
@@ -248,6 +260,7 @@ def kernel_allowed(op: str, sizes: dict) -> bool:
     if not record["ok"] and (device, key) not in _warned:
         _warned.add((device, key))
         _warn(op, key, gpu, record)
+    _verdicts[fast_key] = record["ok"]
     return record["ok"]
 
 
@@ -278,4 +291,5 @@ def reset() -> None:
     """Forget this process's results and warnings (the cache file stays)."""
     with _lock:
         _results.clear()
+        _verdicts.clear()
         _warned.clear()
