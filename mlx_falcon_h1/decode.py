@@ -76,6 +76,7 @@ class CompiledDecode:
 
     def __init__(self, model):
         self.traces = 0
+        self.warm = False
 
         def traced(tokens, offset, states):
             self.traces += 1  # runs only while MLX traces
@@ -105,6 +106,13 @@ class CompiledDecode:
         )
 
     def __call__(self, model, tokens: mx.array, cache: List[FalconH1Cache]) -> mx.array:
+        if not self.warm:
+            # The first step runs eagerly: on a Mac the kernels check themselves
+            # against their references at first use (kernels/runtime_check.py), which
+            # needs evaluation, impossible while MLX traces; the verdicts it leaves
+            # are what the traced step then follows.
+            self.warm = True
+            return model.forward(tokens, cache)
         for layer, c in zip(model.layers, cache):
             c.prepare_decode(layer.mamba)  # eager: pending replay, buffer capacity
         offset = mx.array(cache[0].kv.offset, mx.int32)

@@ -145,5 +145,7 @@ def our_decode_step(model, token, cache):
     """Our model's decode step as it runs by default, traced afresh (a compiled step
     already traced on this machine's CPU would replay the CPU's path)."""
     if decode.compiled_decode(model) is not None and decode.CompiledDecode.eligible(cache):
-        return decode.CompiledDecode(model)(model, token, cache)
+        step = decode.CompiledDecode(model)
+        step.warm = True  # straight to the traced step (see CompiledDecode)
+        return step(model, token, cache)
     return model.forward(token, cache)

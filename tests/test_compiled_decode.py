@@ -10,7 +10,7 @@ from mlx_lm.models.cache import QuantizedKVCache
 from conftest import make_checkpoint
 from mlx_falcon_h1 import load_model
 from mlx_falcon_h1.decode import CompiledDecode
-from mlx_falcon_h1.launch_count import decode_step_launches
+from mlx_falcon_h1.launch_count import decode_step_launches, our_decode_step
 from mlx_falcon_h1_convert import convert
 
 PROMPT = mx.array([[3, 17, 5, 40, 9, 11, 60, 2, 33]])
@@ -49,7 +49,7 @@ def test_compiled_step_is_on_and_matches_the_uncompiled_path(model, monkeypatch)
     monkeypatch.setitem(model.__dict__, "_compiled_decode", type("S", (), {
         "__call__": staticmethod(counting), "eligible": staticmethod(CompiledDecode.eligible)})())
     compiled, tokens = decode(model, 256, True, monkeypatch)
-    assert len(calls) == 256  # every decode step took it
+    assert len(calls) == 256  # every decode step took it (the first one eagerly)
     # Retraced only when the K/V buffers grow (every 256 tokens): 9 + 256 tokens -> 2.
     assert step.traces == 2
     eager, eager_tokens = decode(model, 256, False, monkeypatch)
@@ -102,7 +102,7 @@ def test_launch_counter(tmp_path):
     convert(str(tmp_path / "hf"), str(tmp_path / "mlx"), dtype="float32")
     ours = load_model(tmp_path / "mlx")[0]
     stock = mlx_lm.utils.load_model(tmp_path / "mlx")[0]
-    compiled = decode_step_launches(ours, lambda m, t, c: CompiledDecode(m)(m, t, c))
+    compiled = decode_step_launches(ours, our_decode_step)
     eager = decode_step_launches(ours, lambda m, t, c: m.forward(t, c))
     theirs = decode_step_launches(stock)
     layers = len(ours.layers)
