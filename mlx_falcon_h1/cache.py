@@ -192,9 +192,10 @@ class FalconH1Cache(_BaseCache):
             self.ssm_state = self._replay(mixer, self.replay_to)
             self.replay_to = None
         kv = self.kv
-        if kv.offset + 1 > kv.keys.shape[2]:
-            if kv.offset % kv.step:
-                kv.keys, kv.values = kv.keys[..., : kv.offset, :], kv.values[..., : kv.offset, :]
+        used = kv._idx if isinstance(kv, BatchKVCache) else kv.offset
+        if used + 1 > kv.keys.shape[2]:
+            if used % kv.step:
+                kv.keys, kv.values = kv.keys[..., :used, :], kv.values[..., :used, :]
             grow = lambda a: mx.zeros(a.shape[:2] + (kv.step, a.shape[3]), a.dtype)  # noqa: E731
             kv.keys = mx.concatenate([kv.keys, grow(kv.keys)], axis=2)
             kv.values = mx.concatenate([kv.values, grow(kv.values)], axis=2)
@@ -205,7 +206,9 @@ class FalconH1Cache(_BaseCache):
     def take_decode_state(self, mixer, keys, values, conv_state, ssm_state, rows) -> None:
         """After a compiled step: its new buffers and states, one more token."""
         self.kv.keys, self.kv.values = keys, values
-        self.kv.offset += 1
+        self.kv.offset = self.kv.offset + 1  # an int, or per row in a batch
+        if isinstance(self.kv, BatchKVCache):
+            self.kv._idx += 1
         self.conv_state, self.ssm_state = conv_state, ssm_state
         self._extend_window(mixer, rows)
 

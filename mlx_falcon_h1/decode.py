@@ -6,6 +6,8 @@ norms and RoPE that are not one `mx.fast` call. On a Metal GPU each is at least
 one kernel launch; on the CPU each costs a few microseconds of dispatch, more
 than its arithmetic. `mx.compile` traces the step once and replays it, fusing
 the elementwise chains into single kernels and skipping the graph building.
+It serves single sequences (mlx-lm's KVCache) and batch generation
+(BatchKVCache, which the server uses) alike.
 
 One source of truth: the compiled function runs the model's own layers, with
 each layer's cache replaced by a `_StepCache` that holds the same state as
@@ -17,8 +19,8 @@ steps of mlx-lm's KVCache (256 tokens), and the number of valid keys is an
 input array. A step retraces when the capacity grows, or the batch size or a
 dtype changes. What the step does not cover runs outside it, eagerly: the
 rollback window's bookkeeping and replay (cache.py), a trim's replay, growing
-the buffers, and every cache the step cannot express (a quantized K/V cache,
-batch generation's padded caches, a cache loaded from a file and not yet
+the buffers, and every cache the step cannot express (a quantized K/V cache, a
+batch still taking right-padded prompts, a cache loaded from a file and not yet
 checked); those calls take the uncompiled path, which computes the same thing.
 
 MLX_FALCON_H1_COMPILE=0 turns it off.
@@ -28,7 +30,7 @@ import os
 from typing import List, Optional
 
 import mlx.core as mx
-from mlx_lm.models.cache import KVCache
+from mlx_lm.models.cache import BatchKVCache, KVCache
 
 from .cache import FalconH1Cache
 
@@ -41,17 +43,18 @@ def enabled() -> bool:
 class _StepCache:
     """One layer's cache as the compiled step sees it: arrays in, arrays out."""
 
-    def __init__(self, keys, values, offset, valid, conv_state, ssm_state):
-        self.keys, self.values = keys, values
-        self.offset = offset  # (), int32: tokens already in the buffers (RoPE's position)
-        self.valid = valid  # (capacity,) bool: the buffers' real keys once this one is in
+    def __init__(self, keys, values, position, offset, valid, conv_state, ssm_state):
+        self.keys, self.values = keys, values  # (B, Hkv, capacity, D)
+        self.position = position  # (), int32: where this token's key goes
+        self.offset = offset  # RoPE's position: () or, for a batch, (B,) int32
+        self.valid = valid  # (B, 1, 1, capacity) bool: the real keys once this one is in
         self.conv_state, self.ssm_state = conv_state, ssm_state
         self.rows = None
 
     def update_and_fetch(self, keys, values):
-        # keys, values: (B, Hkv, 1, D) written at position `offset`.
-        self.keys = mx.slice_update(self.keys, keys, self.offset[None], axes=(2,))
-        self.values = mx.slice_update(self.values, values, self.offset[None], axes=(2,))
+        # keys, values: (B, Hkv, 1, D), written at `position`.
+        self.keys = mx.slice_update(self.keys, keys, self.position[None], axes=(2,))
+        self.values = mx.slice_update(self.values, values, self.position[None], axes=(2,))
         return self.keys, self.values
 
     def whole_buffers(self):
@@ -63,10 +66,13 @@ class _StepCache:
         return y
 
 
-def _step(model, tokens, offset, states):
-    # One mask for every layer: the buffers share their capacity.
-    valid = mx.arange(states[0][0].shape[2]) <= offset
-    caches = [_StepCache(k, v, offset, valid, c, s) for k, v, c, s in states]
+def _step(model, tokens, position, offset, left_padding, states):
+    # One mask for every layer (the buffers share their capacity): keys from the
+    # row's left padding (batch generation's) up to this token.
+    keys = mx.arange(states[0][0].shape[2])
+    valid = (keys >= left_padding[:, None]) & (keys <= position)
+    valid = valid[:, None, None, :]
+    caches = [_StepCache(k, v, position, offset, valid, c, s) for k, v, c, s in states]
     logits = model.forward(tokens, caches)
     return logits, [(c.keys, c.values, c.conv_state, c.ssm_state, c.rows) for c in caches]
 
@@ -78,9 +84,9 @@ class CompiledDecode:
         self.traces = 0
         self.warm = False
 
-        def traced(tokens, offset, states):
+        def traced(tokens, position, offset, left_padding, states):
             self.traces += 1  # runs only while MLX traces
-            return _step(model, tokens, offset, states)
+            return _step(model, tokens, position, offset, left_padding, states)
 
         # inputs=model: the parameters are read at each call, not frozen at the
         # first trace (weights may be replaced, e.g. by adapters).
@@ -91,11 +97,17 @@ class CompiledDecode:
         """Whether every layer's cache is one the compiled step expresses."""
         if not cache or not all(type(c) is FalconH1Cache for c in cache):
             return False
-        first = cache[0]
+        kind = type(cache[0].kv)
+        if kind is BatchKVCache:
+            position = cache[0].kv._idx
+            if any(type(c.kv) is not kind or c.kv._idx != position or c.kv._right_padding is not None
+                   for c in cache):  # fmt: skip
+                return False
+        elif kind is not KVCache or any(c.kv.offset != cache[0].kv.offset for c in cache):
+            return False
         return all(
-            type(c.kv) is KVCache
+            type(c.kv) is kind
             and c.kv.keys is not None
-            and c.kv.offset == first.kv.offset
             and c.lengths is None
             and c.conv_state is not None
             and c.ssm_state is not None
@@ -115,10 +127,17 @@ class CompiledDecode:
             return model.forward(tokens, cache)
         for layer, c in zip(model.layers, cache):
             c.prepare_decode(layer.mamba)  # eager: pending replay, buffer capacity
-        offset = mx.array(cache[0].kv.offset, mx.int32)
+        kv = cache[0].kv
+        if type(kv) is BatchKVCache:
+            position, offset, left_padding = kv._idx, kv.offset, kv.left_padding
+        else:
+            position, offset, left_padding = kv.offset, mx.array(kv.offset), mx.zeros((1,))
+        position = mx.array(position, mx.int32)
+        offset, left_padding = offset.astype(mx.int32), left_padding.astype(mx.int32)
         # Sampled tokens come as uint32, prompt tokens as int32: one dtype, one trace.
         tokens = tokens.astype(mx.int32)
-        logits, new = self._fn(tokens, offset, [c.decode_state() for c in cache])
+        states = [c.decode_state() for c in cache]
+        logits, new = self._fn(tokens, position, offset, left_padding, states)
         # Rebinding the buffers leaves the step's graph the only reference to the
         # old ones, so MLX updates them in place when it evaluates the step.
         for layer, c, arrays in zip(model.layers, cache, new):

@@ -4,11 +4,11 @@ import mlx.core as mx
 import mlx_lm
 import numpy as np
 import pytest
-from mlx_lm.generate import generate_step
+from mlx_lm.generate import batch_generate, generate_step
 from mlx_lm.models.cache import QuantizedKVCache
 
-from conftest import make_checkpoint
-from mlx_falcon_h1 import load_model
+from conftest import make_checkpoint, make_tokenizer
+from mlx_falcon_h1 import load, load_model
 from mlx_falcon_h1.decode import CompiledDecode
 from mlx_falcon_h1.launch_count import decode_step_launches, our_decode_step
 from mlx_falcon_h1_convert import convert
@@ -111,3 +111,24 @@ def test_launch_counter(tmp_path):
     assert compiled["by_primitive"]["Matmul"] == 9 * layers + 1  # 9 projections + head
     assert compiled["per_layer"] < eager["per_layer"]
     assert compiled["per_layer"] < theirs["per_layer"]
+
+
+def test_batch_generation_uses_it(tmp_path, monkeypatch):
+    """mlx-lm's batch generation (the server's path): the compiled step serves its
+    BatchKVCache-backed caches, with each prompt's own tokens and log-probabilities."""
+    make_checkpoint(tmp_path, mamba_rms_norm=True)
+    make_tokenizer(tmp_path)
+    model, tokenizer = load(str(tmp_path))
+    prompts = [[5, 9, 14, 22, 7, 30, 41], [8, 4], [17, 25, 33, 12]]
+    runs = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("MLX_FALCON_H1_COMPILE", flag)
+        model.__dict__.pop("_compiled_decode", None)
+        out = batch_generate(model, tokenizer, prompts, max_tokens=12,
+                             return_token_ids=True, return_logprobs=True)  # fmt: skip
+        runs[flag] = (out.token_ids, out.logprobs)
+        if flag == "1":
+            assert model._compiled_decode.traces >= 1
+    assert runs["1"][0] == runs["0"][0]
+    for a, b in zip(runs["1"][1], runs["0"][1]):
+        np.testing.assert_allclose(a, b, atol=1e-5)
