@@ -24,7 +24,7 @@ from mlx_falcon_h1.msl_emu.testing import emulated
 
 pytestmark = pytest.mark.skipif(not msl_emu.available(), reason="the emulator needs g++")
 
-BUDGET_S = float(os.environ.get("MLX_FALCON_H1_FUZZ_SECONDS", "20"))
+BUDGET_S = float(os.environ.get("MLX_FALCON_H1_FUZZ_SECONDS", "15"))
 SEED = int(os.environ.get("MLX_FALCON_H1_FUZZ_SEED", "0"))
 MODULES = {"ssd_scan": ssd_scan, "causal_conv1d": conv1d, "ssm_step": ssm_step}
 DTYPES = [mx.float32, mx.float16, mx.bfloat16]
