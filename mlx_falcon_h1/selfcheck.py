@@ -149,7 +149,7 @@ def report_runtime_checks(out=print) -> bool:
     out(f"Run-time check results for this GPU ({path}; delete it to check again):")
     for key, e in sorted(entries.items()):
         status = "ok" if e["ok"] else f"FAILED, turned off: {e['error']}"
-        out(f"  {key:45} {e.get('seconds', 0) * 1e3:8.1f} ms  {status}")
+        out(f"  {key:62} {e.get('seconds', 0) * 1e3:8.1f} ms  {status}")
     return all(e["ok"] for e in entries.values())
 
 

@@ -12,8 +12,9 @@ error and the command that reports it.
 
 Results are kept in memory and in `kernel_check.json` in the user's cache
 folder ($MLX_FALCON_H1_CACHE_DIR, else $XDG_CACHE_HOME/mlx_falcon_h1, else
-~/.cache/mlx_falcon_h1), keyed by package version, MLX version and GPU name,
-so each check runs once per machine and upgrade. A kernel found wrong warns
+~/.cache/mlx_falcon_h1), keyed by package version, MLX version and GPU name
+(and each entry by the kernel source's digest), so each check runs once per
+machine and upgrade. A kernel found wrong warns
 again once in each later process (from the cached result) and stays off.
 
 Never on the CPU (there are no kernels to check); MLX_FALCON_H1_KERNEL_CHECK=0
@@ -22,6 +23,7 @@ kernels off altogether.
 """
 
 import functools
+import hashlib
 import json
 import math
 import os
@@ -201,6 +203,14 @@ def device_key(gpu: str) -> str:
     return f"mlx-falcon-h1 {package} | mlx {mx.__version__} | {gpu}"
 
 
+@functools.lru_cache(maxsize=None)
+def source_digest(op: str) -> str:
+    """8 hex digits of the kernel's Metal source: a fixed kernel is checked again
+    even where the package version did not change (a source checkout)."""
+    spec = _module(op).KERNEL_SPEC
+    return hashlib.sha256((spec.get("header", "") + spec["source"]).encode()).hexdigest()[:8]
+
+
 def _read_cache(path: str) -> dict:
     try:
         with open(path) as f:
@@ -247,7 +257,7 @@ def kernel_allowed(op: str, sizes: dict) -> bool:
         return verdict
     if not check_enabled():
         return True
-    device, key = device_key(gpu), describe(op, sizes)
+    device, key = device_key(gpu), f"{describe(op, sizes)} (kernel {source_digest(op)})"
     record = _results.get((device, key))
     if record is None:
         with _lock:
