@@ -119,6 +119,16 @@ def fold_multipliers(weights: Dict[str, mx.array], args: ModelArgs) -> Dict[str,
     return folded
 
 
+def _rebuilt(model, args: ModelArgs):
+    """A Model for `args` holding `model`'s parameters (the same arrays)."""
+    from mlx_falcon_h1.model import Model
+
+    rebuilt = Model(args)
+    rebuilt.load_weights(tree_flatten(model.parameters()), strict=True)
+    rebuilt.eval()
+    return rebuilt
+
+
 def _cast_calibrated(model, target: mx.Dtype, before: Dict[str, mx.Dtype]) -> None:
     """After calibration (which computes in float32): the dtypes a plain
     conversion writes. Scales, biases and other weights in `target`; SSM
@@ -330,6 +340,10 @@ def convert(
             from mlx_lm.utils import load_tokenizer
 
             bits, group_size = q_bits or 4, q_group_size or 64
+            # Calibration runs the model: it must apply only what the folded
+            # weights do not carry, i.e. the multipliers the output's config states.
+            folded = folder_format.folded_config(config, originals)
+            model = _rebuilt(model, make_args(folded, source / "config.json"))
             before = {k: v.dtype for k, v in tree_flatten(model.parameters())}
             q, record = calibrated_quantize(
                 model, load_tokenizer(source), bits, group_size, calibrated, scale_dtype=target

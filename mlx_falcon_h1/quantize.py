@@ -221,6 +221,59 @@ def pack(q: np.ndarray, bits: int) -> mx.array:
     return mx.array(np.concatenate(out, axis=0))
 
 
+class _DequantizedLinear(nn.Module):
+    """A QuantizedLinear computed as dequantize + matmul, with the same parameter
+    names. On the CPU, MLX's quantized matmul is ~20x slower than dequantizing and
+    calling BLAS (measured here: 3.2 s vs 0.13 s for 2040 x 256 @ 256 x 4096),
+    and the dequantized form is differentiable in scales and biases (DWQ)."""
+
+    def __init__(self, q: nn.QuantizedLinear):
+        super().__init__()
+        self.group_size, self.bits = q.group_size, q.bits
+        self.weight, self.scales, self.biases = q.weight, q.scales, q.biases
+        if "bias" in q:
+            self.bias = q.bias
+
+    def dense(self) -> mx.array:
+        w = mx.dequantize(self.weight, self.scales, self.biases, group_size=self.group_size, bits=self.bits)
+        return w.astype(mx.float32)
+
+    def __call__(self, x):  # in float32: calibration's arithmetic, not bfloat16's
+        y = x.astype(mx.float32) @ self.dense().T
+        return y + self.bias if "bias" in self else y
+
+
+class _DequantizedEmbedding(_DequantizedLinear):
+    def __call__(self, ids):
+        return mx.dequantize(self.weight[ids], self.scales[ids], self.biases[ids],
+                             group_size=self.group_size, bits=self.bits).astype(mx.float32)  # fmt: skip
+
+    def as_linear(self, x):
+        return x.astype(mx.float32) @ self.dense().T
+
+
+def dequantized_form(module: nn.Module) -> List[Tuple[str, nn.Module]]:
+    """Swap every affine-quantized leaf of `module` for its dequantize + matmul
+    twin (same math, same parameter names); returns what to restore_modules()."""
+    swapped = []
+    for p, m in tree_flatten(module.leaf_modules(), is_leaf=nn.Module.is_module):
+        if isinstance(m, nn.QuantizedLinear) and m.mode == "affine":
+            swapped.append((p, m))
+            _set(module, p, _DequantizedLinear(m))
+        elif isinstance(m, nn.QuantizedEmbedding) and m.mode == "affine":
+            swapped.append((p, m))
+            _set(module, p, _DequantizedEmbedding(m))
+    return swapped
+
+
+def restore_modules(module: nn.Module, swapped: List[Tuple[str, nn.Module]]) -> None:
+    """Put the quantized modules back, with the twins' (possibly learned) parameters."""
+    for p, original in swapped:
+        twin = _get(module, p)
+        original.update({k: twin[k] for k in ("scales", "biases")})
+        _set(module, p, original)
+
+
 def _quantized_linear(layer: nn.Linear, q, scales, biases, bits, group_size) -> nn.QuantizedLinear:
     out_dims, in_dims = layer.weight.shape
     ql = nn.QuantizedLinear(in_dims, out_dims, bias="bias" in layer, group_size=group_size, bits=bits)
@@ -411,7 +464,9 @@ def gptq_quantize(model, tokens, bits, group_size, scale_dtype, settings, log=pr
     for n, layer in enumerate(model.layers):
         originals = _float32(layer)
         quantize_layer(layer, list(_linears(layer, group_size)), x)
+        swapped = dequantized_form(layer)
         x = _run(_decoder(layer), x, settings.batch_size)  # through the quantized layer
+        restore_modules(layer, swapped)
         del originals
         mx.clear_cache()
         log(f"[gptq] layer {n + 1}/{len(model.layers)}")
@@ -519,6 +574,7 @@ def awq_quantize(model, tokens, bits, group_size, scale_dtype, settings, log=pri
 
         plain = copy.deepcopy(layer)
         nn.quantize(plain, group_size, bits, class_predicate=lambda p, m: p in paths)
+        dequantized_form(plain)
         loss_before = ((_run(_decoder(plain), xs, settings.batch_size) - y[::subsample]) ** 2).mean().item()
         del plain
         float_params = layer.parameters()
@@ -555,7 +611,9 @@ def awq_quantize(model, tokens, bits, group_size, scale_dtype, settings, log=pri
             m.weight = search_best_clip(m, qf, group_size, settings.n_grid)
             del m.input_feat
         nn.quantize(layer, group_size, bits, class_predicate=lambda p, m: p in paths)
+        swapped = dequantized_form(layer)
         loss_after = ((_run(_decoder(layer), xs, settings.batch_size) - y[::subsample]) ** 2).mean().item()
+        restore_modules(layer, swapped)
         if loss_after > loss_before:  # as mlx-lm: never worse than plain on the calibration text
             model.layers[n] = layer = type(layer)(args)
             layer.update(float_params)
@@ -635,13 +693,12 @@ def dwq_quantize(model, tokens, bits, group_size, scale_dtype, settings, log=pri
     else:
         init = {"gptq": gptq_quantize, "awq": awq_quantize}[settings.dwq_init]
         init(model, train, bits, group_size, scale_dtype, settings, log)
+    swapped = dequantized_form(model)
     model.freeze()
-
-    def unfreeze(_, m):
-        if hasattr(m, "scales") and getattr(m, "mode", "affine") == "affine":
-            m.unfreeze(keys=["scales", "biases"], recurse=False)
-
-    model.apply_to_modules(unfreeze)
+    model.apply_to_modules(
+        lambda _, m: m.unfreeze(keys=["scales", "biases"], recurse=False)
+        if isinstance(m, _DequantizedLinear) else None
+    )
     params = tree_map(lambda p: p.astype(mx.float32), model.trainable_parameters())
     dtypes = tree_map(lambda p: p.dtype, model.trainable_parameters())
     scale = 1.0 / settings.temperature
@@ -682,6 +739,7 @@ def dwq_quantize(model, tokens, bits, group_size, scale_dtype, settings, log=pri
         if v < best:
             best, best_params = v, params
     model.update(tree_map(lambda p, d: p.astype(d), best_params, dtypes))
+    restore_modules(model, swapped)
     model.unfreeze()
     model.eval()
 

@@ -207,3 +207,28 @@ def test_bad_calibrated_conversions_name_the_fault(source, tmp_path):
     with pytest.raises(ValueError, match="no such file"):
         convert(str(path), str(tmp_path / "a"), quantize=True, method="gptq", calibration_data=str(tmp_path / "x"))
     assert not any(p.name.startswith(".a") or p.name == "a" for p in tmp_path.iterdir())
+
+
+def test_calibration_sees_the_float_model(source, tmp_path, monkeypatch):
+    """The model handed to calibration has folded weights; it must apply only
+    the multipliers left (the output's config), or every method calibrates a
+    different function (muP multipliers applied twice)."""
+    import sys
+
+    conv = sys.modules["mlx_falcon_h1_convert.convert"]  # the package exports convert(), not the module
+
+    path, text = source
+    convert(str(path), str(tmp_path / "f"), dtype="float32")
+    expected = logits_of(load_model(tmp_path / "f")[0])
+    seen = {}
+
+    def spy(model, *args, **kwargs):
+        from mlx_falcon_h1.evaluate import cast_model
+
+        seen["logits"] = logits_of(cast_model(model, mx.float32))
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(conv, "calibrated_quantize", spy)
+    with pytest.raises(RuntimeError, match="stop here"):
+        convert(str(path), str(tmp_path / "q"), quantize=True, method="gptq", calibration_data=str(text))
+    assert_close_logits(seen["logits"], expected, rel=1e-5)
