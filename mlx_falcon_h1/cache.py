@@ -193,18 +193,25 @@ class FalconH1Cache(_BaseCache):
             self.replay_to = None
         kv = self.kv
         used = kv._idx if isinstance(kv, BatchKVCache) else kv.offset
-        if used + 1 > kv.keys.shape[2]:
-            if used % kv.step:
-                kv.keys, kv.values = kv.keys[..., :used, :], kv.values[..., :used, :]
-            grow = lambda a: mx.zeros(a.shape[:2] + (kv.step, a.shape[3]), a.dtype)  # noqa: E731
-            kv.keys = mx.concatenate([kv.keys, grow(kv.keys)], axis=2)
-            kv.values = mx.concatenate([kv.values, grow(kv.values)], axis=2)
+        quantized = isinstance(kv, QuantizedKVCache)  # (packed, scales, biases) triples
+        if used + 1 > (kv.keys[0] if quantized else kv.keys).shape[2]:
+
+            def grow(a):
+                a = a[..., :used, :] if used % kv.step else a
+                return mx.concatenate([a, mx.zeros(a.shape[:2] + (kv.step, a.shape[3]), a.dtype)], axis=2)
+
+            if quantized:
+                kv.keys, kv.values = tuple(map(grow, kv.keys)), tuple(map(grow, kv.values))
+            else:
+                kv.keys, kv.values = grow(kv.keys), grow(kv.values)
 
     def decode_state(self):
         return self.kv.keys, self.kv.values, self.conv_state, self.ssm_state
 
     def take_decode_state(self, mixer, keys, values, conv_state, ssm_state, rows) -> None:
         """After a compiled step: its new buffers and states, one more token."""
+        if isinstance(self.kv, QuantizedKVCache):
+            keys, values = tuple(keys), tuple(values)
         self.kv.keys, self.kv.values = keys, values
         self.kv.offset = self.kv.offset + 1  # an int, or per row in a batch
         if isinstance(self.kv, BatchKVCache):

@@ -30,7 +30,7 @@ import os
 from typing import List, Optional
 
 import mlx.core as mx
-from mlx_lm.models.cache import BatchKVCache, KVCache
+from mlx_lm.models.cache import BatchKVCache, KVCache, QuantizedKVCache
 
 from .cache import FalconH1Cache
 
@@ -66,13 +66,35 @@ class _StepCache:
         return y
 
 
-def _step(model, tokens, position, offset, left_padding, states):
+class _QuantizedStepCache(_StepCache):
+    """--kv-bits: the buffers are mlx-lm's QuantizedKVCache triples (packed, scales,
+    biases); the attention code reads `bits` and `group_size` as from that cache."""
+
+    def __init__(self, bits, group_size, *args):
+        super().__init__(*args)
+        self.bits, self.group_size = bits, group_size
+
+    def update_and_fetch(self, keys, values):
+        at = self.position[None]
+        new_k = mx.quantize(keys, group_size=self.group_size, bits=self.bits)
+        new_v = mx.quantize(values, group_size=self.group_size, bits=self.bits)
+        self.keys = tuple(mx.slice_update(b, n, at, axes=(2,)) for b, n in zip(self.keys, new_k))
+        self.values = tuple(mx.slice_update(b, n, at, axes=(2,)) for b, n in zip(self.values, new_v))
+        return self.keys, self.values
+
+
+def _step(model, quantized, tokens, position, offset, left_padding, states):
     # One mask for every layer (the buffers share their capacity): keys from the
     # row's left padding (batch generation's) up to this token.
-    keys = mx.arange(states[0][0].shape[2])
+    capacity = (states[0][0][0] if quantized else states[0][0]).shape[2]
+    keys = mx.arange(capacity)
     valid = (keys >= left_padding[:, None]) & (keys <= position)
     valid = valid[:, None, None, :]
-    caches = [_StepCache(k, v, position, offset, valid, c, s) for k, v, c, s in states]
+    if quantized:  # (bits, group_size): constants of the trace, as shapes tell them apart
+        caches = [_QuantizedStepCache(*quantized, k, v, position, offset, valid, c, s)
+                  for k, v, c, s in states]  # fmt: skip
+    else:
+        caches = [_StepCache(k, v, position, offset, valid, c, s) for k, v, c, s in states]
     logits = model.forward(tokens, caches)
     return logits, [(c.keys, c.values, c.conv_state, c.ssm_state, c.rows) for c in caches]
 
@@ -86,7 +108,9 @@ class CompiledDecode:
 
         def traced(tokens, position, offset, left_padding, states):
             self.traces += 1  # runs only while MLX traces
-            return _step(model, tokens, position, offset, left_padding, states)
+            return _step(model, self._quantized, tokens, position, offset, left_padding, states)
+
+        self._traced, self._quantized = traced, None
 
         # inputs=model: the parameters are read at each call, not frozen at the
         # first trace (weights may be replaced, e.g. by adapters).
@@ -98,7 +122,12 @@ class CompiledDecode:
         if not cache or not all(type(c) is FalconH1Cache for c in cache):
             return False
         kind = type(cache[0].kv)
-        if kind is BatchKVCache:
+        if kind is QuantizedKVCache:
+            first = cache[0].kv
+            if any(type(c.kv) is not kind or (c.kv.offset, c.kv.bits, c.kv.group_size)
+                   != (first.offset, first.bits, first.group_size) for c in cache):  # fmt: skip
+                return False
+        elif kind is BatchKVCache:
             position = cache[0].kv._idx
             if any(type(c.kv) is not kind or c.kv._idx != position or c.kv._right_padding is not None
                    for c in cache):  # fmt: skip
@@ -136,6 +165,10 @@ class CompiledDecode:
         offset, left_padding = offset.astype(mx.int32), left_padding.astype(mx.int32)
         # Sampled tokens come as uint32, prompt tokens as int32: one dtype, one trace.
         tokens = tokens.astype(mx.int32)
+        quantized = (kv.bits, kv.group_size) if type(kv) is QuantizedKVCache else None
+        if quantized != self._quantized:  # not visible to the trace's key: force a retrace
+            self._quantized = quantized
+            self._fn = mx.compile(self._traced, inputs=model, outputs=None)
         states = [c.decode_state() for c in cache]
         logits, new = self._fn(tokens, position, offset, left_padding, states)
         # Rebinding the buffers leaves the step's graph the only reference to the

@@ -321,7 +321,8 @@ class Attention(nn.Module):
         causal = mask is None and l == 1 or isinstance(mask, str) and mask == "causal"
         if causal and not hasattr(cache, "bits"):
             out = causal_attention(q, k, v, self.scale, valid)  # blocked, or one query
-        else:  # a mask array (batch padding) or a quantized cache
+        else:  # a mask array (batch padding) or a quantized cache (whole buffers: `valid`)
+            mask = mask if valid is None else valid
             out = scaled_dot_product_attention(q, k, v, cache=cache, scale=self.scale, mask=mask)
         return _linear(self.o_proj, out.transpose(0, 2, 1, 3).reshape(b, l, -1))
 

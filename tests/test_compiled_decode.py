@@ -66,12 +66,12 @@ def test_generation_uses_it_through_mlx_lm(model, monkeypatch):
 
 
 def test_caches_it_cannot_express_take_the_uncompiled_path(model):
-    """--kv-bits (tested end to end in test_generation_paths) and batch padding."""
+    """Layers whose K/V caches disagree, and a batch still taking padded prompts."""
     cache = model.make_cache()
     assert not CompiledDecode.eligible(cache)  # nothing cached yet: the prompt runs first
     model(PROMPT, cache=cache)
     assert CompiledDecode.eligible(cache)
-    cache[1].kv = QuantizedKVCache(group_size=32, bits=8)
+    cache[1].kv = QuantizedKVCache(group_size=32, bits=8)  # layers disagree
     assert not CompiledDecode.eligible(cache)
     cache = model.make_cache()
     model(PROMPT, cache=cache)
@@ -132,3 +132,25 @@ def test_batch_generation_uses_it(tmp_path, monkeypatch):
     assert runs["1"][0] == runs["0"][0]
     for a, b in zip(runs["1"][1], runs["0"][1]):
         np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_kv_bits_through_the_compiled_step(tmp_path, monkeypatch):
+    """--kv-bits: the quantized K/V cache inside the step, same logits as uncompiled."""
+    make_checkpoint(tmp_path, head_dim=32, mamba_rms_norm=True)
+    model = load_model(tmp_path)[0]
+    runs = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("MLX_FALCON_H1_COMPILE", flag)
+        model.__dict__.pop("_compiled_decode", None)
+        cache = model.make_cache()
+        model(PROMPT, cache=cache)
+        for c in cache:
+            c.to_quantized(group_size=32, bits=4)
+        logits = []
+        for t in range(260):  # across a buffer growth
+            logits.append(model(mx.array([[t % 90 + 4]]), cache=cache))
+            mx.eval(logits[-1], [c.state for c in cache])
+        runs[flag] = np.array(mx.concatenate(logits, axis=1))
+        if flag == "1":
+            assert CompiledDecode.eligible(cache) and model._compiled_decode.traces == 2
+    assert np.abs(runs["1"] - runs["0"]).max() <= 1e-5 * np.abs(runs["0"]).max()
