@@ -194,11 +194,16 @@ class FalconH1Cache(_BaseCache):
         kv = self.kv
         used = kv._idx if isinstance(kv, BatchKVCache) else kv.offset
         quantized = isinstance(kv, QuantizedKVCache)  # (packed, scales, biases) triples
-        if used + 1 > (kv.keys[0] if quantized else kv.keys).shape[2]:
+        capacity = (kv.keys[0] if quantized else kv.keys).shape[2]
+        # Capacities are kept at multiples of the step (batch merges leave other
+        # sizes), so the compiled step meets few distinct shapes: one trace each.
+        if used + 1 > capacity or capacity % kv.step:
+            target = (used // kv.step + 1) * kv.step
 
             def grow(a):
-                a = a[..., :used, :] if used % kv.step else a
-                return mx.concatenate([a, mx.zeros(a.shape[:2] + (kv.step, a.shape[3]), a.dtype)], axis=2)
+                a = a[..., :used, :]
+                pad = mx.zeros(a.shape[:2] + (target - used, a.shape[3]), a.dtype)
+                return mx.concatenate([a, pad], axis=2)
 
             if quantized:
                 kv.keys, kv.values = tuple(map(grow, kv.keys)), tuple(map(grow, kv.values))

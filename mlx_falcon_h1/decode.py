@@ -35,6 +35,12 @@ from mlx_lm.models.cache import BatchKVCache, KVCache, QuantizedKVCache
 from .cache import FalconH1Cache
 
 
+# Traces kept at once (one per batch size and K/V capacity met): enough for a
+# long generation (a capacity step is 256 tokens) or a server's few batch sizes
+# at a few capacities, small enough to bound the memory they hold.
+MAX_TRACES = 16
+
+
 def enabled() -> bool:
     """False when MLX_FALCON_H1_COMPILE=0 (read at each call)."""
     return os.environ.get("MLX_FALCON_H1_COMPILE", "1").strip() != "0"
@@ -110,7 +116,7 @@ class CompiledDecode:
             self.traces += 1  # runs only while MLX traces
             return _step(model, self._quantized, tokens, position, offset, left_padding, states)
 
-        self._traced, self._quantized = traced, None
+        self._traced, self._quantized, self._shapes = traced, None, set()
 
         # inputs=model: the parameters are read at each call, not frozen at the
         # first trace (weights may be replaced, e.g. by adapters).
@@ -166,10 +172,18 @@ class CompiledDecode:
         # Sampled tokens come as uint32, prompt tokens as int32: one dtype, one trace.
         tokens = tokens.astype(mx.int32)
         quantized = (kv.bits, kv.group_size) if type(kv) is QuantizedKVCache else None
-        if quantized != self._quantized:  # not visible to the trace's key: force a retrace
-            self._quantized = quantized
-            self._fn = mx.compile(self._traced, inputs=model, outputs=None)
         states = [c.decode_state() for c in cache]
+        shape = (tokens.shape, offset.shape, (states[0][0][0] if quantized else states[0][0]).shape)
+        if quantized != self._quantized or (
+            shape not in self._shapes and len(self._shapes) >= MAX_TRACES
+        ):
+            # Start afresh, freeing every trace: MLX keeps one per input shape for
+            # as long as the compiled function lives, and a server meets many
+            # (batch size x K/V capacity). The quantization is not visible to
+            # the trace's key at all.
+            self._quantized, self._shapes = quantized, set()
+            self._fn = mx.compile(self._traced, inputs=model, outputs=None)
+        self._shapes.add(shape)
         logits, new = self._fn(tokens, position, offset, left_padding, states)
         # Rebinding the buffers leaves the step's graph the only reference to the
         # old ones, so MLX updates them in place when it evaluates the step.
