@@ -154,3 +154,29 @@ def test_kv_bits_through_the_compiled_step(tmp_path, monkeypatch):
         if flag == "1":
             assert CompiledDecode.eligible(cache) and model._compiled_decode.traces == 2
     assert np.abs(runs["1"] - runs["0"]).max() <= 1e-5 * np.abs(runs["0"]).max()
+
+
+def test_traces_are_bounded(model, monkeypatch):
+    """A server meets many (batch size, K/V capacity) shapes: at most MAX_TRACES are
+    kept, capacities stay multiples of 256, and every step is still right."""
+    import mlx_falcon_h1.decode as decode_module
+
+    monkeypatch.setattr(decode_module, "MAX_TRACES", 2)
+    monkeypatch.setenv("MLX_FALCON_H1_COMPILE", "1")
+    model.__dict__.pop("_compiled_decode", None)
+    for batch in (1, 2, 3, 1):
+        cache = model.make_cache()
+        model(mx.concatenate([PROMPT] * batch), cache=cache)
+        for t in (7, 8):
+            token = mx.full((batch, 1), t)
+            got = model(token, cache=cache)
+            monkeypatch.setenv("MLX_FALCON_H1_COMPILE", "0")
+            ref_cache = model.make_cache()
+            model(mx.concatenate([PROMPT] * batch), cache=ref_cache)
+            if t == 8:
+                model(mx.full((batch, 1), 7), cache=ref_cache)
+            want = model(token, cache=ref_cache)
+            monkeypatch.setenv("MLX_FALCON_H1_COMPILE", "1")
+            np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-5, atol=1e-5)
+        assert len(model._compiled_decode._shapes) <= 2
+        assert all(c.kv.keys.shape[2] % 256 == 0 for c in cache)
