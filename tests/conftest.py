@@ -1,5 +1,9 @@
 """Tiny random Falcon-H1 checkpoints made with transformers, the numerical reference."""
 
+# First, before any test module imports mlx.core: on Linux it picks MLX's BLAS
+# (mlx_falcon_h1/blas.py), so the tests run what a user runs.
+import mlx_falcon_h1  # noqa: F401
+
 import json
 from pathlib import Path
 
@@ -22,6 +26,20 @@ MUP_05B = dict(
     ssm_out_multiplier=0.23570226039551587,
     mlp_multipliers=[0.8838834764831844, 0.5859375],
     ssm_multipliers=[0.3535533905932738, 0.25, 0.3535533905932738, 0.5, 0.3535533905932738],
+)
+
+# Odd multipliers: none equal to 1, none equal to each other, so a multiplier
+# applied to the wrong tensor (or dropped, as mlx-lm drops key_multiplier) shows.
+ODD_MUP = dict(
+    embedding_multiplier=3.1,
+    lm_head_multiplier=0.21,
+    key_multiplier=0.43,
+    attention_in_multiplier=0.7,
+    attention_out_multiplier=1.3,
+    ssm_in_multiplier=0.8,
+    ssm_out_multiplier=1.7,
+    mlp_multipliers=[1.9, 0.35],
+    ssm_multipliers=[0.6, 1.4, 0.45, 2.2, 0.9],
 )
 
 # Small, but every size distinct so a transposed or mis-split tensor cannot fit:

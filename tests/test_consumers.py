@@ -19,7 +19,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from conftest import assert_close_logits, edit_config, make_checkpoint, reference_logits
+from conftest import ODD_MUP, assert_close_logits, edit_config, make_checkpoint, reference_logits
 from consumers import CONSUMERS, CannotLoad, mlx_swift_lm, stock_mlx_lm
 from mlx_falcon_h1 import folder_format, load_model
 from mlx_falcon_h1_convert import convert, upgrade
@@ -27,18 +27,6 @@ from mlx_falcon_h1_convert import convert, upgrade
 IDS = np.random.default_rng(11).integers(0, 96, size=(2, 37))
 DEFAULT_MODEL = Path(__file__).parents[1] / "mlx_falcon_h1" / "default_model"
 
-# No two equal, none 1: a multiplier applied twice, never, or in the wrong place shows.
-ODD_MUP = dict(
-    embedding_multiplier=3.1,
-    lm_head_multiplier=0.043,
-    key_multiplier=0.61,
-    attention_in_multiplier=1.7,
-    attention_out_multiplier=0.83,
-    ssm_in_multiplier=1.31,
-    ssm_out_multiplier=0.29,
-    mlp_multipliers=[0.77, 0.57],
-    ssm_multipliers=[0.41, 0.23, 0.37, 0.53, 0.33],
-)
 BIASES = dict(attention_bias=True, mamba_proj_bias=True, projectors_bias=True, mlp_bias=True)
 
 # Which consumers each converter warning speaks for.

@@ -4,22 +4,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from conftest import MUP_05B, assert_close_logits, edit_config, make_checkpoint, reference_logits
+from conftest import ODD_MUP, assert_close_logits, edit_config, make_checkpoint, reference_logits
 from mlx_falcon_h1 import load_model
-
-# Odd multipliers: none equal to 1, none equal to each other, so a multiplier
-# applied to the wrong tensor (or dropped, as mlx-lm drops key_multiplier) shows.
-ODD_MUP = dict(
-    embedding_multiplier=3.1,
-    lm_head_multiplier=0.21,
-    key_multiplier=0.43,
-    attention_in_multiplier=0.7,
-    attention_out_multiplier=1.3,
-    ssm_in_multiplier=0.8,
-    ssm_out_multiplier=1.7,
-    mlp_multipliers=[1.9, 0.35],
-    ssm_multipliers=[0.6, 1.4, 0.45, 2.2, 0.9],
-)
 
 CONFIGS = {
     # 0.5B multipliers, plain gate (mamba_rms_norm false), rope base 1e11.
