@@ -26,7 +26,15 @@ from mlx_falcon_h1_convert import convert
 
 FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "tiny_falcon_h1_hf"
 SETTINGS = {"4-bit g64": (4, 64), "3-bit g32": (3, 32)}
-METHODS = ("plain", "gptq", "awq", "dwq", "dynamic")
+# row name: converter flags ("plain": no --method)
+METHODS = {
+    "plain": [],
+    "gptq": ["--method", "gptq"],
+    "awq": ["--method", "awq"],
+    "dwq": ["--method", "dwq"],
+    "gptq+dwq": ["--method", "dwq", "--dwq-init", "gptq"],
+    "dynamic": ["--method", "dynamic"],
+}
 
 
 def run_conversion(hf: Path, out: Path, bits: int, group_size: int, method: str, extra) -> float:
@@ -34,7 +42,7 @@ def run_conversion(hf: Path, out: Path, bits: int, group_size: int, method: str,
     cmd = [sys.executable, "-m", "mlx_falcon_h1_convert", "--hf-path", str(hf), "--mlx-path", str(out),
            "-q", "--q-bits", str(bits), "--q-group-size", str(group_size), "--dtype", "bfloat16"]  # fmt: skip
     if method != "plain":
-        cmd += ["--method", method, *extra]
+        cmd += [*METHODS[method], *extra]
     started = time.perf_counter()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     return time.perf_counter() - started

@@ -69,6 +69,7 @@ import math
 import sys
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -96,6 +97,7 @@ class CalibrationSettings:
     epochs: int = 4  # DWQ: passes over the calibration samples
     temperature: float = 2.0  # DWQ, as mlx-lm's
     dwq_init: str = "plain"  # DWQ: the quantization it starts from: plain, gptq or awq
+    grad_checkpoint: bool = False  # DWQ: recompute each layer in the backward pass (big models)
     target_bpw: Optional[float] = None  # dynamic: default = the plain setting's size
     low_bits: Optional[int] = None  # dynamic: default = --q-bits, twice the group size
     low_group_size: Optional[int] = None
@@ -722,26 +724,44 @@ def dwq_quantize(model, tokens, bits, group_size, scale_dtype, settings, log=pri
 
     opt = optim.Adam(learning_rate=settings.learning_rate, bias_correction=True)
     grad_fn = mx.value_and_grad(loss_fn)
-    start = evaluate(params)
-    best, best_params = start, params
-    steps = 0
-    for epoch in range(settings.epochs):
-        perm = rng.permutation(train.shape[0])
-        for i in range(0, train.shape[0], settings.batch_size):
-            sl = mx.array(np.sort(perm[i : i + settings.batch_size]))
-            idx = None if t_train[1] is None else t_train[1][sl]
-            loss, grads = grad_fn(params, inputs(train)[sl], t_train[0][sl], idx)
-            params = opt.apply_gradients(grads, params)
-            mx.eval(params, opt.state, loss)
-            steps += 1
-        v = evaluate(params)
-        log(f"[dwq] epoch {epoch + 1}/{settings.epochs}: held-back KL(T={settings.temperature:g}) {start:.4g} -> {v:.4g}")
-        if v < best:
-            best, best_params = v, params
+    with _checkpointed(model.layers[0], settings.grad_checkpoint):
+        start = evaluate(params)
+        best, best_params = start, params
+        steps = 0
+        for epoch in range(settings.epochs):
+            perm = rng.permutation(train.shape[0])
+            for i in range(0, train.shape[0], settings.batch_size):
+                sl = mx.array(np.sort(perm[i : i + settings.batch_size]))
+                idx = None if t_train[1] is None else t_train[1][sl]
+                loss, grads = grad_fn(params, inputs(train)[sl], t_train[0][sl], idx)
+                params = opt.apply_gradients(grads, params)
+                mx.eval(params, opt.state, loss)
+                steps += 1
+            v = evaluate(params)
+            log(f"[dwq] epoch {epoch + 1}/{settings.epochs}: held-back KL(T={settings.temperature:g}) {start:.4g} -> {v:.4g}")
+            if v < best:
+                best, best_params = v, params
     model.update(tree_map(lambda p, d: p.astype(d), best_params, dtypes))
     restore_modules(model, swapped)
     model.unfreeze()
     model.eval()
+
+
+@contextmanager
+def _checkpointed(layer: nn.Module, enabled: bool):
+    """mlx-lm's grad_checkpoint (recompute each decoder layer in the backward pass,
+    so one layer's activations and dense weights are held at a time), undone on
+    exit: it patches the layer's class."""
+    cls = type(layer)
+    call = cls.__call__
+    if enabled:
+        from mlx_lm.tuner.trainer import grad_checkpoint
+
+        grad_checkpoint(layer)
+    try:
+        yield
+    finally:
+        cls.__call__ = call
 
 
 def _head_logits(model, tokens):
@@ -902,6 +922,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--epochs", type=int, default=d.epochs, help="DWQ: passes over the samples.")
     g.add_argument("--dwq-init", choices=("plain", "gptq", "awq"), default=d.dwq_init,
                    help="DWQ: the quantization it starts from.")
+    g.add_argument("--grad-checkpoint", action="store_true", default=None,
+                   help="DWQ: recompute each layer in the backward pass (a 7B in 32 GB needs it).")
     g.add_argument("--target-bpw", type=float, default=None,
                    help="dynamic: bits per quantized weight (default: the plain setting's).")
     for name in ("low-bits", "low-group-size", "high-bits", "high-group-size"):

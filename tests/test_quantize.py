@@ -232,3 +232,33 @@ def test_calibration_sees_the_float_model(source, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="stop here"):
         convert(str(path), str(tmp_path / "q"), quantize=True, method="gptq", calibration_data=str(text))
     assert_close_logits(seen["logits"], expected, rel=1e-5)
+
+
+def test_dwq_gradients_with_and_without_checkpointing(tmp_path):
+    """--grad-checkpoint recomputes layers in the backward pass: same gradients
+    for the scales and biases, and the patched layer class is restored after."""
+    from mlx.utils import tree_flatten
+
+    make_checkpoint(tmp_path)
+    model, _ = load_model(tmp_path)
+    call = type(model.layers[0]).__call__
+    nn.quantize(model, 32, 4, class_predicate=lambda p, m: Q.quantizable(m, 32))
+    Q.dequantized_form(model)
+    model.freeze()
+    model.apply_to_modules(lambda _, m: m.unfreeze(keys=["scales", "biases"], recurse=False)
+                           if isinstance(m, Q._DequantizedLinear) else None)  # fmt: skip
+
+    def loss(p):
+        model.update(p)
+        return (model(mx.array(IDS)).astype(mx.float32) ** 2).mean()
+
+    params = model.trainable_parameters()
+    plain = dict(tree_flatten(mx.grad(loss)(params)))
+    with Q._checkpointed(model.layers[0], True):
+        assert type(model.layers[0]).__call__ is not call
+        checkpointed = dict(tree_flatten(mx.grad(loss)(params)))
+    assert type(model.layers[0]).__call__ is call
+    assert plain and set(plain) == set(checkpointed)
+    assert all(k.endswith((".scales", ".biases")) for k in plain)
+    for k in plain:
+        assert np.allclose(np.array(plain[k]), np.array(checkpointed[k]), rtol=1e-5, atol=1e-8), k
