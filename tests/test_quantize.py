@@ -262,3 +262,22 @@ def test_dwq_gradients_with_and_without_checkpointing(tmp_path):
     assert all(k.endswith((".scales", ".biases")) for k in plain)
     for k in plain:
         assert np.allclose(np.array(plain[k]), np.array(checkpointed[k]), rtol=1e-5, atol=1e-8), k
+
+
+def test_command_line(source, tmp_path):
+    import subprocess
+    import sys
+
+    path, text = source
+    out = tmp_path / "cli"
+    run = lambda *a: subprocess.run([sys.executable, "-m", "mlx_falcon_h1.quantize", *a],  # noqa: E731
+                                    capture_output=True, text=True)  # fmt: skip
+    r = run("--hf-path", str(path), "--mlx-path", str(out), "--q-bits", "3", "--q-group-size", "32",
+            "--method", "gptq", "--calibration-data", str(text), "--num-samples", "4", "--sequence-length", "32")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    report = json.loads((out / "quality_report.json").read_text())
+    assert report["calibration"]["method"] == "gptq"
+    assert report["calibration"]["calibration_samples"] == "4 x 32 tokens, seed 0"
+    assert json.loads((out / "config.json").read_text())["quantization"]["bits"] == 3
+    r = run("--hf-path", str(path), "--mlx-path", str(tmp_path / "x"))
+    assert r.returncode != 0 and "--method is required" in r.stderr
