@@ -290,7 +290,7 @@ def convert(
         if q_mode != "affine":
             raise ValueError(f"--method {method} learns affine scales and biases: use --q-mode affine")
         if quant_predicate is not None:
-            raise ValueError(f"--method and --quant-predicate are exclusive (--method dynamic mixes bits itself)")
+            raise ValueError("--method and --quant-predicate are exclusive (--method dynamic mixes bits itself)")
 
     source = resolve_path(hf_path)
     config = read_config(source)

@@ -70,7 +70,7 @@ import sys
 import time
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -183,7 +183,10 @@ def calibration_tokens(tokenizer, settings: CalibrationSettings) -> Tuple[mx.arr
     texts, described = calibration_texts(settings.calibration_data, tokenizer)
     ids = []
     for text in texts:
-        ids += tokenizer.encode(text)
+        try:
+            ids += tokenizer.encode(text, verbose=False)  # no "longer than the model" notice
+        except TypeError:
+            ids += tokenizer.encode(text)
     L = settings.sequence_length
     windows = len(ids) // L
     if windows == 0:
@@ -727,7 +730,6 @@ def dwq_quantize(model, tokens, bits, group_size, scale_dtype, settings, log=pri
     with _checkpointed(model.layers[0], settings.grad_checkpoint):
         start = evaluate(params)
         best, best_params = start, params
-        steps = 0
         for epoch in range(settings.epochs):
             perm = rng.permutation(train.shape[0])
             for i in range(0, train.shape[0], settings.batch_size):
@@ -736,7 +738,6 @@ def dwq_quantize(model, tokens, bits, group_size, scale_dtype, settings, log=pri
                 loss, grads = grad_fn(params, inputs(train)[sl], t_train[0][sl], idx)
                 params = opt.apply_gradients(grads, params)
                 mx.eval(params, opt.state, loss)
-                steps += 1
             v = evaluate(params)
             log(f"[dwq] epoch {epoch + 1}/{settings.epochs}: held-back KL(T={settings.temperature:g}) {start:.4g} -> {v:.4g}")
             if v < best:
