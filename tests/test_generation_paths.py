@@ -68,7 +68,9 @@ def test_padding_does_not_touch_the_state(pair, rng):
     model(mx.array([short]), cache=alone)
     for c, a in zip(caches, alone):
         np.testing.assert_allclose(np.array(c.ssm_state[1]), np.array(a.ssm_state[0]), atol=1e-5)
-        np.testing.assert_array_equal(np.array(c.conv_state[1]), np.array(a.conv_state[0]))
+        # Raw in_proj outputs: an optimized BLAS rounds a 2 x 40-row matmul and a
+        # 9-row one differently (3.6e-7 measured); a padded position would be O(1).
+        np.testing.assert_allclose(np.array(c.conv_state[1]), np.array(a.conv_state[0]), atol=1e-5)
 
 
 def test_speculative_decoding_matches_plain_greedy(pair, rng):
