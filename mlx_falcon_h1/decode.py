@@ -123,10 +123,12 @@ class CompiledDecode:
         self._fn = mx.compile(traced, inputs=model, outputs=None)
 
     @staticmethod
-    def eligible(cache) -> bool:
+    def eligible(cache, layers: Optional[int] = None) -> bool:
         """Whether every layer's cache is one the compiled step expresses."""
         if not cache or not all(type(c) is FalconH1Cache for c in cache):
             return False
+        if layers is not None and len(cache) != layers:
+            return False  # the uncompiled path says what is wrong
         kind = type(cache[0].kv)
         if kind is QuantizedKVCache:
             first = cache[0].kv

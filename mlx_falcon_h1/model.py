@@ -487,6 +487,11 @@ class FalconH1Model(nn.Module):
         h = _scaled(self.embed_tokens(inputs), self.embedding_multiplier)
         if cache is None:
             cache = [None] * len(self.layers)
+        elif len(cache) != len(self.layers):  # zip would run the first layers only
+            raise ValueError(
+                f"a cache of {len(cache)} layers for a model of {len(self.layers)}: "
+                "it was made for another model (a prompt-cache file?)"
+            )
         mask = create_attention_mask(h, cache[0])
         for layer, c in zip(self.layers, cache):
             h = layer(h, mask, c)
@@ -504,7 +509,8 @@ class Model(nn.Module):
 
     def __call__(self, inputs: mx.array, cache=None) -> mx.array:
         """inputs: (B, L) token ids -> (B, L, vocab) logits."""
-        if inputs.shape[1] == 1 and (step := compiled_decode(self)) and step.eligible(cache):
+        step = compiled_decode(self) if inputs.shape[1] == 1 else None
+        if step is not None and step.eligible(cache, len(self.layers)):
             return step(self, inputs, cache)  # the same forward, traced once (decode.py)
         return self.forward(inputs, cache)
 

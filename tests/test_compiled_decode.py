@@ -180,3 +180,13 @@ def test_traces_are_bounded(model, monkeypatch):
             np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-5, atol=1e-5)
         assert len(model._compiled_decode._shapes) <= 2
         assert all(c.kv.keys.shape[2] % 256 == 0 for c in cache)
+
+
+def test_a_cache_for_another_model_is_refused(model):
+    """One layer short (a prompt-cache file of another model, loaded by mlx-lm's own
+    loader): both paths refuse it instead of running only the first layers."""
+    cache = model.make_cache()
+    model(PROMPT, cache=cache)
+    for tokens in (PROMPT, mx.array([[4]])):
+        with pytest.raises(ValueError, match="made for another model"):
+            model(tokens, cache=cache[:-1])
