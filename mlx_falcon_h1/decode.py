@@ -11,16 +11,17 @@ It serves single sequences (mlx-lm's KVCache) and batch generation
 
 One source of truth: the compiled function runs the model's own layers, with
 each layer's cache replaced by a `_StepCache` that holds the same state as
-plain arrays (the K/V buffers, the valid length as an array, the conv and SSM
-states), so the math is the layer code's, only traced once.
+plain arrays (the K/V buffers, plain or --kv-bits quantized, the write position
+and RoPE offsets, one mask of the valid keys, the conv and SSM states), so the
+math is the layer code's, only traced once.
 
-Not retraced at every token: the K/V buffers have a fixed capacity that grows in
-steps of mlx-lm's KVCache (256 tokens), and the number of valid keys is an
-input array. A step retraces when the capacity grows, or the batch size or a
-dtype changes. What the step does not cover runs outside it, eagerly: the
-rollback window's bookkeeping and replay (cache.py), a trim's replay, growing
-the buffers, and every cache the step cannot express (a quantized K/V cache, a
-batch still taking right-padded prompts, a cache loaded from a file and not yet
+Not retraced at every token: the K/V buffers have a fixed capacity, a multiple
+of 256 tokens, and the position is an input array. A step retraces when the
+capacity grows, or the batch size or a dtype changes; at most MAX_TRACES are
+kept. What the step does not cover runs outside it, eagerly: the rollback
+window's bookkeeping and replay (cache.py), a trim's replay, growing the
+buffers, and every cache the step cannot express (another cache class, a batch
+still taking right-padded prompts, a cache loaded from a file and not yet
 checked); those calls take the uncompiled path, which computes the same thing.
 
 MLX_FALCON_H1_COMPILE=0 turns it off.
@@ -105,6 +106,20 @@ def _step(model, quantized, tokens, position, offset, left_padding, states):
     return logits, [(c.keys, c.values, c.conv_state, c.ssm_state, c.rows) for c in caches]
 
 
+def _kv_signature(kv):
+    """What every layer's K/V cache must share for one compiled step (its kind and
+    write position, and by kind its quantization), or None for one it cannot take:
+    another cache class, or a batch still taking right-padded prompts."""
+    kind = type(kv)
+    if kind is KVCache:
+        return kind, kv.offset
+    if kind is QuantizedKVCache:
+        return kind, kv.offset, kv.bits, kv.group_size
+    if kind is BatchKVCache and kv._right_padding is None:
+        return kind, kv._idx
+    return None
+
+
 class CompiledDecode:
     """The compiled one-token step of one model; `traces` counts its (re)traces."""
 
@@ -125,25 +140,12 @@ class CompiledDecode:
     @staticmethod
     def eligible(cache, layers: Optional[int] = None) -> bool:
         """Whether every layer's cache is one the compiled step expresses."""
-        if not cache or not all(type(c) is FalconH1Cache for c in cache):
-            return False
-        if layers is not None and len(cache) != layers:
-            return False  # the uncompiled path says what is wrong
-        kind = type(cache[0].kv)
-        if kind is QuantizedKVCache:
-            first = cache[0].kv
-            if any(type(c.kv) is not kind or (c.kv.offset, c.kv.bits, c.kv.group_size)
-                   != (first.offset, first.bits, first.group_size) for c in cache):  # fmt: skip
-                return False
-        elif kind is BatchKVCache:
-            position = cache[0].kv._idx
-            if any(type(c.kv) is not kind or c.kv._idx != position or c.kv._right_padding is not None
-                   for c in cache):  # fmt: skip
-                return False
-        elif kind is not KVCache or any(c.kv.offset != cache[0].kv.offset for c in cache):
-            return False
-        return all(
-            type(c.kv) is kind
+        if not cache or (layers is not None and len(cache) != layers):
+            return False  # a wrong length: the uncompiled path says what is wrong
+        first = _kv_signature(cache[0].kv) if type(cache[0]) is FalconH1Cache else None
+        return first is not None and all(
+            type(c) is FalconH1Cache
+            and _kv_signature(c.kv) == first
             and c.kv.keys is not None
             and c.lengths is None
             and c.conv_state is not None
@@ -166,11 +168,12 @@ class CompiledDecode:
             c.prepare_decode(layer.mamba)  # eager: pending replay, buffer capacity
         kv = cache[0].kv
         if type(kv) is BatchKVCache:
-            position, offset, left_padding = kv._idx, kv.offset, kv.left_padding
+            position = kv._idx
+            offset, left_padding = kv.offset.astype(mx.int32), kv.left_padding.astype(mx.int32)
         else:
-            position, offset, left_padding = kv.offset, mx.array(kv.offset), mx.zeros((1,))
+            position = kv.offset
+            offset, left_padding = mx.array(kv.offset, mx.int32), mx.zeros((1,), mx.int32)
         position = mx.array(position, mx.int32)
-        offset, left_padding = offset.astype(mx.int32), left_padding.astype(mx.int32)
         # Sampled tokens come as uint32, prompt tokens as int32: one dtype, one trace.
         tokens = tokens.astype(mx.int32)
         quantized = (kv.bits, kv.group_size) if type(kv) is QuantizedKVCache else None
