@@ -17,6 +17,15 @@ next forward call, which has the layer's weights. The window holds between
 costs (conv_dim + H) values per token and one SSM state per layer, about 1/60 of
 the rollback a stored state per token would cost.
 
+Bounded attention (--max-kv-size N). The attention K/V is then mlx-lm's
+RotatingKVCache(max_size=N, keep=4), as mlx-lm gives every model without a
+cache of its own: the first 4 tokens and the latest ones are kept, the oldest
+others overwritten. Only attention forgets: the conv and SSM state still carry
+the whole context, as mlx-swift-lm's Falcon-H1 does. It is an approximation of
+the model (attention no longer sees every token). Once the window is full the
+K/V cannot be trimmed (its oldest keys are gone) and --kv-bits is refused
+(mlx-lm cannot quantize a rotating cache).
+
 Legend: B batch, L tokens, C conv channels, H SSM heads, P head dim, N state
 size, K conv width.
 """
@@ -25,7 +34,14 @@ from typing import List, Optional
 
 import mlx.core as mx
 import mlx_lm.models.cache as mlx_lm_cache
-from mlx_lm.models.cache import BatchKVCache, KVCache, QuantizedKVCache, _BaseCache
+from mlx_lm.models.cache import (
+    BatchKVCache,
+    BatchRotatingKVCache,
+    KVCache,
+    QuantizedKVCache,
+    RotatingKVCache,
+    _BaseCache,
+)
 
 class PromptCacheError(ValueError):
     """A prompt-cache file that cannot be read, or does not fit the model it is used with."""
@@ -35,10 +51,21 @@ class PromptCacheError(ValueError):
 # re-render a reply trim a few tokens. Larger windows cost memory (see above).
 MAX_ROLLBACK_TOKENS = 32
 
+# --max-kv-size keeps the first tokens too, as mlx-lm's make_prompt_cache does:
+# attention sinks, which models lean on (the BOS token takes much attention).
+KEEP_TOKENS = 4
+
 
 class FalconH1Cache(_BaseCache):
-    def __init__(self, max_rollback: int = MAX_ROLLBACK_TOKENS):
-        self.kv = KVCache()
+    def __init__(self, max_rollback: int = MAX_ROLLBACK_TOKENS, max_kv_size: Optional[int] = None):
+        if max_kv_size is None:
+            self.kv = KVCache()
+        else:
+            if isinstance(max_kv_size, bool) or not isinstance(max_kv_size, int) or max_kv_size <= KEEP_TOKENS:
+                raise ValueError(
+                    f"max_kv_size must be an integer above {KEEP_TOKENS} (the first {KEEP_TOKENS} "
+                    f"tokens are always kept), got {max_kv_size!r}")
+            self.kv = RotatingKVCache(max_size=max_kv_size, keep=KEEP_TOKENS)
         self.conv_state: Optional[mx.array] = None  # (B, K-1, C) raw conv inputs
         self.ssm_state: Optional[mx.array] = None  # (B, H, P, N) float32
         # Right-padded batch prompts (mlx-lm's BatchGenerator): real tokens still
@@ -89,8 +116,17 @@ class FalconH1Cache(_BaseCache):
             raise AttributeError("group_size")
         return self.kv.group_size
 
+    @property
+    def max_kv_size(self) -> Optional[int]:
+        """The attention window (--max-kv-size), or None for the whole context."""
+        return getattr(self.kv, "max_size", None)
+
     def to_quantized(self, group_size: int = 64, bits: int = 4) -> "FalconH1Cache":
         """--kv-bits: quantize the attention K/V; conv and SSM state stay as they are."""
+        if self.max_kv_size is not None:
+            raise ValueError(
+                f"--kv-bits cannot be combined with --max-kv-size ({self.max_kv_size}): mlx-lm "
+                "cannot quantize a bounded (rotating) K/V cache; use one or the other")
         if isinstance(self.kv, KVCache):
             self.kv = self.kv.to_quantized(group_size=group_size, bits=bits)
         return self
@@ -185,13 +221,17 @@ class FalconH1Cache(_BaseCache):
 
     # --- the compiled decode step (decode.py) ----------------------------------
 
-    def prepare_decode(self, mixer) -> None:
+    def prepare_decode(self, mixer):
         """Before a compiled step, eagerly: a pending rollback replayed, and room in
-        the K/V buffers for one more token (grown as KVCache grows them)."""
+        the K/V buffers for one more token (grown as KVCache grows them, or for a
+        bounded K/V as RotatingKVCache makes room). Returns (where this token's
+        K/V goes, how many buffer positions are then valid)."""
         if self.replay_to is not None:
             self.ssm_state = self._replay(mixer, self.replay_to)
             self.replay_to = None
         kv = self.kv
+        if isinstance(kv, RotatingKVCache):
+            return _make_room_in_window(kv)
         used = kv._idx if isinstance(kv, BatchKVCache) else kv.offset
         quantized = isinstance(kv, QuantizedKVCache)  # (packed, scales, biases) triples
         capacity = (kv.keys[0] if quantized else kv.keys).shape[2]
@@ -209,6 +249,7 @@ class FalconH1Cache(_BaseCache):
                 kv.keys, kv.values = tuple(map(grow, kv.keys)), tuple(map(grow, kv.values))
             else:
                 kv.keys, kv.values = grow(kv.keys), grow(kv.values)
+        return used, used + 1
 
     def decode_state(self):
         return self.kv.keys, self.kv.values, self.conv_state, self.ssm_state
@@ -219,7 +260,7 @@ class FalconH1Cache(_BaseCache):
             keys, values = tuple(keys), tuple(values)
         self.kv.keys, self.kv.values = keys, values
         self.kv.offset = self.kv.offset + 1  # an int, or per row in a batch
-        if isinstance(self.kv, BatchKVCache):
+        if isinstance(self.kv, (BatchKVCache, RotatingKVCache)):
             self.kv._idx += 1
         self.conv_state, self.ssm_state = conv_state, ssm_state
         self._extend_window(mixer, rows)
@@ -233,11 +274,17 @@ class FalconH1Cache(_BaseCache):
     @property
     def trimmable(self) -> int:
         """How many tokens `trim` can take back now."""
-        return min(self.window, self.kv.size()) if self.lengths is None else 0
+        if self.lengths is not None or not self.kv.is_trimmable():
+            return 0  # a bounded K/V that has overwritten keys cannot go back
+        return min(self.window, self.kv.size())
 
     def trim(self, n: int) -> int:
         if n <= 0:
             return 0
+        if n > self.trimmable and not self.kv.is_trimmable():
+            raise ValueError(
+                f"Falcon-H1 cache: cannot take back {n} tokens: the attention K/V is bounded "
+                f"(--max-kv-size {self.max_kv_size}) and full, its oldest keys overwritten")
         if n > self.trimmable:
             raise ValueError(
                 f"Falcon-H1 cache: cannot roll the SSM state back {n} tokens; "
@@ -301,7 +348,11 @@ class FalconH1Cache(_BaseCache):
     @classmethod
     def merge(cls, caches: List["FalconH1Cache"]) -> "FalconH1Cache":
         merged = cls(caches[0].max_rollback)
-        merged.kv = BatchKVCache.merge([c.kv for c in caches])
+        windows = {c.max_kv_size for c in caches}
+        if len(windows) > 1:
+            raise ValueError(f"cannot batch Falcon-H1 caches with different --max-kv-size: {windows}")
+        batch_kv = BatchKVCache if windows == {None} else BatchRotatingKVCache
+        merged.kv = batch_kv.merge([c.kv for c in caches])
         for c in caches:
             if c.replay_to is not None:
                 raise ValueError("merge a trimmed Falcon-H1 cache after a forward call")
@@ -311,13 +362,13 @@ class FalconH1Cache(_BaseCache):
         return merged
 
     def prepare(self, *, lengths=None, right_padding=None, left_padding=None):
-        if isinstance(self.kv, BatchKVCache):
+        if isinstance(self.kv, (BatchKVCache, BatchRotatingKVCache)):
             self.kv.prepare(lengths=lengths, right_padding=right_padding, left_padding=left_padding)
         if lengths is not None:
             self.lengths = mx.array(lengths)
 
     def finalize(self):
-        if isinstance(self.kv, BatchKVCache):
+        if isinstance(self.kv, (BatchKVCache, BatchRotatingKVCache)):
             self.kv.finalize()
         self.lengths = None
 
@@ -339,7 +390,7 @@ class FalconH1Cache(_BaseCache):
 
     def extract(self, idx: int) -> "FalconH1Cache":
         single = FalconH1Cache(self.max_rollback)
-        single.kv = self.kv.extract(idx)
+        single.kv = self.kv.extract(idx)  # a KVCache, or a RotatingKVCache
         if self.replay_to is not None:
             raise ValueError("extract from a trimmed Falcon-H1 cache after a forward call")
         for name in ("conv_state", "ssm_state", "window_state", "history"):
@@ -348,6 +399,27 @@ class FalconH1Cache(_BaseCache):
         # The window only holds tokens decoded since the merge, real for every row.
         single.window = self.window
         return single
+
+
+def _make_room_in_window(kv: RotatingKVCache):
+    """What RotatingKVCache does before writing one token in place (grow the buffer
+    up to max_size, cut a prompt's longer buffer down to it, wrap around past the
+    kept first tokens), for a compiled step that then writes the token itself.
+    Returns (write position, valid positions)."""
+    prev = kv.offset
+    size = kv.keys.shape[2]
+    if prev >= size and size < kv.max_size:
+        more = min(kv.step, kv.max_size - prev)
+        pad = lambda a: mx.concatenate([a, mx.zeros(a.shape[:2] + (more, a.shape[3]), a.dtype)], axis=2)
+        kv.keys, kv.values, kv._idx = pad(kv.keys), pad(kv.values), prev
+    excess = kv.keys.shape[2] - kv.max_size
+    if excess > 0:
+        kv.keys, kv.values, kv._idx = kv._trim(excess, kv.keys), kv._trim(excess, kv.values), kv.max_size
+    if kv._idx == kv.max_size:
+        kv._idx = kv.keep
+    # Until the window first fills, positions are in order and those past this
+    # token's are empty; once full, every position holds a kept key.
+    return kv._idx, min(prev + 1, kv.keys.shape[2])
 
 
 def _stack(states: List[Optional[mx.array]]) -> Optional[mx.array]:
@@ -457,3 +529,32 @@ def load_prompt_cache(path, model=None, return_metadata: bool = False):
 
 # mlx-lm's load_prompt_cache rebuilds caches by class name from its own module.
 mlx_lm_cache.FalconH1Cache = FalconH1Cache
+
+
+# --max-kv-size. mlx-lm's make_prompt_cache hands the cache to model.make_cache()
+# whenever a model has one, dropping max_kv_size: the flag would be silently
+# ignored (it is, for mlx-lm's own falcon_h1). Ours passes it on to a make_cache
+# that takes it and leaves every other model to mlx-lm's.
+_mlx_lm_make_prompt_cache = mlx_lm_cache.make_prompt_cache
+
+
+def make_prompt_cache(model, max_kv_size: Optional[int] = None) -> list:
+    """mlx-lm's make_prompt_cache, honouring max_kv_size for Falcon-H1 (see above)."""
+    if max_kv_size is not None and getattr(model, "make_cache_takes_max_kv_size", False):
+        return model.make_cache(max_kv_size=max_kv_size)
+    return _mlx_lm_make_prompt_cache(model, max_kv_size)
+
+
+def _install_make_prompt_cache() -> None:
+    """Replace mlx-lm's make_prompt_cache in its cache module (where modules imported
+    later take it from) and in every mlx_lm module that imported it already."""
+    import sys
+
+    for name, module in list(sys.modules.items()):
+        if (name == "mlx_lm" or name.startswith("mlx_lm.")) and getattr(
+            module, "make_prompt_cache", None
+        ) is _mlx_lm_make_prompt_cache:
+            module.make_prompt_cache = make_prompt_cache
+
+
+_install_make_prompt_cache()

@@ -12,7 +12,7 @@ from importlib import import_module
 from mlx_lm.models.cache import LRUPromptCache
 
 from . import cache as cache_module
-from .cache import PromptCacheError
+from .cache import FalconH1Cache, PromptCacheError
 from .loading import load
 
 # The small Falcon-H1 trained on Python's standard library that ships with the
@@ -66,6 +66,7 @@ def run_mlx_lm_command(name: str, require_model: bool = True, **replace) -> None
         module.sharded_load = sharded_load
     if name == "server":
         module.LRUPromptCache = FalconPromptCache
+    check_window_flags(sys.argv[1:])
     if name == "generate":
         _check_prompt_cache_files(module, with_draft="--draft-model" in flags)
     for attribute, value in replace.items():
@@ -74,6 +75,30 @@ def run_mlx_lm_command(name: str, require_model: bool = True, **replace) -> None
         module.main()
     except PromptCacheError as e:
         sys.exit(f"error: {e}")
+
+
+def check_window_flags(argv) -> None:
+    """--max-kv-size bounds the attention K/V (cache.py). Its size is checked here,
+    and two flags that cannot go with it are refused, where mlx-lm would go on
+    without a word: --kv-bits (a rotating K/V cannot be quantized) and
+    --draft-model (speculative decoding takes rejected draft tokens back, which a
+    full window cannot; mlx-lm drops max_kv_size there)."""
+    flags = " ".join(argv).replace("=", " ").split()
+    if "--max-kv-size" not in flags:
+        return
+    value = flags[flags.index("--max-kv-size") + 1 :][:1]
+    try:
+        FalconH1Cache(max_kv_size=int(value[0]) if value else None)
+    except ValueError as e:
+        sys.exit(f"error: --max-kv-size {' '.join(value)}: {e}")
+    for other, why in (
+        ("--kv-bits", "mlx-lm cannot quantize a bounded (rotating) K/V cache"),
+        ("--draft-model", "speculative decoding must take rejected tokens back, which a full "
+                          "bounded K/V cannot (and mlx-lm would drop --max-kv-size)"),
+    ):
+        if other in flags:
+            sys.exit(f"error: --max-kv-size cannot be combined with {other}: {why}; use one or "
+                     "the other")
 
 
 def _check_prompt_cache_files(module, with_draft: bool) -> None:

@@ -31,7 +31,7 @@ import os
 from typing import List, Optional
 
 import mlx.core as mx
-from mlx_lm.models.cache import BatchKVCache, KVCache, QuantizedKVCache
+from mlx_lm.models.cache import BatchKVCache, KVCache, QuantizedKVCache, RotatingKVCache
 
 from .cache import FalconH1Cache
 
@@ -90,12 +90,12 @@ class _QuantizedStepCache(_StepCache):
         return self.keys, self.values
 
 
-def _step(model, quantized, tokens, position, offset, left_padding, states):
+def _step(model, quantized, tokens, position, filled, offset, left_padding, states):
     # One mask for every layer (the buffers share their capacity): keys from the
-    # row's left padding (batch generation's) up to this token.
+    # row's left padding (batch generation's) to the last written position.
     capacity = (states[0][0][0] if quantized else states[0][0]).shape[2]
     keys = mx.arange(capacity)
-    valid = (keys >= left_padding[:, None]) & (keys <= position)
+    valid = (keys >= left_padding[:, None]) & (keys < filled)
     valid = valid[:, None, None, :]
     if quantized:  # (bits, group_size): constants of the trace, as shapes tell them apart
         caches = [_QuantizedStepCache(*quantized, k, v, position, offset, valid, c, s)
@@ -117,6 +117,8 @@ def _kv_signature(kv):
         return kind, kv.offset, kv.bits, kv.group_size
     if kind is BatchKVCache and kv._right_padding is None:
         return kind, kv._idx
+    if kind is RotatingKVCache:  # --max-kv-size
+        return kind, kv.offset, kv._idx, kv.max_size, kv.keep
     return None
 
 
@@ -127,9 +129,9 @@ class CompiledDecode:
         self.traces = 0
         self.warm = False
 
-        def traced(tokens, position, offset, left_padding, states):
+        def traced(tokens, position, filled, offset, left_padding, states):
             self.traces += 1  # runs only while MLX traces
-            return _step(model, self._quantized, tokens, position, offset, left_padding, states)
+            return _step(model, self._quantized, tokens, position, filled, offset, left_padding, states)
 
         self._traced, self._quantized, self._shapes = traced, None, set()
 
@@ -164,16 +166,14 @@ class CompiledDecode:
             # are what the traced step then follows.
             self.warm = True
             return model.forward(tokens, cache)
-        for layer, c in zip(model.layers, cache):
-            c.prepare_decode(layer.mamba)  # eager: pending replay, buffer capacity
+        # Eager: a pending replay, room for the token (the same in every layer).
+        position, filled = [c.prepare_decode(layer.mamba) for layer, c in zip(model.layers, cache)][0]
         kv = cache[0].kv
         if type(kv) is BatchKVCache:
-            position = kv._idx
             offset, left_padding = kv.offset.astype(mx.int32), kv.left_padding.astype(mx.int32)
         else:
-            position = kv.offset
             offset, left_padding = mx.array(kv.offset, mx.int32), mx.zeros((1,), mx.int32)
-        position = mx.array(position, mx.int32)
+        position, filled = mx.array(position, mx.int32), mx.array(filled, mx.int32)
         # Sampled tokens come as uint32, prompt tokens as int32: one dtype, one trace.
         tokens = tokens.astype(mx.int32)
         quantized = (kv.bits, kv.group_size) if type(kv) is QuantizedKVCache else None
@@ -189,7 +189,7 @@ class CompiledDecode:
             self._quantized, self._shapes = quantized, set()
             self._fn = mx.compile(self._traced, inputs=model, outputs=None)
         self._shapes.add(shape)
-        logits, new = self._fn(tokens, position, offset, left_padding, states)
+        logits, new = self._fn(tokens, position, filled, offset, left_padding, states)
         # Rebinding the buffers leaves the step's graph the only reference to the
         # old ones, so MLX updates them in place when it evaluates the step.
         for layer, c, arrays in zip(model.layers, cache, new):

@@ -547,9 +547,16 @@ class Model(nn.Module):
 
     # Tokens any cache from make_cache() can be trimmed by (see cache.py).
     rollback_tokens = MAX_ROLLBACK_TOKENS
+    # The attention window of caches made without an explicit max_kv_size (the
+    # server's --max-kv-size sets it); None: attention sees the whole context.
+    max_kv_size: Optional[int] = None
+    make_cache_takes_max_kv_size = True  # cache.make_prompt_cache passes it on
 
-    def make_cache(self) -> List[FalconH1Cache]:
-        return [FalconH1Cache(self.rollback_tokens) for _ in self.layers]
+    def make_cache(self, max_kv_size: Optional[int] = None) -> List[FalconH1Cache]:
+        """One cache per layer; max_kv_size bounds each layer's attention K/V
+        (mlx-lm's --max-kv-size), leaving the conv and SSM state whole."""
+        window = self.max_kv_size if max_kv_size is None else max_kv_size
+        return [FalconH1Cache(self.rollback_tokens, window) for _ in self.layers]
 
     @property
     def layers(self):

@@ -17,11 +17,14 @@ Three things differ from mlx-lm's, all about holding up under bad input:
 """
 
 import math
+import sys
 from pathlib import Path
+from typing import Optional
 
 from mlx_lm import server as mlx_server
 
-from .commands import run_mlx_lm_command
+from .commands import check_window_flags, run_mlx_lm_command
+from .loading import load
 
 
 class RequestRejected(ValueError):
@@ -187,9 +190,39 @@ def _run_http_server(host, port, response_generator, **kwargs):
 _MLX_RUN_HTTP_SERVER = mlx_server._run_http_server
 
 
+def _take_max_kv_size(argv) -> Optional[int]:
+    """--max-kv-size N (mlx-lm's generate and chat flag; its server has none):
+    removed from argv before mlx-lm parses it, and returned."""
+    for i, arg in enumerate(argv):
+        if arg == "--max-kv-size" or arg.startswith("--max-kv-size="):
+            value = arg.partition("=")[2] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else "")
+            del argv[i : i + (1 if "=" in arg else 2)]
+            try:
+                return int(value)
+            except ValueError:
+                sys.exit(f"error: --max-kv-size needs a number of tokens, not {value!r}")
+    return None
+
+
+def _with_window(load, max_kv_size: int):
+    """The loader, giving every loaded model's caches this attention window."""
+
+    def load_with_window(*args, **kwargs):
+        result = load(*args, **kwargs)
+        result[0].max_kv_size = max_kv_size  # read by Model.make_cache
+        return result
+
+    return load_with_window
+
+
 def main() -> None:
+    replace = {}
+    max_kv_size = _take_max_kv_size(sys.argv)
+    if max_kv_size is not None:
+        check_window_flags(sys.argv[1:] + ["--max-kv-size", str(max_kv_size)])
+        replace["load"] = _with_window(load, max_kv_size)
     run_mlx_lm_command("server", ResponseGenerator=FalconResponseGenerator,
-                       _run_http_server=_run_http_server)
+                       _run_http_server=_run_http_server, **replace)
 
 
 if __name__ == "__main__":
