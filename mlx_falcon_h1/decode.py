@@ -6,8 +6,8 @@ norms and RoPE that are not one `mx.fast` call. On a Metal GPU each is at least
 one kernel launch; on the CPU each costs a few microseconds of dispatch, more
 than its arithmetic. `mx.compile` traces the step once and replays it, fusing
 the elementwise chains into single kernels and skipping the graph building.
-It serves single sequences (mlx-lm's KVCache) and batch generation
-(BatchKVCache, which the server uses) alike.
+It serves single sequences (mlx-lm's KVCache, or RotatingKVCache under
+--max-kv-size) and batch generation (BatchKVCache, which the server uses) alike.
 
 One source of truth: the compiled function runs the model's own layers, with
 each layer's cache replaced by a `_StepCache` that holds the same state as
@@ -52,7 +52,7 @@ class _StepCache:
 
     def __init__(self, keys, values, position, offset, valid, conv_state, ssm_state):
         self.keys, self.values = keys, values  # (B, Hkv, capacity, D)
-        self.position = position  # (), int32: where this token's key goes
+        self.position = position  # (), int32: where this token's key goes (a window wraps)
         self.offset = offset  # RoPE's position: () or, for a batch, (B,) int32
         self.valid = valid  # (B, 1, 1, capacity) bool: the real keys once this one is in
         self.conv_state, self.ssm_state = conv_state, ssm_state
