@@ -6,6 +6,10 @@ implementations loading the same converted folder, runs alternating. Without
 --model it builds a random model of a released shape (--shape) with our
 converter, so nothing is downloaded. Prints a table with the ratio ours/mlx-lm
 and writes JSON; states dtype, MLX version, device and the BLAS in use.
+
+--long measures long prompts: prefill only (-g 0) at 16K, 32K and 64K tokens.
+Attention makes that quadratic in time, so on a slow machine --layers N keeps
+the released layer shape with fewer of them (recorded in the JSON).
 """
 
 import argparse
@@ -16,6 +20,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 # Our package first: it picks the BLAS before mlx.core is imported (see blas.py).
 import mlx_falcon_h1
@@ -52,12 +57,15 @@ MULTIPLIERS_05B = dict(
 )  # fmt: skip
 
 
-def make_random_model(shape: str, out: Path, dtype: str) -> Path:
-    """A random Falcon-H1 of `shape` in Hugging Face layout, then our converter."""
+def make_random_model(shape: str, out: Path, dtype: str, layers: Optional[int] = None) -> Path:
+    """A random Falcon-H1 of `shape` (with `layers` layers, if given) in Hugging
+    Face layout, then our converter."""
     from mlx_falcon_h1_convert import convert
 
     config = dict(model_type="falcon_h1", rope_theta=1e11, max_position_embeddings=16384,
                   **SHAPES[shape], **MULTIPLIERS_05B)  # fmt: skip
+    if layers is not None:
+        config["num_hidden_layers"] = layers
     model = Model(ModelArgs.from_dict(config))
     for layer in model.layers:  # SSM parameters as transformers initialises them
         heads = layer.mamba.A_log.shape[0]
@@ -121,6 +129,7 @@ def matvec_bandwidth() -> float:
 
 
 WARMUP_TOKENS = 300
+LONG_PROMPT_TOKENS = (16384, 32768, 65536)
 
 
 def run_once(model, prompt: mx.array, generation_tokens: int, prefill_step_size: int) -> dict:
@@ -137,10 +146,13 @@ def run_once(model, prompt: mx.array, generation_tokens: int, prefill_step_size:
         if n == 0:
             first = time.perf_counter()
     end = time.perf_counter()
+    result = {"transient_peak_gb": (mx.get_peak_memory() - base) / 1e9}
+    if generation_tokens == 0:  # prefill only: it ends with the last prompt token's logits
+        return {"prompt_tps": prompt.size / (end - tic), **result}
     return {
         "prompt_tps": prompt.size / (first - tic),
         "generation_tps": (generation_tokens - 1) / (end - first),
-        "transient_peak_gb": (mx.get_peak_memory() - base) / 1e9,
+        **result,
     }
 
 
@@ -186,11 +198,12 @@ def benchmark(
     # measure steady state, not the compiler.
     for model in models.values():
         run_once(model, mx.arange(min(WARMUP_TOKENS, prefill_step_size)) % vocab, 2, prefill_step_size)
+    decoding = generation_tokens > 0  # else prefill only: nothing decode-related is measured
     launches = {
         name: decode_step_launches(model, our_decode_step if name == "ours" else None)
         for name, model in models.items()
-    }
-    bandwidth, matvec = memory_bandwidth(), matvec_bandwidth()
+    } if decoding else {}  # fmt: skip
+    bandwidth, matvec = (memory_bandwidth(), matvec_bandwidth()) if decoding else (None, None)
     rows = []
     for length in prompt_tokens:
         prompt = mx.random.randint(0, vocab, (length,), key=mx.random.key(length))
@@ -208,6 +221,9 @@ def benchmark(
     per_token = bytes_read_per_token(models["ours"])
     return {
         "model": str(model_path),
+        "layers": len(models["ours"].layers),
+        "prefill_step_size": prefill_step_size,
+        "generation_tokens": generation_tokens,
         "dtype": str(models["ours"].model.embed_tokens.weight.dtype).removeprefix("mlx.core."),
         "mlx": mx.__version__,
         "device": f"{mx.default_device()} ({platform.machine()}, {platform.system()})",
@@ -215,48 +231,60 @@ def benchmark(
         "malloc": allocator.in_use,
         "load_s": load_s,
         "weight_bytes_per_token": per_token,
-        "bandwidth_gbps": bandwidth / 1e9,
-        "mlx_matvec_gbps": matvec / 1e9,
-        "decode_bound_tps": bandwidth / per_token,
+        "bandwidth_gbps": bandwidth and bandwidth / 1e9,
+        "mlx_matvec_gbps": matvec and matvec / 1e9,
+        "decode_bound_tps": bandwidth and bandwidth / per_token,
         "loadavg_before_after": [load_before, os.getloadavg()],
         # Launching primitives of one decode step per layer, as on a Mac (launch_count.py).
-        "decode_launches_per_layer": {name: r["per_layer"] for name, r in launches.items()},
-        "decode_launches_by_primitive": {name: r["by_primitive"] for name, r in launches.items()},
+        "decode_launches_per_layer": {name: r["per_layer"] for name, r in launches.items()} or None,
+        "decode_launches_by_primitive": {name: r["by_primitive"] for name, r in launches.items()} or None,
         "compiled_decode": decode.compiled_decode(models["ours"]) is not None,
         "compiled_decode_traces": getattr(models["ours"].__dict__.get("_compiled_decode"), "traces", 0),
         "rows": rows,
     }
 
 
+# What each measure is called in the table: header, and in the ratio columns.
+MEASURES = {"prompt_tps": ("prefill tok/s", "prefill"), "generation_tps": ("decode tok/s", "decode"),
+            "peak_gb": ("peak GB", "peak")}  # fmt: skip
+
+
 def print_table(result: dict) -> None:
-    print(f"model {result['model']}  dtype {result['dtype']}  mlx {result['mlx']}  "
-          f"device {result['device']}")  # fmt: skip
-    print(f"BLAS: {result['blas']}; malloc: {result['malloc']}")
+    print(f"model {result['model']} ({result['layers']} layers)  dtype {result['dtype']}  "
+          f"mlx {result['mlx']}  device {result['device']}")  # fmt: skip
+    print(f"BLAS: {result['blas']}; malloc: {result['malloc']}; prefill step {result['prefill_step_size']}")
     stock = any(k.startswith("mlx-lm") for k in result["rows"][0])
     names = ["ours"] + (["mlx-lm"] if stock else [])
-    header = "| prompt | " + " | ".join(
-        f"{what} {n}" for what in ("prefill tok/s", "decode tok/s", "peak GB") for n in names
-    )
+    decode = result["generation_tokens"] > 0
+    measures = [m for m in MEASURES if decode or m != "generation_tps"]
+    header = "| prompt | " + " | ".join(f"{MEASURES[m][0]} {n}" for m in measures for n in names)
     if stock:
-        header += " | prefill x | decode x | peak x"
+        header += " | " + " | ".join(f"{MEASURES[m][1]} x" for m in measures)
     print(header + " |")
     print("|" + "---|" * (header.count("|")))
     for r in result["rows"]:
         cells = [str(r["prompt_tokens"])]
-        for key in ("prompt_tps", "generation_tps", "peak_gb"):
+        for key in measures:
             cells += [f"{r[f'{n}_{key}']:.2f}" for n in names]
         if stock:
-            cells += [f"{r[f'ours_{k}'] / r[f'mlx-lm_{k}']:.2f}" for k in ("prompt_tps", "generation_tps", "peak_gb")]
+            cells += [f"{r[f'ours_{k}'] / r[f'mlx-lm_{k}']:.2f}" for k in measures]
         print("| " + " | ".join(cells) + " |")
+    if stock:
+        print("(x: ours / mlx-lm)")
+    if decode:
+        print_decode_details(result, stock)
+    load = ", ".join(f"{k} {v:.2f} s" for k, v in result["load_s"].items())
+    before, after = result["loadavg_before_after"]
+    print(f"load: {load}; machine load average before {before[0]:.2f}, after {after[0]:.2f}")
+
+
+def print_decode_details(result: dict, stock: bool) -> None:
     launches = result["decode_launches_per_layer"]
     line = ", ".join(f"{k} {v:.1f}" for k, v in launches.items())
     if stock:
         line += f" (x {launches['ours'] / launches['mlx-lm']:.2f})"
     print(f"decode launches per layer as on a Mac: {line}; compiled decode step "
           f"{'on' if result['compiled_decode'] else 'off'}, traced {result['compiled_decode_traces']} times")  # fmt: skip
-    load = ", ".join(f"{k} {v:.2f} s" for k, v in result["load_s"].items())
-    before, after = result["loadavg_before_after"]
-    print(f"load: {load}; machine load average before {before[0]:.2f}, after {after[0]:.2f}")
     print(f"decode bound: {result['weight_bytes_per_token'] / 1e9:.2f} GB of weights read per token at "
           f"{result['bandwidth_gbps']:.1f} GB/s (memory read) = {result['decode_bound_tps']:.2f} tok/s; "
           f"ours at the shortest prompt: {result['rows'][0]['ours_generation_tps'] / result['decode_bound_tps']:.0%} of it "
@@ -268,8 +296,14 @@ def main(argv=None):
     p.add_argument("--model", default=None, help="A converted folder (default: build a random one).")
     p.add_argument("--shape", default="0.5B", choices=list(SHAPES), help="Shape of the random model.")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    p.add_argument("--prompt-tokens", "-p", type=int, nargs="+", default=[512, 2048, 8192])
-    p.add_argument("--generation-tokens", "-g", type=int, default=32)
+    p.add_argument("--prompt-tokens", "-p", type=int, nargs="+",
+                   help="Prompt lengths (default 512 2048 8192; with --long 16384 32768 65536).")
+    p.add_argument("--generation-tokens", "-g", type=int,
+                   help="Tokens decoded per run (default 32; with --long 0: prefill only).")
+    p.add_argument("--long", action="store_true",
+                   help="Long prompts: prefill tokens/s and peak memory at 16K, 32K and 64K tokens.")
+    p.add_argument("--layers", type=int, default=None,
+                   help="Random model: this many layers of --shape's layer shape (default: the shape's).")
     p.add_argument("--num-trials", "-n", type=int, default=1)
     p.add_argument("--prefill-step-size", type=int, default=2048)
     p.add_argument("--no-stock", action="store_true", help="Measure ours only.")
@@ -277,19 +311,27 @@ def main(argv=None):
                    help="Where built random models are kept.")  # fmt: skip
     p.add_argument("--json", default="benchmark.json", help="Where to write the results.")
     args = p.parse_args(argv)
+    if args.layers is not None and args.model is not None:
+        p.error("--layers shapes a random model; it does not apply to --model")
+    prompt_tokens = args.prompt_tokens or (list(LONG_PROMPT_TOKENS) if args.long else [512, 2048, 8192])
+    generation_tokens = args.generation_tokens
+    if generation_tokens is None:
+        generation_tokens = 0 if args.long else 32
 
     model_path = args.model
     if model_path is None:
-        model_path = Path(args.cache_dir) / f"random-{args.shape}-{args.dtype}"
+        layers = "" if args.layers is None else f"-{args.layers}layers"
+        model_path = Path(args.cache_dir) / f"random-{args.shape}{layers}-{args.dtype}"
         if not (model_path / "config.json").exists():
             print(f"Building a random {args.shape} model in {model_path} ...")
             model_path.parent.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(model_path, ignore_errors=True)
-            make_random_model(args.shape, model_path, args.dtype)
+            make_random_model(args.shape, model_path, args.dtype, args.layers)
     result = benchmark(
-        Path(model_path), args.prompt_tokens, args.generation_tokens, args.num_trials,
+        Path(model_path), prompt_tokens, generation_tokens, args.num_trials,
         args.prefill_step_size, stock=not args.no_stock,
     )  # fmt: skip
+    result["shape"] = None if args.model else args.shape
     result["command"] = "python -m mlx_falcon_h1.benchmark " + " ".join(argv or __import__("sys").argv[1:])
     print_table(result)
     Path(args.json).write_text(json.dumps(result, indent=2))

@@ -27,6 +27,27 @@ def test_benchmark_smoke(tmp_path):
     assert result["compiled_decode"] and result["compiled_decode_traces"] >= 1
 
 
+def test_benchmark_long_prompts_smoke(tmp_path):
+    """--long: prefill only (no decode columns, nothing decode-related measured),
+    --layers recorded; the lengths shrunk here, the real ones are 16K-64K."""
+    out = tmp_path / "long.json"
+    cmd = [sys.executable, "-m", "mlx_falcon_h1.benchmark", "--shape", "tiny", "--long", "-p", "64", "200",
+           "--layers", "1", "--prefill-step-size", "64", "--cache-dir", str(tmp_path / "models"),
+           "--json", str(out)]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "(1 layers)" in done.stdout and "prefill step 64" in done.stdout
+    assert "decode" not in done.stdout
+    result = json.loads(out.read_text())
+    assert result["layers"] == 1 and result["generation_tokens"] == 0 and result["prefill_step_size"] == 64
+    assert [r["prompt_tokens"] for r in result["rows"]] == [64, 200]
+    for row in result["rows"]:
+        for name in ("ours", "mlx-lm"):
+            assert row[f"{name}_prompt_tps"] > 0 and row[f"{name}_transient_peak_gb"] > 0
+            assert f"{name}_generation_tps" not in row
+    assert result["decode_launches_per_layer"] is None
+
+
 def test_blas_opt_out(tmp_path):
     code = "import mlx_falcon_h1.blas as b, mlx_falcon_h1; print(b.in_use)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
