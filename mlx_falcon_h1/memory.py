@@ -346,7 +346,7 @@ PER_F = 6.7  # MLP activations (gate, up, gated product; two layers' at once)
 PER_HQ = 3.1  # SSD chunk intermediates: the (Q x Q) decay and score blocks per head, float32
 PER_CONTEXT = 2.0  # context copies per K/V value of one layer (V with ones, the buffer growth)
 SCORE_BLOCKS = 2  # blocked attention's score blocks alive at once (kernels/attention.py), x2 for exp
-QUANTIZED_SCORES = 3  # copies of the (Hq, S, T) scores in mlx-lm's quantized attention
+QUANTIZED_SCORES = 1.2  # (Hq, S, T) score matrices alive at once in mlx-lm's quantized attention
 
 
 def prefill_transient(args: ModelArgs, act: int, step: int, kv_positions: int, batch: int,
@@ -372,8 +372,10 @@ def prefill_transient(args: ModelArgs, act: int, step: int, kv_positions: int, b
        blocks (CPU only; on a Mac's GPU mx.fast.scaled_dot_product_attention
        does not materialise scores, so there this term overestimates a little).
     4. With --kv-bits, mlx-lm's quantized attention materialises the whole
-       (Hq, S, T) score matrix (scores, masked scores, softmax) in the activation
-       dtype: quadratic in the step size times the context, often the largest part.
+       (Hq, S, T) score matrix in the activation dtype (scores, masked scores,
+       softmax: each frees the one before; measured ~1.2 of them at once): the
+       step size times the context, often the largest part at long contexts
+       (then a smaller --prefill-step-size is the remedy).
     The logits of a prefill step are never computed (only the cache is evaluated);
     the last token's logits are one row of the vocabulary.
     """
@@ -389,7 +391,7 @@ def prefill_transient(args: ModelArgs, act: int, step: int, kv_positions: int, b
     block = min(rows, step) * args.num_attention_heads * kv_positions * 4
     scores = 2 * min(SCORE_BLOCKS, -(-step // rows)) * block
     if kv_bits is not None:
-        scores = QUANTIZED_SCORES * args.num_attention_heads * step * kv_positions * act
+        scores = int(QUANTIZED_SCORES * args.num_attention_heads * step * kv_positions * act)
         scores += step * kv_positions  # the boolean causal mask
     per_step = step * (args.num_hidden_layers * per_layer_kept + working) + context + scores
     return int(batch * per_step)
