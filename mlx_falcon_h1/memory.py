@@ -586,7 +586,8 @@ def markdown(prefill_step: int = 2048) -> str:
                 + f" | {' / '.join(longest)} |"
             )
     out += ["", "Context limits: 0.5B 16K, 1.5B/1.5B-Deep/3B 128K, 7B/34B 256K (\"all\": the "
-            "whole trained context fits). * weights approximate: "
+            "whole trained context fits; columns past a model's limit are arithmetic only). "
+            "* weights approximate: "
             + "; ".join(f"{k}: {v}" for k, v in ASSUMED.items()) + "."]
     return "\n".join(out)
 
