@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 import mlx.core as mx
+import numpy as np
 import mlx.nn as nn
 from mlx_lm.models.base import (
     BaseModelArgs,
@@ -280,6 +281,26 @@ class GatedRMSNorm(nn.Module):
         return y * gate if self.norm_before_gate else y
 
 
+class RoPE(nn.Module):
+    """nn.RoPE (rotate half) with the frequencies computed once in float64.
+
+    mx.fast.rope derives base^(-2i/D) as 2^(-2i/D * log2(base)) in float32: at
+    Falcon-H1's base of 1e11 that is ~16 float32 ulps off, and at position 262,143
+    angles go up to 0.011 rad wrong (tests/test_long_context.py); transformers'
+    float32 pow is within an ulp. Given the frequencies, the angles are float32's
+    best (position x frequency rounded once)."""
+
+    def __init__(self, dims: int, base: float, scale: float = 1.0):
+        super().__init__()
+        self.dims, self.base, self.scale = dims, base, scale
+        # Underscored: not a parameter (not saved, loaded, cast or quantized).
+        self._freqs = mx.array(base ** (np.arange(0, dims, 2, dtype=np.float64) / dims), mx.float32)
+
+    def __call__(self, x: mx.array, offset=0) -> mx.array:
+        return mx.fast.rope(x, self.dims, traditional=False, base=None, scale=self.scale,
+                            offset=offset, freqs=self._freqs)
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -302,6 +323,8 @@ class Attention(nn.Module):
             scaling_config=args.rope_scaling_config,
             max_position_embeddings=args.max_position_embeddings,
         )
+        if type(self.rope) is nn.RoPE:  # no scaling, or linear: frequencies of our own
+            self.rope = RoPE(self.rope.dims, self.rope.base, self.rope.scale)
 
     def __call__(self, x: mx.array, mask, cache: Optional[FalconH1Cache]) -> mx.array:
         b, l, _ = x.shape

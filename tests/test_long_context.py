@@ -302,12 +302,10 @@ def test_rope_positions_exact_at_256k(head_dim):
     print(f"head_dim {head_dim}: worst angle error {worst:.1f} x 2^-24 x (angle + 1)")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "mx.fast.rope computes base^(-2i/D) as 2^(-2i/D x log2 base) in float32: at base 1e11 "
-    "and 262K, angles off by up to 15.6 x 2^-24 x (angle + 1) (0.008 and 0.011 rad at most "
-    "for head_dim 64 and 128), twice float32's 6.2 and 7.1. Passing mx.fast.rope "
-    "freqs = base ** (arange(0, D, 2) / D) computed in float64 (base=None) reaches "
-    "float32's figures (model.py's Attention.rope)."))
+# mx.fast.rope's own frequencies (base given: 2^(-2i/D x log2 base) in float32)
+# were up to 15.6 x 2^-24 x (angle + 1) off at base 1e11 and 262K (0.011 rad for
+# head_dim 128), twice float32's best; model.py's RoPE passes frequencies
+# computed in float64 and reaches it.
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_rope_angles_to_float32_precision_at_256k(head_dim):
     check_rotation(*rotate_at_256k(head_dim), RELEASED_ROPE_THETA, ulps=FLOAT32_ULPS)
