@@ -9,7 +9,10 @@ and writes JSON; states dtype, MLX version, device and the BLAS in use.
 
 --long measures long prompts: prefill only (-g 0) at 16K, 32K and 64K tokens.
 Attention makes that quadratic in time, so on a slow machine --layers N keeps
-the released layer shape with fewer of them (recorded in the JSON).
+the released layer shape with fewer of them (recorded in the JSON). Use N >= 2:
+a prefill step evaluates only the cache, so the last layer's attention and MLP
+run for the prompt's last token only (in both implementations), and N layers
+measure N - 1 whole layers plus the last one's K/V and mixer.
 """
 
 import argparse
