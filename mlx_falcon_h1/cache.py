@@ -162,7 +162,7 @@ class FalconH1Cache(_BaseCache):
             )
             self.lengths = self.lengths - length
             self._reset_window()  # rows end at different places: no common window
-            return y
+            return self._with_state(y)
 
         if self.conv_state is None:
             self.conv_state = mx.zeros((batch, width - 1, channels), dtype=xBC.dtype)
@@ -178,11 +178,20 @@ class FalconH1Cache(_BaseCache):
             self.window_state = state
             self.history = mx.concatenate([self._context_rows(conv_state, dt), rows], axis=1)
             self.window = self.max_rollback
-            return mx.concatenate([y0, y1], axis=1)
+            return self._with_state(mx.concatenate([y0, y1], axis=1))
 
         y, self.conv_state, self.ssm_state = mixer.ssm(xBC, dt, self.conv_state, self.ssm_state)
         self._extend_window(mixer, rows)
-        return y
+        return self._with_state(y)
+
+    def _with_state(self, y: mx.array) -> mx.array:
+        """y, made to depend on the new cache arrays, so that evaluating the layer's
+        output computes them too. Otherwise they wait for the end of the step
+        (mlx-lm evaluates the cache after the logits), and each holds this
+        layer's whole mixer input (in_proj's output, the padded conv input) of
+        the step alive until then: every layer's at once."""
+        state = [a for a in (self.conv_state, self.ssm_state, self.history) if a is not None]
+        return mx.depends([y], state)[0]
 
     def _extend_window(self, mixer, rows: mx.array) -> None:
         """Append this call's raw [xBC | dt] rows (B, L, C + H) to the rollback window."""

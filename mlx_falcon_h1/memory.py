@@ -340,38 +340,38 @@ def kv_bytes_per_position(args: ModelArgs, act: int, kv_bits: Optional[int], gro
 # token steps; see examples/memory_planner_check.py). Each is a count of values
 # kept per token (or per context position) of the named size; the derivation
 # is in prefill_transient().
-KEPT_LAYERS = 0.7  # share of the layers whose mixer inputs are alive at the peak (2-6 layers: ~1; 36: 0.7)
+KEPT_LAYERS = 2.5  # layers whose mixer inputs are alive at once (36-layer 0.5B, 2048-token step)
 PER_D = 6.5  # hidden-size activations of the working layers (norms, residuals, projections)
 PER_F = 6.7  # MLP activations (gate, up, gated product; two layers' at once)
 PER_HQ = 3.1  # SSD chunk intermediates: the (Q x Q) decay and score blocks per head, float32
 PER_CONTEXT = 2.0  # context copies per K/V value of one layer (V with ones, the buffer growth)
-SCORE_BLOCKS = 2  # blocked attention's score blocks alive at once (kernels/attention.py), x2 for exp
+CPU_SCORES = 0.5  # (Hq, S, T) float32 score matrices alive at once on the CPU (0.3-1 measured: timing)
 QUANTIZED_SCORES = 1.2  # (Hq, S, T) score matrices alive at once in mlx-lm's quantized attention
 
 
 def prefill_transient(args: ModelArgs, act: int, step: int, kv_positions: int, batch: int,
-                      kv_bits: Optional[int] = None, kv_group_size: int = 64) -> int:
+                      kv_bits: Optional[int] = None, kv_group_size: int = 64,
+                      device: str = "gpu") -> int:
     """Bytes allocated during one prefill step of `step` tokens, on top of the
     weights and the cache, when the K/V holds `kv_positions` positions.
 
     Derived from the code, coefficients calibrated (above):
-    1. Every layer's mixer inputs, until the step ends: evaluating the cache states
-       (mlx-lm's generate_step does mx.eval([c.state ...])) reaches each layer's
-       conv state, rollback rows and SSM state through that layer's in_proj output
-       (z | xBC | dt, 2 d_ssm + 2GN + H values) and its padded conv input
-       (d_ssm + 2GN): MLX keeps both alive until the states are written, for all
-       layers at once (MLX evaluates wide graphs breadth-first). Measured: 21.9 KB
-       per token per layer at the 0.5B shape with 2-6 layers, 15.7 KB averaged
-       over its 36 (the formula without KEPT_LAYERS: 20.6 KB; 0.7 of it fits the
-       36-layer check, and the 2-layer tests are within 15% either way): the largest part
-       of a long step.
+    1. A few layers' mixer inputs: in_proj's output (z | xBC | dt, 2 d_ssm + 2GN
+       + H values) and the padded conv input (d_ssm + 2GN), alive until the
+       layer's new cache arrays are computed from them. Each layer's output
+       depends on its cache arrays (cache.py's _with_state), so that happens
+       inside the layer; before that (the states were left for the end of the
+       step) every layer's were alive at once: 1373 MB above the weights for
+       a 2048-token step of the 0.5B shape, 445 MB after. KEPT_LAYERS layers'
+       worth fits the 36-layer check.
     2. One layer's working set: activations of size D and F, and the SSD scan's
        chunk intermediates (H x Q float32 per token, a few of them).
     3. Attention against the context, per layer: the blocked attention's copy of
        V with a column of ones and of the visible keys, the buffer growth
-       (old and new K/V buffer of one layer), and a few of its float32 score
-       blocks (CPU only; on a Mac's GPU mx.fast.scaled_dot_product_attention
-       does not materialise scores, so there this term overestimates a little).
+       (old and new K/V buffer of one layer), and on the CPU (device="cpu",
+       this machine) its float32 scores, about a whole (Hq, S, T) matrix; on a
+       Mac's GPU (device="gpu", the default) mx.fast.scaled_dot_product_attention
+       keeps none.
     4. With --kv-bits, mlx-lm's quantized attention materialises the whole
        (Hq, S, T) score matrix in the activation dtype (scores, masked scores,
        softmax: each frees the one before; measured ~1.2 of them at once): the
@@ -383,24 +383,33 @@ def prefill_transient(args: ModelArgs, act: int, step: int, kv_positions: int, b
     d_ssm, gn, heads = args.mamba_d_ssm, args.mamba_n_groups * args.mamba_d_state, args.mamba_n_heads
     in_proj = 2 * d_ssm + 2 * gn + heads
     conv_dim = d_ssm + 2 * gn
-    per_layer_kept = KEPT_LAYERS * act * (in_proj + conv_dim)
+    per_layer_kept = act * (in_proj + conv_dim)
     working = (act * (PER_D * args.hidden_size + PER_F * args.intermediate_size)
                + 4 * PER_HQ * heads * min(args.mamba_chunk_size, step))
     context = PER_CONTEXT * kv_bytes_per_position(args, act, kv_bits, kv_group_size) * kv_positions
-    # kernels/attention.py: blocks of >= BLOCK_ELEMENTS scores (16 query rows at least)
-    rows = max(MIN_BLOCK, BLOCK_ELEMENTS // (args.num_attention_heads * kv_positions))
-    block = min(rows, step) * args.num_attention_heads * kv_positions * 4
-    scores = 2 * min(SCORE_BLOCKS, -(-step // rows)) * block
+    scores = 0  # a Mac's GPU: mx.fast.scaled_dot_product_attention keeps no scores
+    if device == "cpu":
+        # kernels/attention.py scores blocks of query rows, but MLX allocates each
+        # block's scores as it schedules the op, ahead of the thread that frees
+        # the previous block's: about the whole (Hq, S, T) matrix is alive at once
+        # (measured, tests/test_long_context.py).
+        scores = int(CPU_SCORES * args.num_attention_heads * step * kv_positions * 4)
     if kv_bits is not None:
         scores = int(QUANTIZED_SCORES * args.num_attention_heads * step * kv_positions * act)
         scores += step * kv_positions  # the boolean causal mask
-    per_step = step * (args.num_hidden_layers * per_layer_kept + working) + context + scores
+    kept_layers = min(args.num_hidden_layers, KEPT_LAYERS)
+    per_step = step * (kept_layers * per_layer_kept + working) + context + scores
     return int(batch * per_step)
 
 
 def plan(sizes: ModelSizes, context: int, batch: int = 1, prefill_step: int = 2048,
          kv_bits: Optional[int] = None, kv_group_size: int = 64,
-         max_kv_size: Optional[int] = None, max_rollback: int = MAX_ROLLBACK_TOKENS) -> Plan:
+         max_kv_size: Optional[int] = None, max_rollback: int = MAX_ROLLBACK_TOKENS,
+         device: str = "gpu") -> Plan:
+    """The memory of `sizes` holding `context` tokens. device: "gpu" for a Mac
+    (Metal), "cpu" for MLX's CPU backend, which holds attention scores."""
+    if device not in ("gpu", "cpu"):
+        raise ValueError(f"device must be 'gpu' (a Mac) or 'cpu', not {device!r}")
     args, act = sizes.args, sizes.activation_bytes
     if kv_bits is not None and max_kv_size is not None:
         raise ValueError("--kv-bits with --max-kv-size: mlx-lm cannot quantize a rotating K/V "
@@ -427,7 +436,7 @@ def plan(sizes: ModelSizes, context: int, batch: int = 1, prefill_step: int = 20
     # cache.py: raw [xBC | dt] rows of up to 2 * max_rollback tokens (plus the K-1
     # conv-context rows) and the SSM state at the window's start.
     rollback = batch * (k - 1 + 2 * max_rollback) * (conv_dim + args.mamba_n_heads) * act + ssm
-    transient = prefill_transient(args, act, step, positions, batch, kv_bits, kv_group_size)
+    transient = prefill_transient(args, act, step, positions, batch, kv_bits, kv_group_size, device)
     return Plan(sizes.name, sizes.weights_dtype, context, batch, prefill_step, kv_bits,
                 kv_group_size, max_kv_size, args.num_hidden_layers, positions, sizes.weights,
                 kv_per_layer, conv, ssm, rollback, transient, sizes.note)
@@ -496,7 +505,8 @@ def check(args: ModelArgs, tokens: int, prefill_step: int, dtype=mx.float32, **o
     measured = measure_prefill_peak(args, tokens, prefill_step, dtype=dtype, **options)
     sizes = ModelSizes("measured", args, measured["weights"], [], str(dtype), dtype.size)
     p = plan(sizes, tokens, batch=options.get("batch", 1), prefill_step=prefill_step,
-             kv_bits=options.get("kv_bits"), kv_group_size=options.get("kv_group_size", 64))
+             kv_bits=options.get("kv_bits"), kv_group_size=options.get("kv_group_size", 64),
+             device="cpu")  # measured here, on MLX's CPU backend
     error = (p.total - measured["peak"]) / measured["peak"]
     return dict(measured, estimate=p.total, estimate_cache=p.cache,
                 estimate_transient=p.prefill_transient, error=error)
@@ -611,6 +621,9 @@ def main(argv=None):
     parser.add_argument("--prefill-step-size", type=int, default=2048)
     parser.add_argument("--max-rollback", type=int, default=MAX_ROLLBACK_TOKENS,
                         help="model.rollback_tokens (the rollback window, cache.py)")
+    parser.add_argument("--device", choices=("gpu", "cpu"), default="gpu",
+                        help="gpu: a Mac (Metal, the default); cpu: MLX's CPU backend, whose "
+                             "attention holds a prefill step's scores")
     parser.add_argument("--json", help="also write the plan(s) to this file")
     parser.add_argument("--markdown", action="store_true",
                         help="print the README tables for every released shape and exit")
@@ -620,7 +633,7 @@ def main(argv=None):
         return 0
     options = dict(batch=a.batch, prefill_step=a.prefill_step_size, kv_bits=a.kv_bits,
                    kv_group_size=a.kv_group_size, max_kv_size=a.max_kv_size,
-                   max_rollback=a.max_rollback)
+                   max_rollback=a.max_rollback, device=a.device)
     plans = []
     try:
         for name in [a.model] if a.model else list(RELEASED):
