@@ -345,7 +345,7 @@ PER_D = 6.5  # hidden-size activations of the working layers (norms, residuals, 
 PER_F = 6.7  # MLP activations (gate, up, gated product; two layers' at once)
 PER_HQ = 3.1  # SSD chunk intermediates: the (Q x Q) decay and score blocks per head, float32
 PER_CONTEXT = 2.0  # context copies per K/V value of one layer (V with ones, the buffer growth)
-CPU_SCORES = 0.5  # (Hq, S, T) float32 score matrices alive at once on the CPU (0.3-1 measured: timing)
+CPU_SCORES = 0.2  # (Hq, S, T) float32 score matrices alive at once on the CPU: timing-dependent (2 layers: ~0.5, the 36-layer check: ~0)
 QUANTIZED_SCORES = 1.2  # (Hq, S, T) score matrices alive at once in mlx-lm's quantized attention
 
 

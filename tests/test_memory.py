@@ -130,5 +130,6 @@ def test_prefill_memory_grows_linearly_in_the_prompt():
     sizes = memory.ModelSizes("s", args, 0, [], "f32", 4)
     planned = (memory.plan(sizes, 2048, prefill_step=256, device="cpu").total
                - memory.plan(sizes, 512, prefill_step=256, device="cpu").total)
-    assert growth < 2 * planned + (4 << 20), (growth, planned)
+    # The CPU's attention scores are held for a timing-dependent while: 3x slack.
+    assert growth < 3 * planned + (4 << 20), (growth, planned)
     mx.clear_cache()
