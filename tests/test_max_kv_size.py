@@ -194,3 +194,22 @@ def test_server_flag_sets_the_models_window(monkeypatch):
     assert server._take_max_kv_size(argv) == 48 and argv == ["server", "--port", "1"]
     loaded = server._with_window(lambda *a, **k: (type("M", (), {})(), None), 48)()
     assert loaded[0].max_kv_size == 48
+
+
+def test_mlx_lm_modules_imported_earlier_get_the_window_too(monkeypatch):
+    """A module of mlx-lm's that took make_prompt_cache by name before our
+    package was imported (e.g. `import mlx_lm.generate` first) is updated too."""
+    import types
+
+    from mlx_falcon_h1 import cache as cache_module
+
+    early = types.ModuleType("mlx_lm.imported_early")
+    early.make_prompt_cache = cache_module._mlx_lm_make_prompt_cache
+    monkeypatch.setitem(sys.modules, "mlx_lm.imported_early", early)
+    cache_module._install_make_prompt_cache()
+    assert early.make_prompt_cache is cache_module.make_prompt_cache
+    unrelated = types.ModuleType("other")
+    unrelated.make_prompt_cache = cache_module._mlx_lm_make_prompt_cache
+    monkeypatch.setitem(sys.modules, "other", unrelated)
+    cache_module._install_make_prompt_cache()
+    assert unrelated.make_prompt_cache is cache_module._mlx_lm_make_prompt_cache  # not mlx-lm's
