@@ -14,6 +14,9 @@ Three things differ from mlx-lm's, all about holding up under bad input:
 - mlx-lm answers every error raised while preparing a request with 404; here
   a rejected prompt is a 400, a failed model load stays 404 and a dead
   generation thread is a 503.
+
+And one flag more: `--max-kv-size N` (mlx-lm's generate and chat have it, its
+server not), bounding every request's attention K/V (cache.py).
 """
 
 import math
