@@ -34,23 +34,16 @@ from mlx.utils import tree_flatten  # noqa: E402
 
 from . import decode  # noqa: E402
 from .launch_count import decode_step_launches, our_decode_step  # noqa: E402
+from .memory import RELEASED  # noqa: E402
 from .model import Model, ModelArgs  # noqa: E402
 
-# Released shapes (falcon_h1_spec.md) with Falcon-H1-0.5B's multipliers.
-SHAPES = {
-    "tiny": dict(num_hidden_layers=2, hidden_size=128, num_attention_heads=4, num_key_value_heads=2,
-                 head_dim=32, mamba_n_heads=8, mamba_d_head=32, mamba_d_ssm=256, mamba_d_state=16,
-                 intermediate_size=256, vocab_size=512, mamba_chunk_size=32),
-    "0.5B": dict(num_hidden_layers=36, hidden_size=1024, num_attention_heads=8, num_key_value_heads=2,
-                 head_dim=64, mamba_n_heads=24, mamba_d_head=64, mamba_d_ssm=1536, mamba_d_state=128,
-                 intermediate_size=2048, vocab_size=32784, mamba_chunk_size=128),
-    "1.5B-Deep": dict(num_hidden_layers=66, hidden_size=1280, num_attention_heads=6, num_key_value_heads=2,
-                      head_dim=128, mamba_n_heads=24, mamba_d_head=64, mamba_d_ssm=1536, mamba_d_state=256,
-                      intermediate_size=3072, vocab_size=65537, mamba_chunk_size=128, mamba_rms_norm=True),
-    "7B": dict(num_hidden_layers=44, hidden_size=3072, num_attention_heads=12, num_key_value_heads=2,
-               head_dim=128, mamba_n_heads=24, mamba_d_head=128, mamba_d_ssm=3072, mamba_d_state=256,
-               intermediate_size=12288, vocab_size=130048, mamba_chunk_size=128, mamba_rms_norm=True),
-}  # fmt: skip
+# A tiny shape for smoke runs, and the released ones (memory.RELEASED); every
+# random model gets Falcon-H1-0.5B's multipliers.
+TINY = dict(model_type="falcon_h1", rope_theta=1e11, max_position_embeddings=16384,
+            num_hidden_layers=2, hidden_size=128, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=32, mamba_n_heads=8, mamba_d_head=32, mamba_d_ssm=256, mamba_d_state=16,
+            intermediate_size=256, vocab_size=512, mamba_chunk_size=32)  # fmt: skip
+SHAPES = {"tiny": TINY, **RELEASED}
 MULTIPLIERS_05B = dict(
     embedding_multiplier=5.656854249492381, lm_head_multiplier=0.0390625,
     key_multiplier=0.39062499999999994, attention_in_multiplier=1.0,
@@ -65,8 +58,7 @@ def make_random_model(shape: str, out: Path, dtype: str, layers: Optional[int] =
     Face layout, then our converter."""
     from mlx_falcon_h1_convert import convert
 
-    config = dict(model_type="falcon_h1", rope_theta=1e11, max_position_embeddings=16384,
-                  **SHAPES[shape], **MULTIPLIERS_05B)  # fmt: skip
+    config = dict(**SHAPES[shape], **MULTIPLIERS_05B)
     if layers is not None:
         config["num_hidden_layers"] = layers
     model = Model(ModelArgs.from_dict(config))

@@ -38,7 +38,6 @@ import mlx.core as mx  # noqa: E402
 from mlx.utils import tree_flatten, tree_unflatten  # noqa: E402
 
 from .cache import MAX_ROLLBACK_TOKENS  # noqa: E402
-from .kernels.attention import BLOCK_ELEMENTS, MIN_BLOCK  # noqa: E402
 from .model import Model, ModelArgs  # noqa: E402
 
 GiB = 1 << 30
