@@ -81,7 +81,8 @@ def make_args(config: Dict[str, Any], config_file: Path) -> ModelArgs:
         raise ConfigError(f"{config_file}: a field has the wrong type ({e})") from None
 
 
-def _weight_files(path: Path) -> list:
+def weight_files(path: Path) -> list:
+    """A checkpoint folder's safetensors files (its index's shards, or every one)."""
     index_file = path / "model.safetensors.index.json"
     if index_file.exists():
         try:
@@ -99,8 +100,10 @@ def _weight_files(path: Path) -> list:
     return files
 
 
-def _check_safetensors(file: Path) -> None:
-    """Reject a truncated or corrupt file from its header, before MLX maps it."""
+def safetensors_header(file: Path) -> Dict[str, Any]:
+    """A safetensors file's header ({tensor name: {dtype, shape, data_offsets}}),
+    read without the data; a truncated or corrupt file is rejected from it, before
+    MLX maps it."""
     try:
         size = file.stat().st_size
         with open(file, "rb") as f:
@@ -111,19 +114,21 @@ def _check_safetensors(file: Path) -> None:
             if n > size - 8:
                 raise ValueError("header length runs past the end of the file")
             header = json.loads(f.read(n))
-        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
-    except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+        header.pop("__metadata__", None)
+        end = max((t["data_offsets"][1] for t in header.values()), default=0)
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
         raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
     if 8 + n + end > size:
         raise CheckpointError(
             f"{file}: truncated ({size} bytes, its header describes {8 + n + end})"
         )
+    return header
 
 
 def _read_weights(files) -> Tuple[Dict[str, mx.array], Dict[str, Path]]:
     weights, origin = {}, {}
     for file in files:
-        _check_safetensors(file)
+        safetensors_header(file)  # a clear error for a truncated or corrupt file
         try:
             tensors = mx.load(str(file))
         except Exception as e:
@@ -208,7 +213,7 @@ def read_checkpoint(
     args = make_args(config, path / "config.json")
     model = Model(args)
 
-    weights, origin = _read_weights(_weight_files(path))
+    weights, origin = _read_weights(weight_files(path))
     _check_fold_state(args, config, weights, path)
     weights = model.sanitize(weights)  # keeps names, so `origin` still applies
     if (quantization := config.get("quantization")) is not None:

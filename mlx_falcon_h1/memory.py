@@ -25,7 +25,6 @@ P SSM head dim, G groups, N state size, K conv width, Q SSD chunk.
 import argparse
 import json
 import math
-import struct
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,7 +37,8 @@ import mlx.core as mx  # noqa: E402
 from mlx.utils import tree_flatten, tree_unflatten  # noqa: E402
 
 from .cache import MAX_ROLLBACK_TOKENS  # noqa: E402
-from .model import Model, ModelArgs  # noqa: E402
+from .loading import make_args, read_config, safetensors_header, weight_files  # noqa: E402
+from .model import FLOAT32_PARAMETERS, Model, ModelArgs  # noqa: E402
 
 GiB = 1 << 30
 
@@ -92,8 +92,6 @@ REQUIRED_FIELDS = (
 )  # fmt: skip
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
-SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "U32": 4, "I32": 4, "U8": 1, "I8": 1,
-                     "I64": 8, "U16": 2, "I16": 2, "BOOL": 1}  # fmt: skip
 
 # --- macOS's default GPU working set ---------------------------------------------
 # Metal's MTLDevice.recommendedMaxWorkingSetSize, the memory the GPU may wire
@@ -129,11 +127,11 @@ class ModelSizes:
     note: str = ""
 
 
-def _config_args(config: dict, where: str) -> ModelArgs:
+def _config_args(config: dict, config_file: Path) -> ModelArgs:
     missing = [f for f in REQUIRED_FIELDS if f not in config]
     if missing:
-        raise ValueError(f"{where}: no {', '.join(repr(f) for f in missing)} (needed to size the model)")
-    return ModelArgs.from_dict(config)
+        raise ValueError(f"{config_file}: no {', '.join(repr(f) for f in missing)} (needed to size the model)")
+    return make_args(config, config_file)
 
 
 def parameter_shapes(args: ModelArgs) -> Dict[str, tuple]:
@@ -148,12 +146,6 @@ def _layer_index(name: str) -> Optional[int]:
     return None
 
 
-def _stays_float32(name: str) -> bool:
-    # Model.cast_predicate: SSM parameters, conv and norms stay float32 when the
-    # weights are cast, and are never quantized (see convert/).
-    return any(k in name for k in ("A_log", "mamba.D", "dt_bias", "conv1d", "norm"))
-
-
 def shape_sizes(name: str, bits: Optional[int] = None, group_size: int = 64,
                 dtype: str = "bfloat16") -> ModelSizes:
     """A released shape's weights at `dtype`, or quantized to `bits` (affine, scales
@@ -166,7 +158,7 @@ def shape_sizes(name: str, bits: Optional[int] = None, group_size: int = 64,
     total, per_layer = 0, [0] * args.num_hidden_layers
     for pname, shape in parameter_shapes(args).items():
         numel = math.prod(shape)
-        if _stays_float32(pname):
+        if any(k in pname for k in FLOAT32_PARAMETERS):  # float32, never quantized
             size = 4 * numel
         elif bits and pname.endswith(".weight") and len(shape) == 2 and shape[-1] % group_size == 0:
             size = numel * bits // 8 + 2 * (numel // group_size) * width  # packed + scales + biases
@@ -180,51 +172,16 @@ def shape_sizes(name: str, bits: Optional[int] = None, group_size: int = 64,
     return ModelSizes(name, args, total, per_layer, label, width, ASSUMED.get(name, ""))
 
 
-def safetensors_header(path: Path) -> dict:
-    """A safetensors file's header: {tensor name: {dtype, shape, data_offsets}}."""
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) < 8:
-            raise ValueError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
-        (length,) = struct.unpack("<Q", raw)
-        try:
-            header = json.loads(f.read(length))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path}: unreadable safetensors header ({e})") from e
-    header.pop("__metadata__", None)
-    return header
-
-
-def _weight_files(folder: Path) -> List[Path]:
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map", {})
-        return [folder / f for f in sorted(set(weight_map.values()))]
-    files = sorted(folder.glob("model*.safetensors")) or sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise ValueError(f"{folder}: no *.safetensors weights")
-    return files
-
-
 def folder_sizes(folder: str) -> ModelSizes:
     """A converted or Hugging Face folder: config.json, and the weights' real byte
     sizes from the safetensors headers (the data is never read)."""
     path = Path(folder)
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise ValueError(f"{path}: no config.json (not a model folder, and not a released shape: "
-                         f"{', '.join(RELEASED)})")
-    try:
-        config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{config_file}: not valid JSON ({e})") from e
-    args = _config_args(config, str(config_file))
+    config = read_config(path)
+    args = _config_args(config, path / "config.json")
     total, per_layer = 0, [0] * args.num_hidden_layers
     dtypes: Dict[str, int] = {}
     embed_dtype = None
-    for file in _weight_files(path):
-        if not file.is_file():
-            raise ValueError(f"{file}: listed in model.safetensors.index.json but missing")
+    for file in weight_files(path):
         for name, info in safetensors_header(file).items():
             start, end = info["data_offsets"]
             total += end - start

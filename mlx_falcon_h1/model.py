@@ -521,6 +521,11 @@ class FalconH1Model(nn.Module):
         return self.final_layernorm(h)
 
 
+# SSM parameters, conv and norms stay in float32 when weights are cast (and are
+# never quantized): parameter names containing any of these.
+FLOAT32_PARAMETERS = ("A_log", "mamba.D", "dt_bias", "conv1d", "norm")
+
+
 class Model(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -587,6 +592,4 @@ class Model(nn.Module):
 
     @property
     def cast_predicate(self):
-        # SSM parameters, conv and norms stay in float32 when weights are cast.
-        keep = ("A_log", "mamba.D", "dt_bias", "conv1d", "norm")
-        return lambda name: not any(k in name for k in keep)
+        return lambda name: not any(k in name for k in FLOAT32_PARAMETERS)
