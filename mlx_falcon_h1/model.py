@@ -578,7 +578,6 @@ class Model(nn.Module):
     # The attention window of caches made without an explicit max_kv_size (the
     # server's --max-kv-size sets it); None: attention sees the whole context.
     max_kv_size: Optional[int] = None
-    make_cache_takes_max_kv_size = True  # cache.make_prompt_cache passes it on
 
     def make_cache(self, max_kv_size: Optional[int] = None) -> List[FalconH1Cache]:
         """One cache per layer; max_kv_size bounds each layer's attention K/V
