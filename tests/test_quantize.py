@@ -68,6 +68,11 @@ def test_group_grid_beats_min_max():
     err = lambda dq: ((w - dq) ** 2).sum()  # noqa: E731
     wq = mx.array(w, dtype=mx.float32)
     rtn = np.array(mx.dequantize(*mx.quantize(wq, group_size=32, bits=3), group_size=32, bits=3))
+    # 0.83 here; the ratio is not host-dependent: the weights come from numpy's
+    # seeded generator and both grids from float32 arithmetic, where another
+    # host's summation order can only swap near-tied candidates (a change of the
+    # order of float32 rounding). 0.9 asks for a clear gain: a search that found
+    # nothing better than min-max would give 1.0.
     assert err(s * np.clip(np.round((w - b) / s), 0, 7) + b) < 0.9 * err(rtn)
 
 
