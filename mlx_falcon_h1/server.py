@@ -229,4 +229,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from .cli import run
+
+    run(main)
