@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 from typing import Callable, Iterable, List, NoReturn, Optional, Sequence
 
+from .loading import read_checkpoint
+
 USER_ERROR_EXIT = 2
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
@@ -38,6 +40,18 @@ def run(main: Callable[[], object], argv: Optional[Sequence[str]] = None) -> NoR
         sys.exit(USER_ERROR_EXIT)
     # bool is an int: a main that returns True means done, not exit status 1
     sys.exit(status if isinstance(status, int) and not isinstance(status, bool) else 0)
+
+
+def read_model_first(argv: Sequence[str]) -> None:
+    """Read (not load) the checkpoint named by --model, for a command that loads
+    it on another thread: mlx-lm's server does so on its generation thread, where
+    a refused checkpoint ends that thread with a traceback and leaves the HTTP
+    server up, answering nothing. Reading it here first ends the command with
+    run's one line instead. Cheap: the tensors are opened lazily, never
+    evaluated; a Hub id is fetched now rather than on that thread."""
+    model = _flag_value(argv, "--model")
+    if model is not None:
+        read_checkpoint(model)
 
 
 def is_user_error(error: BaseException, argv: Iterable[str], our_dirs: Iterable[Path] = ()) -> bool:
@@ -83,6 +97,15 @@ def _named_on_command_line(filename, argv: Iterable[str]) -> bool:
         if target == value or target.startswith(value.rstrip(os.sep) + os.sep):
             return True
     return False
+
+
+def _flag_value(argv: Sequence[str], flag: str) -> Optional[str]:
+    for i, arg in enumerate(argv):
+        if arg == flag and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(flag + "="):
+            return arg.split("=", 1)[1]
+    return None
 
 
 def _our_dirs(main: Callable) -> List[Path]:

@@ -16,6 +16,8 @@ COMMANDS = {
     "generate": ["-m", "mlx_falcon_h1.generate", "--prompt", "def", "--max-tokens", "2", "--model"],
     "evaluate": ["-m", "mlx_falcon_h1.evaluate", "--model"],
     "convert": ["-m", "mlx_falcon_h1_convert", "--mlx-path", "out", "--hf-path"],
+    # mlx-lm loads the server's model on its generation thread: checked before serving
+    "server": ["-m", "mlx_falcon_h1.server", "--port", "0", "--model"],
 }
 
 
