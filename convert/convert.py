@@ -30,7 +30,6 @@ from tqdm import tqdm
 from mlx_falcon_h1 import folder_format
 from mlx_falcon_h1.folder_format import FORMAT_KEY
 from mlx_falcon_h1.loading import (
-    CheckpointError,
     load_model,
     make_args,
     read_checkpoint,
@@ -501,14 +500,11 @@ def configure_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None):
+    from mlx_falcon_h1.cli import run
+
     args = vars(configure_parser().parse_args(argv))
-    try:
-        if (path := args.pop("upgrade")) is not None:
-            upgrade(path)
-        else:
-            convert(**args)
-    except (ValueError, CheckpointError) as e:
-        raise SystemExit(f"mlx-falcon-h1-convert: error: {e}")
+    upgrade_path = args.pop("upgrade")
+    run(lambda: upgrade(upgrade_path) if upgrade_path is not None else convert(**args), argv)
 
 
 if __name__ == "__main__":

@@ -3,4 +3,6 @@
 from .commands import run_mlx_lm_command
 
 if __name__ == "__main__":
-    run_mlx_lm_command("chat")
+    from .cli import run
+
+    run(lambda: run_mlx_lm_command("chat"))

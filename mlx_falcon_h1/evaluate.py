@@ -228,6 +228,7 @@ def _model_fn(model):
 
 
 def main(argv=None):
+    from .commands import DEFAULT_MODEL
     from .loading import load, load_model
 
     p = argparse.ArgumentParser(
@@ -235,7 +236,8 @@ def main(argv=None):
         description="Perplexity of a Falcon-H1 checkpoint on a text, and its agreement "
         "with a reference checkpoint.",
     )
-    p.add_argument("--model", required=True, help="checkpoint folder (or Hub repo id)")
+    p.add_argument("--model", default=str(DEFAULT_MODEL),
+                   help="checkpoint folder or Hub repo id (default: the model shipped with the package)")
     p.add_argument("--text", type=Path, default=None, help="text file (default: the shipped held-out set)")
     p.add_argument("--reference", default=None, help="checkpoint to compare against")
     p.add_argument(
@@ -311,4 +313,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from .cli import run
+
+    run(main)

@@ -4,4 +4,6 @@
 from .lora import fuse_main
 
 if __name__ == "__main__":
-    fuse_main()
+    from .cli import run
+
+    run(fuse_main)

@@ -14,4 +14,6 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    from .cli import run
+
+    run(main)

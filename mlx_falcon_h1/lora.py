@@ -113,4 +113,6 @@ def fuse_main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from .cli import run
+
+    run(main)

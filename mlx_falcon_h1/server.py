@@ -26,6 +26,7 @@ from typing import Optional
 
 from mlx_lm import server as mlx_server
 
+from .cli import read_model_first
 from .commands import check_window_flags, run_mlx_lm_command
 from .loading import load
 
@@ -219,6 +220,7 @@ def _with_window(load, max_kv_size: int):
 
 
 def main() -> None:
+    read_model_first(sys.argv[1:])
     replace = {}
     max_kv_size = _take_max_kv_size(sys.argv)
     if max_kv_size is not None:
@@ -229,4 +231,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from .cli import run
+
+    run(main)

@@ -273,7 +273,7 @@ def test_command_line(source, tmp_path):
     assert done.returncode == 0, done.stderr
     assert "[quality]" in done.stdout and (tmp_path / "o" / "config.json").exists()
     again = subprocess.run([str(exe)] + cmd[1:], capture_output=True, text=True)
-    assert again.returncode == 1 and "already exists" in again.stderr
+    assert again.returncode == 2 and "already exists" in again.stderr
     assert "Traceback" not in again.stderr
 
 
