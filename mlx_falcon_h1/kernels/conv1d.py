@@ -231,8 +231,8 @@ def _random_inputs(sizes, batch=1, length=None, seed=0):
     draw, dtype, wdtype = RandomInputs(seed), sizes["dtype"], sizes.get("wdtype", mx.float32)
     c, k, length = sizes["channels"], sizes["width"], length or 20
     return dict(x=draw.normal(batch, length, c, dtype=dtype),
-                weight=draw.normal(c, k, dtype=wdtype, scale=0.5), bias=draw.normal(c, dtype=wdtype),
-                state=draw.normal(batch, k - 1, c, dtype=dtype))
+                weight=draw.normal(c, k, dtype=wdtype, scale=0.5),
+                bias=draw.normal(c, dtype=wdtype), state=draw.normal(batch, k - 1, c, dtype=dtype))
 
 
 KERNEL_OP = register(KernelOp(

@@ -327,8 +327,8 @@ def ssm_step(
             time_step_limit, n_groups)
     if _fits_kernel(xBC, dt, conv_state, conv_weight, conv_bias, state, n_groups) and kernel_allowed(
             KERNEL_OP, dict(heads=state.shape[1], head_dim=state.shape[2], groups=n_groups,
-                             n=state.shape[3], width=conv_weight.shape[1], dtype=xBC.dtype,
-                             wdtype=_param_dtype(conv_weight, conv_bias, dt_bias, A_log, D))):
+                            n=state.shape[3], width=conv_weight.shape[1], dtype=xBC.dtype,
+                            wdtype=_param_dtype(conv_weight, conv_bias, dt_bias, A_log, D))):
         return ssm_step_kernel(*args)
     return ssm_step_reference(*args)
 
