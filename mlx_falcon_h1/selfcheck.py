@@ -109,7 +109,7 @@ def report_runtime_checks(out=print) -> bool:
     which kernels the models run here turned off, and why. False if any failed."""
     gpu = runtime_check.gpu_name()
     path = runtime_check.cache_path()
-    entries = runtime_check._read_cache(path)["devices"].get(runtime_check.device_key(gpu), {})
+    entries = runtime_check.cached_results(gpu)
     if not entries:
         out(f"Run-time check: no results yet for this GPU and version ({path}); a model checks "
             "each kernel at its own sizes before first use.")

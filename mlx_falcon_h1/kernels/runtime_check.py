@@ -187,6 +187,12 @@ def _read_cache(path: str) -> dict:
     return {"format": _FORMAT, "devices": {}}
 
 
+def cached_results(gpu: str) -> dict:
+    """{check key: result record} in the cache file for `gpu` at this package and
+    MLX version (what selfcheck reports)."""
+    return _read_cache(cache_path())["devices"].get(device_key(gpu), {})
+
+
 def _write_cache(path: str, device: str, key: str, record: dict) -> None:
     """Add one result; written to a temporary file beside the cache and moved into
     place, so a crash or a concurrent reader never sees half a file."""
