@@ -18,46 +18,25 @@ import sys
 import time
 
 import mlx.core as mx
-import numpy as np
 
 from .kernels import conv1d, kernels_enabled, metal_available, runtime_check, ssd_scan, ssm_step
-from .kernels.ssm_step import discretize
+from .kernels.descriptor import KernelOp, output_errors
 
-# Bound on max |kernel - reference| / max |reference|: the run-time check's
-# (the same as tests/test_kernels_*.py).
-TOLERANCE = runtime_check.TOLERANCE
+OPS = (ssd_scan.KERNEL_OP, conv1d.KERNEL_OP, ssm_step.KERNEL_OP)
 # Falcon-H1-7B's mixer: 24 heads of 128, state 256, one group, conv width 4.
 GPU_SIZES = dict(batch=1, length=2048, heads=24, head_dim=128, groups=1, n=256, width=4)
 EMULATOR_SIZES = dict(batch=2, length=37, heads=2, head_dim=32, groups=1, n=32, width=4)
+# The scan reference's chunk here: the model's default (ModelArgs.mamba_chunk_size),
+# so its time is the one the model sees (the kernel has its own 32-token chunks).
+REFERENCE_CHUNK = 256
 
 
-def _inputs(op, dtype, batch, length, heads, head_dim, groups, n, width, seed=0):
-    rng = np.random.default_rng(seed)
-
-    def normal(*shape, dt=mx.float32, scale=1.0):
-        return mx.array((rng.standard_normal(shape) * scale).astype(np.float32)).astype(dt)
-
-    channels = heads * head_dim + 2 * groups * n
-    a_log = mx.array(rng.uniform(-5.0, 1.5, heads).astype(np.float32))
-    if op == "ssd_scan":
-        dt, A = discretize(normal(batch, length, heads), normal(heads), a_log, (0.0, math.inf))
-        return dict(x=normal(batch, length, heads, head_dim, dt=dtype), dt=dt, A=A,
-                    B=normal(batch, length, groups, n, dt=dtype),
-                    C=normal(batch, length, groups, n, dt=dtype), D=normal(heads),
-                    state=normal(batch, heads, head_dim, n), chunk_size=256)
-    if op == "causal_conv1d":
-        return dict(x=normal(batch, length, channels, dt=dtype),
-                    weight=normal(channels, width, scale=0.5), bias=normal(channels),
-                    state=normal(batch, width - 1, channels, dt=dtype))
-    return dict(xBC=normal(batch, channels, dt=dtype), dt=normal(batch, heads, dt=dtype),
-                conv_state=normal(batch, width - 1, channels, dt=dtype),
-                conv_weight=normal(channels, width, scale=0.5), conv_bias=normal(channels),
-                dt_bias=normal(heads), A_log=a_log, D=normal(heads),
-                state=normal(batch, heads, head_dim, n), time_step_limit=(0.0, math.inf),
-                n_groups=groups)
-
-
-OPS = [("ssd_scan", ssd_scan), ("causal_conv1d", conv1d), ("ssm_step", ssm_step)]
+def _inputs(op: KernelOp, dtype, batch, length, heads, head_dim, groups, n, width, seed=0):
+    """op's random inputs (its make_inputs) for a mixer of these sizes."""
+    sizes = dict(heads=heads, head_dim=head_dim, groups=groups, n=n, width=width, dtype=dtype,
+                 channels=heads * head_dim + 2 * groups * n)
+    inputs = op.make_inputs(sizes, batch=batch, length=length, seed=seed)
+    return dict(inputs, chunk_size=REFERENCE_CHUNK) if "chunk_size" in inputs else inputs
 
 
 def _timed(fn, reps):
@@ -70,68 +49,57 @@ def _timed(fn, reps):
     return out, (time.perf_counter() - start) / reps
 
 
-def _error(ours, ref):
-    worst, scale = 0.0, 0.0
-    for o, r in zip(ours, ref):
-        o, r = o.astype(mx.float32), r.astype(mx.float32)
-        worst = max(worst, float(mx.abs(o - r).max()))
-        scale = max(scale, float(mx.abs(r).max()))
-    return worst, worst / max(scale, 1e-30)
-
-
-def _describe(sizes, op):
+def _describe(sizes, op: KernelOp):
     s = sizes
-    if op == "ssm_step":
+    if op.name == "ssm_step":
         return f"B{s['batch']} H{s['heads']} P{s['head_dim']} G{s['groups']} N{s['n']}"
-    if op == "causal_conv1d":
+    if op.name == "causal_conv1d":
         return f"B{s['batch']} L{s['length']} C{s['heads'] * s['head_dim'] + 2 * s['groups'] * s['n']}"
     return f"B{s['batch']} L{s['length']} H{s['heads']} P{s['head_dim']} G{s['groups']} N{s['n']}"
 
 
-def check_gpu(sizes=GPU_SIZES, dtypes=(mx.float32, mx.bfloat16), reps=10, out=print):
+def check_gpu(sizes=GPU_SIZES, dtypes=(mx.float32, mx.bfloat16), reps=10, out=print, ops=OPS):
     """Each kernel vs its reference on the GPU; returns True if all are within tolerance."""
     ok = True
     out(f"{'kernel':15}{'shape':30}{'dtype':10}{'max|err|':>10}{'rel err':>10}"
         f"{'kernel ms':>11}{'reference ms':>14}{'speedup':>9}  result")
-    for name, module in OPS:
+    for op in ops:
         for dtype in dtypes:
-            inp = _inputs(name, dtype, **sizes)
-            kernel_fn = getattr(module, name + "_kernel")
-            reference_fn = getattr(module, name + "_reference")
-            ours, t_kernel = _timed(lambda: kernel_fn(**inp), reps)
-            ref, t_ref = _timed(lambda: reference_fn(**inp), reps)
-            worst, rel = _error(ours, ref)
-            good = rel <= TOLERANCE[(name, dtype)]
+            inp = _inputs(op, dtype, **sizes)
+            ours, t_kernel = _timed(lambda: op.kernel(**inp), reps)
+            ref, t_ref = _timed(lambda: op.reference(**inp), reps)
+            worst, rel = output_errors(ours, ref)
+            good = rel <= op.tolerance[dtype]
             ok &= good
-            out(f"{name:15}{_describe(sizes, name):30}{str(dtype).split('.')[-1]:10}{worst:10.2e}"
+            out(f"{op.name:15}{_describe(sizes, op):30}{str(dtype).split('.')[-1]:10}{worst:10.2e}"
                 f"{rel:10.2e}{t_kernel * 1e3:11.3f}{t_ref * 1e3:14.3f}{t_ref / t_kernel:8.1f}x"
                 f"  {'ok' if good else 'FAILED'}")
     return ok
 
 
-def check_emulator(sizes=EMULATOR_SIZES, dtypes=(mx.float32, mx.bfloat16), out=print):
+def check_emulator(sizes=EMULATOR_SIZES, dtypes=(mx.float32, mx.bfloat16), out=print, ops=OPS):
     """Each kernel's Metal source run in the CPU emulator vs its reference."""
     from .msl_emu.testing import emulated
 
     ok = True
     out(f"{'kernel':15}{'shape':30}{'dtype':10}{'max|err|':>10}{'rel err':>10}{'emulated s':>12}"
         "  result")
-    for name, module in OPS:
+    for op in ops:
         for dtype in dtypes:
-            inp = _inputs(name, dtype, **sizes)
+            inp = _inputs(op, dtype, **sizes)
             start = time.perf_counter()
             try:
-                with emulated(module) as (kernel,):
-                    ours = getattr(module, name + "_kernel")(**inp)
+                with emulated(op.module):
+                    ours = op.kernel(**inp)
                     mx.eval(ours)
                 seconds = time.perf_counter() - start
-                worst, rel = _error(ours, getattr(module, name + "_reference")(**inp))
-                good, note = rel <= TOLERANCE[(name, dtype)], ""
+                worst, rel = output_errors(ours, op.reference(**inp))
+                good, note = rel <= op.tolerance[dtype], ""
             except Exception as e:  # an emulator finding: report it, check the rest
                 seconds, worst, rel, good = time.perf_counter() - start, math.nan, math.nan, False
                 note = f"\n    {type(e).__name__}: {str(e).splitlines()[0]}"
             ok &= good
-            out(f"{name:15}{_describe(sizes, name):30}{str(dtype).split('.')[-1]:10}{worst:10.2e}"
+            out(f"{op.name:15}{_describe(sizes, op):30}{str(dtype).split('.')[-1]:10}{worst:10.2e}"
                 f"{rel:10.2e}{seconds:12.2f}  {'ok' if good else 'FAILED'}{note}")
     return ok
 
@@ -141,7 +109,7 @@ def report_runtime_checks(out=print) -> bool:
     which kernels the models run here turned off, and why. False if any failed."""
     gpu = runtime_check.gpu_name()
     path = runtime_check.cache_path()
-    entries = runtime_check._read_cache(path)["devices"].get(runtime_check.device_key(gpu), {})
+    entries = runtime_check.cached_results(gpu)
     if not entries:
         out(f"Run-time check: no results yet for this GPU and version ({path}); a model checks "
             "each kernel at its own sizes before first use.")

@@ -9,7 +9,11 @@ kernel when Metal is there and the call fits it, and the reference otherwise.
 Set MLX_FALCON_H1_KERNELS=0 to make every dispatcher take the reference path.
 On a Metal GPU each kernel is also checked once against its reference at the
 model's own sizes before first use, and turned off there if it disagrees
-(runtime_check; MLX_FALCON_H1_KERNEL_CHECK=0 skips the check).
+(runtime_check; MLX_FALCON_H1_KERNEL_CHECK=0 skips the check). Each op module
+with a Metal kernel exports one `KERNEL_OP` (descriptor.py: its Metal spec,
+kernel, reference, random inputs and tolerance), which the run-time check and
+selfcheck take. Imports run one way: op modules -> runtime_check ->
+descriptor, and selfcheck above them all.
 Off a Mac the kernels are verified in the project's Metal emulator
 (mlx_falcon_h1.msl_emu); `python -m mlx_falcon_h1.selfcheck` checks them on
 the GPU of the machine it runs on.

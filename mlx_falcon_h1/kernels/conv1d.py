@@ -35,6 +35,7 @@ from typing import Optional, Tuple
 import mlx.core as mx
 
 from . import build_metal_kernel, kernels_enabled, with_reference_vjp
+from .descriptor import KernelOp, RandomInputs, register
 from .elementwise import silu
 from .runtime_check import kernel_allowed
 
@@ -212,7 +213,7 @@ def causal_conv1d(
     state: Optional[mx.array],
 ) -> Tuple[mx.array, mx.array]:
     # docstring: causal_conv1d_reference's (assigned below)
-    if _fits_kernel(x, weight, bias, state) and kernel_allowed("causal_conv1d", dict(
+    if _fits_kernel(x, weight, bias, state) and kernel_allowed(KERNEL_OP, dict(
             channels=x.shape[2], width=weight.shape[1], dtype=x.dtype,
             # the wrapper widens weight and bias to float32 when their dtypes differ
             wdtype=weight.dtype if bias is None or bias.dtype == weight.dtype else mx.float32)):
@@ -221,3 +222,22 @@ def causal_conv1d(
 
 
 causal_conv1d_kernel.__doc__ = causal_conv1d.__doc__ = causal_conv1d_reference.__doc__
+
+
+def _random_inputs(sizes, batch=1, length=None, seed=0):
+    """Random causal_conv1d arguments; sizes: channels, width, dtype, wdtype (default
+    float32). 20 tokens by default: more than one 16-token block, so the check
+    covers the window carried between blocks."""
+    draw, dtype, wdtype = RandomInputs(seed), sizes["dtype"], sizes.get("wdtype", mx.float32)
+    c, k, length = sizes["channels"], sizes["width"], length or 20
+    return dict(x=draw.normal(batch, length, c, dtype=dtype),
+                weight=draw.normal(c, k, dtype=wdtype, scale=0.5),
+                bias=draw.normal(c, dtype=wdtype), state=draw.normal(batch, k - 1, c, dtype=dtype))
+
+
+KERNEL_OP = register(KernelOp(
+    name="causal_conv1d", spec=KERNEL_SPEC, kernel=causal_conv1d_kernel,
+    reference=causal_conv1d_reference, make_inputs=_random_inputs,
+    # y is rounded to x's dtype from a float32 sum in another order: one unit in
+    # the last place of that dtype (relative), plus float32 noise.
+    tolerance={mx.float32: 2e-6, mx.float16: 2.0**-10, mx.bfloat16: 2.0**-7}))

@@ -5,8 +5,8 @@ first time a dispatcher is about to launch a kernel for a given set of mixer
 sizes (heads, head dim, groups, state size, conv width, dtypes) on a Metal
 device, it runs that kernel once on small random inputs of exactly those
 sizes and compares it with its pure-MLX reference. A kernel that disagrees
-beyond its dtype's tolerance (TOLERANCE), or fails to compile or launch, is
-turned off for those sizes on this device: the dispatcher takes the reference
+beyond its dtype's tolerance, or fails to compile or launch, is turned off
+for those sizes on this device: the dispatcher takes the reference
 path instead, and one warning (KernelCheckWarning) names the kernel, the
 error and the command that reports it.
 
@@ -20,6 +20,10 @@ again once in each later process (from the cached result) and stays off.
 Never on the CPU (there are no kernels to check); MLX_FALCON_H1_KERNEL_CHECK=0
 skips the check (kernels run unchecked); MLX_FALCON_H1_KERNELS=0 turns the
 kernels off altogether.
+
+Each op is a KernelOp (descriptor.py) that its op module registers; the
+dispatchers pass theirs to `kernel_allowed`, and this module imports no op
+module, so the op modules can import it.
 """
 
 import functools
@@ -31,45 +35,53 @@ import tempfile
 import threading
 import time
 import warnings
-from typing import Optional
+from collections.abc import Mapping
+from typing import Optional, Union
 
 import mlx.core as mx
-import numpy as np
 
 from . import metal_available
+from .descriptor import KernelOp, lookup, registered, relative_error
 
 REPORT_COMMAND = "python -m mlx_falcon_h1.selfcheck"
 CACHE_FILE = "kernel_check.json"
 _FORMAT = 1
-
-# Bound on max |kernel - reference| / max |reference| per kernel and activation
-# dtype; the same bounds as the emulator tests (tests/test_kernels_*.py).
-TOLERANCE = {
-    ("ssd_scan", mx.float32): 2e-5, ("ssd_scan", mx.float16): 2e-5,
-    ("ssd_scan", mx.bfloat16): 2e-5,
-    ("ssm_step", mx.float32): 2e-5, ("ssm_step", mx.float16): 2e-3,
-    ("ssm_step", mx.bfloat16): 1e-2,
-    ("causal_conv1d", mx.float32): 2e-6, ("causal_conv1d", mx.float16): 2.0**-10,
-    ("causal_conv1d", mx.bfloat16): 2.0**-7,
-}  # fmt: skip
-
-# Check inputs: one sequence; prefill lengths that span more than one of the
-# kernel's internal blocks (ssd_scan: 32-token chunks, conv: 16-token blocks),
-# so the carry between blocks is part of the check.
-_CHECK_LENGTH = {"ssd_scan": 40, "causal_conv1d": 20}
 
 
 class KernelCheckWarning(RuntimeWarning):
     """A Metal kernel disagreed with its reference on this GPU and was turned off."""
 
 
+def _op(op: Union[KernelOp, str]) -> KernelOp:
+    """A KernelOp, or the registered one of that name (tests and tools name ops)."""
+    return op if isinstance(op, KernelOp) else lookup(op)
+
+
+class _Tolerances(Mapping):
+    """(op name, activation dtype) -> each registered op's tolerance: the bound on
+    max |kernel - reference| / max |reference|, the same as the emulator tests'."""
+
+    def __getitem__(self, key):
+        name, dtype = key
+        return lookup(name).tolerance[dtype]
+
+    def __iter__(self):
+        return ((op.name, dtype) for op in registered() for dtype in op.tolerance)
+
+    def __len__(self):
+        return sum(len(op.tolerance) for op in registered())
+
+
+TOLERANCE = _Tolerances()
+
+
 def _dtype_name(dtype) -> str:
     return str(dtype).split(".")[-1]
 
 
-def describe(op: str, sizes: dict) -> str:
+def describe(op: Union[KernelOp, str], sizes: dict) -> str:
     """'ssm_step H24 P128 G1 N256 K4 bfloat16/float32': the key of one check."""
-    parts = [op]
+    parts = [_op(op).name]
     for field, letter in (("heads", "H"), ("head_dim", "P"), ("groups", "G"), ("n", "N"),
                           ("channels", "C"), ("width", "K")):
         if field in sizes:
@@ -80,75 +92,27 @@ def describe(op: str, sizes: dict) -> str:
     return " ".join(parts + [dtypes])
 
 
-def check_inputs(op: str, sizes: dict, batch: int = 1, length: Optional[int] = None, seed: int = 0):
-    """Random inputs of `op`'s kernel signature at the given mixer sizes.
-
-    sizes: ssd_scan: heads, head_dim, groups, n, dtype; causal_conv1d: channels,
-    width, dtype, wdtype; ssm_step: heads, head_dim, groups, n, width, dtype, wdtype.
-    dt spans fast- and slow-forgetting heads (A = -exp(A_log), A_log in [-5, 1.5]).
-    """
-    from .ssm_step import discretize
-
-    rng = np.random.default_rng(seed)
-    dtype, wdtype = sizes["dtype"], sizes.get("wdtype", mx.float32)
-    length = length or _CHECK_LENGTH.get(op, 1)
-
-    def normal(*shape, dt=mx.float32, scale=1.0):
-        return mx.array((rng.standard_normal(shape) * scale).astype(np.float32)).astype(dt)
-
-    if op == "causal_conv1d":
-        c, k = sizes["channels"], sizes["width"]
-        return dict(x=normal(batch, length, c, dt=dtype), weight=normal(c, k, dt=wdtype, scale=0.5),
-                    bias=normal(c, dt=wdtype), state=normal(batch, k - 1, c, dt=dtype))
-    h, p, g, n = sizes["heads"], sizes["head_dim"], sizes["groups"], sizes["n"]
-    a_log = rng.uniform(-5.0, 1.5, h).astype(np.float32)
-    if op == "ssd_scan":
-        dt, A = discretize(normal(batch, length, h), normal(h), mx.array(a_log), (0.0, math.inf))
-        return dict(x=normal(batch, length, h, p, dt=dtype), dt=dt, A=A,
-                    B=normal(batch, length, g, n, dt=dtype), C=normal(batch, length, g, n, dt=dtype),
-                    D=normal(h), state=normal(batch, h, p, n), chunk_size=32)
-    if op == "ssm_step":
-        c, k = h * p + 2 * g * n, sizes["width"]
-        return dict(xBC=normal(batch, c, dt=dtype), dt=normal(batch, h, dt=dtype),
-                    conv_state=normal(batch, k - 1, c, dt=dtype),
-                    conv_weight=normal(c, k, dt=wdtype, scale=0.5), conv_bias=normal(c, dt=wdtype),
-                    dt_bias=normal(h, dt=wdtype), A_log=mx.array(a_log).astype(wdtype),
-                    D=normal(h, dt=wdtype), state=normal(batch, h, p, n),
-                    time_step_limit=(0.0, math.inf), n_groups=g)
-    raise ValueError(f"unknown kernel {op!r}; valid: ssd_scan, causal_conv1d, ssm_step")
+def check_inputs(op: Union[KernelOp, str], sizes: dict, batch: int = 1,
+                 length: Optional[int] = None, seed: int = 0) -> dict:
+    """Random inputs of `op`'s kernel signature at the given op sizes (its make_inputs)."""
+    return _op(op).make_inputs(sizes, batch=batch, length=length, seed=seed)
 
 
-def relative_error(ours, ref) -> float:
-    """max |ours - ref| / max |ref| over all outputs (nan if any output is not finite)."""
-    worst, scale = 0.0, 0.0
-    for o, r in zip(ours, ref):
-        o, r = o.astype(mx.float32), r.astype(mx.float32)
-        worst = max(worst, float(mx.abs(o - r).max()))
-        scale = max(scale, float(mx.abs(r).max()))
-    return worst / max(scale, 1e-30) if math.isfinite(worst) else math.nan
-
-
-def _module(op: str):
-    from . import conv1d, ssd_scan, ssm_step
-
-    return {"ssd_scan": ssd_scan, "causal_conv1d": conv1d, "ssm_step": ssm_step}[op]
-
-
-def run_check(op: str, sizes: dict) -> dict:
+def run_check(op: Union[KernelOp, str], sizes: dict) -> dict:
     """Run `op`'s kernel and reference once at `sizes`; a result record (never raises
     for a kernel failure: a compile or launch error is the record's `error`)."""
-    module = _module(op)
-    inputs = check_inputs(op, sizes)
-    tolerance = TOLERANCE[(op, sizes["dtype"])]
+    op = _op(op)
+    inputs = op.make_inputs(sizes)
+    tolerance = op.tolerance[sizes["dtype"]]
     start = time.perf_counter()
     try:
-        ours = getattr(module, op + "_kernel")(**inputs)
+        ours = op.kernel(**inputs)
         mx.eval(ours)
-        ref = getattr(module, op + "_reference")(**inputs)
+        ref = op.reference(**inputs)
         mx.eval(ref)
         rel = relative_error(ours, ref)
         error = None if rel <= tolerance else (
-            f"max relative error {rel:.3g} > tolerance {tolerance:.3g} against {op}_reference")
+            f"max relative error {rel:.3g} > tolerance {tolerance:.3g} against {op.name}_reference")
     except Exception as e:  # compile or launch failure: the kernel is unusable here
         rel, error = math.nan, f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
     return dict(ok=error is None, error=error,
@@ -204,10 +168,10 @@ def device_key(gpu: str) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def source_digest(op: str) -> str:
+def source_digest(op: KernelOp) -> str:
     """8 hex digits of the kernel's Metal source: a fixed kernel is checked again
     even where the package version did not change (a source checkout)."""
-    spec = _module(op).KERNEL_SPEC
+    spec = op.spec
     return hashlib.sha256((spec.get("header", "") + spec["source"]).encode()).hexdigest()[:8]
 
 
@@ -221,6 +185,12 @@ def _read_cache(path: str) -> dict:
     except (OSError, ValueError):
         pass  # missing or unreadable: check again and rewrite it
     return {"format": _FORMAT, "devices": {}}
+
+
+def cached_results(gpu: str) -> dict:
+    """{check key: result record} in the cache file for `gpu` at this package and
+    MLX version (what selfcheck reports)."""
+    return _read_cache(cache_path())["devices"].get(device_key(gpu), {})
 
 
 def _write_cache(path: str, device: str, key: str, record: dict) -> None:
@@ -245,13 +215,14 @@ _verdicts: dict = {}  # (op, *sizes) -> bool, this process (one GPU per process)
 _warned: set = set()
 
 
-def kernel_allowed(op: str, sizes: dict) -> bool:
+def kernel_allowed(op: Union[KernelOp, str], sizes: dict) -> bool:
     """Whether `op`'s kernel may run at `sizes` on this device: the dispatchers'
     last condition. True without a GPU to check or with the check switched off."""
     gpu = gpu_name()
     if gpu is None:
         return True
-    fast_key = (op, *sizes.values())  # the hot path (every dispatch): one dict lookup
+    op = _op(op)
+    fast_key = (op.name, *sizes.values())  # the hot path (every dispatch): one dict lookup
     verdict = _verdicts.get(fast_key)
     if verdict is not None:
         return verdict
@@ -269,7 +240,7 @@ def kernel_allowed(op: str, sizes: dict) -> bool:
                 _results[(device, key)] = record
     if not record["ok"] and (device, key) not in _warned:
         _warned.add((device, key))
-        _warn(op, key, gpu, record)
+        _warn(op.name, key, gpu, record)
     _verdicts[fast_key] = record["ok"]
     return record["ok"]
 

@@ -55,13 +55,16 @@ prefill's matmuls); ~4x that on a base M-chip. The state (8*H*P*N bytes) is read
 and written once per call, not once per chunk.
 """
 
+import math
 from typing import Optional, Tuple
 
 import mlx.core as mx
 
 from . import build_metal_kernel, kernels_enabled, with_reference_vjp
+from .descriptor import KernelOp, RandomInputs, register
 from .elementwise import exp
 from .runtime_check import kernel_allowed
+from .ssm_step import discretize
 
 
 def _segment_sum(a: mx.array) -> mx.array:
@@ -482,10 +485,32 @@ def ssd_scan(
     chunk_size: int,
 ) -> Tuple[mx.array, mx.array]:
     # docstring: ssd_scan_reference's (assigned below)
-    if _fits_kernel(x, dt, A, B, C, D, state) and kernel_allowed("ssd_scan", dict(
+    if _fits_kernel(x, dt, A, B, C, D, state) and kernel_allowed(KERNEL_OP, dict(
             heads=x.shape[2], head_dim=x.shape[3], groups=B.shape[2], n=B.shape[3], dtype=x.dtype)):
         return ssd_scan_kernel(x, dt, A, B, C, D, state, chunk_size)
     return ssd_scan_reference(x, dt, A, B, C, D, state, chunk_size)
 
 
 ssd_scan_kernel.__doc__ = ssd_scan.__doc__ = ssd_scan_reference.__doc__
+
+
+def _random_inputs(sizes, batch=1, length=None, seed=0):
+    """Random ssd_scan arguments; sizes: heads, head_dim, groups, n, dtype. 40
+    tokens by default: more than one 32-token kernel chunk, so the check covers
+    the state carried between chunks."""
+    draw, dtype, length = RandomInputs(seed), sizes["dtype"], length or 40
+    h, p, g, n = (sizes[f] for f in ("heads", "head_dim", "groups", "n"))
+    a_log = draw.a_log(h)
+    dt, A = discretize(draw.normal(batch, length, h), draw.normal(h), a_log, (0.0, math.inf))
+    return dict(x=draw.normal(batch, length, h, p, dtype=dtype), dt=dt, A=A,
+                B=draw.normal(batch, length, g, n, dtype=dtype),
+                C=draw.normal(batch, length, g, n, dtype=dtype), D=draw.normal(h),
+                state=draw.normal(batch, h, p, n), chunk_size=32)
+
+
+KERNEL_OP = register(KernelOp(
+    name="ssd_scan", spec=KERNEL_SPEC, kernel=ssd_scan_kernel, reference=ssd_scan_reference,
+    make_inputs=_random_inputs,
+    # float32 outputs from the same (exactly representable) inputs in every
+    # dtype: only the summation order and exp differ.
+    tolerance={mx.float32: 2e-5, mx.float16: 2e-5, mx.bfloat16: 2e-5}))

@@ -34,6 +34,7 @@ token over 44 layers; 2.3 ms at 120 GB/s (base M4). At batch 1 the 4-bit
 weights (~4.3 GB) still dominate decode; the state matters from batch ~8.
 """
 
+import math
 from typing import Optional, Sequence, Tuple
 
 import mlx.core as mx
@@ -41,6 +42,7 @@ import mlx.nn as nn
 
 from . import build_metal_kernel, kernels_enabled, with_reference_vjp
 from .conv1d import causal_conv1d_reference
+from .descriptor import KernelOp, RandomInputs, register
 from .runtime_check import kernel_allowed
 
 
@@ -324,11 +326,34 @@ def ssm_step(
     args = (xBC, dt, conv_state, conv_weight, conv_bias, dt_bias, A_log, D, state,
             time_step_limit, n_groups)
     if _fits_kernel(xBC, dt, conv_state, conv_weight, conv_bias, state, n_groups) and kernel_allowed(
-            "ssm_step", dict(heads=state.shape[1], head_dim=state.shape[2], groups=n_groups,
-                             n=state.shape[3], width=conv_weight.shape[1], dtype=xBC.dtype,
-                             wdtype=_param_dtype(conv_weight, conv_bias, dt_bias, A_log, D))):
+            KERNEL_OP, dict(heads=state.shape[1], head_dim=state.shape[2], groups=n_groups,
+                            n=state.shape[3], width=conv_weight.shape[1], dtype=xBC.dtype,
+                            wdtype=_param_dtype(conv_weight, conv_bias, dt_bias, A_log, D))):
         return ssm_step_kernel(*args)
     return ssm_step_reference(*args)
 
 
 ssm_step_kernel.__doc__ = ssm_step.__doc__ = ssm_step_reference.__doc__
+
+
+def _random_inputs(sizes, batch=1, length=None, seed=0):
+    """Random ssm_step arguments (one token: `length` is not used); sizes: heads,
+    head_dim, groups, n, width, dtype, wdtype (default float32)."""
+    draw, dtype, wdtype = RandomInputs(seed), sizes["dtype"], sizes.get("wdtype", mx.float32)
+    h, p, g, n, k = (sizes[f] for f in ("heads", "head_dim", "groups", "n", "width"))
+    c = h * p + 2 * g * n
+    a_log = draw.a_log(h, wdtype)
+    return dict(xBC=draw.normal(batch, c, dtype=dtype), dt=draw.normal(batch, h, dtype=dtype),
+                conv_state=draw.normal(batch, k - 1, c, dtype=dtype),
+                conv_weight=draw.normal(c, k, dtype=wdtype, scale=0.5),
+                conv_bias=draw.normal(c, dtype=wdtype), dt_bias=draw.normal(h, dtype=wdtype),
+                A_log=a_log, D=draw.normal(h, dtype=wdtype), state=draw.normal(batch, h, p, n),
+                time_step_limit=(0.0, math.inf), n_groups=g)
+
+
+KERNEL_OP = register(KernelOp(
+    name="ssm_step", spec=KERNEL_SPEC, kernel=ssm_step_kernel, reference=ssm_step_reference,
+    make_inputs=_random_inputs,
+    # y and the state are float32, but in 16-bit dtypes the conv output is rounded
+    # to the dtype before the SSM, and a float32 difference can flip that rounding.
+    tolerance={mx.float32: 2e-5, mx.float16: 2e-3, mx.bfloat16: 1e-2}))
