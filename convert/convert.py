@@ -23,7 +23,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Callable, Dict, Optional, Union
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
@@ -91,9 +91,10 @@ def convert(
     tmp = prepare_destination(mlx_path, force)
     try:
         started = time.time()
-        source = read_source(source_path, dequantize)
+        source, weights = read_source(source_path, dequantize)
         target = DTYPES[dtype] if dtype else source.dtype
-        model, config = _output_model(source, target, ssm_dtype, str(hf_path))
+        model, config = _output_model(source, weights, target, ssm_dtype, str(hf_path))
+        del weights  # the model holds what is written; the source's tensors may go
         settings = {"dtype": str(target).removeprefix("mlx.core."), "ssm_dtype": ssm_dtype}
         record = None
         if quantize and calibrated is not None:
@@ -162,12 +163,12 @@ def _checked_flags(quantize, dequantize, q_mode, dtype, ssm_dtype, quant_predica
     return calibrated
 
 
-def _output_model(source: Source, target: mx.Dtype, ssm_dtype: str, described: str):
+def _output_model(source: Source, weights: Dict[str, mx.array], target: mx.Dtype, ssm_dtype: str,
+                  described: str):  # fmt: skip
     """(model, config) of the output folder: the weights with the multipliers
     folded in (unless they already carry them) and cast, in the one model built
     from the output's config, which applies only the multipliers left to apply
     (calibration runs it, so it must compute what the output computes)."""
-    weights = source.weights
     if not folder_format.is_folded(source.config):
         weights = fold_multipliers(weights, source.args)
     cast_weights(weights, target, ssm_dtype)

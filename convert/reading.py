@@ -4,7 +4,7 @@ package's one checkpoint reader (mlx_falcon_h1/loading.py)."""
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Tuple
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
@@ -18,13 +18,13 @@ class Source:
     path: Path
     config: Dict[str, Any]  # its config.json, read once
     args: ModelArgs  # what that config states (the multipliers as trained, or as left to apply)
-    weights: Dict[str, mx.array]  # named and shaped as the model's parameters, not quantized
     dtype: mx.Dtype  # the weights' most common floating dtype: what --dtype defaults to
 
 
-def read_source(path: Path, dequantize: bool) -> Source:
-    """The checked config and weights of `path`; with `dequantize`, a quantized
-    folder's weights dequantized (and its quantization settings dropped)."""
+def read_source(path: Path, dequantize: bool) -> Tuple[Source, Dict[str, mx.array]]:
+    """The checked config of `path` and its weights, named and shaped as the
+    model's parameters; with `dequantize`, a quantized folder's weights
+    dequantized (and its quantization settings dropped)."""
     if dequantize:
         from mlx_lm.utils import dequantize_model
 
@@ -39,7 +39,7 @@ def read_source(path: Path, dequantize: bool) -> Source:
         model, config, weights = read_checkpoint(path)
         if "quantization" in config:
             raise ValueError(f"{path}: already quantized; use --dequantize first")
-    return Source(path, config, model.args, weights, _most_common_float_dtype(weights))
+    return Source(path, config, model.args, _most_common_float_dtype(weights)), weights
 
 
 def _most_common_float_dtype(weights: Dict[str, mx.array]) -> mx.Dtype:

@@ -63,7 +63,8 @@ def make_random_model(shape: str, out: Path, dtype: str, layers: Optional[int] =
     config = dict(**SHAPES[shape], **MULTIPLIERS_05B)
     if layers is not None:
         config["num_hidden_layers"] = layers
-    config = folder_format.folded_config(config, folder_format.original_multipliers(config))
+    originals = folder_format.original_multipliers(config)
+    config = folder_format.folded_config(config, originals, ssm_dtype="float32")
     args = ModelArgs.from_dict(config)
     model = Model(args)
     for layer in model.layers:  # SSM parameters as transformers initialises them
