@@ -4,6 +4,7 @@
 # OpenBLAS when there is one; ~10x faster matmuls on Linux, which calibration needs).
 import mlx_falcon_h1  # noqa: F401  isort: skip
 
-from .convert import convert, fold_multipliers, upgrade
+from .convert import convert, upgrade
+from .folding import fold_multipliers
 
 __all__ = ["convert", "fold_multipliers", "upgrade"]

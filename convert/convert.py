@@ -11,238 +11,48 @@ only what is left to apply at run time, with the originals recorded under
 Falcon-aware precision: A_log, D, dt_bias, the conv1d weights and biases and every
 norm stay float32 and are never quantized; Linear and Embedding weights are
 quantized when their input size fits the group size and left alone otherwise.
+
+The steps have a file each: reading.py (the source), folding.py (multipliers
+and dtypes), writing.py (the folder); this file is the command.
 """
 
 import argparse
-import dataclasses
 import json
 import os
 import shutil
-import tempfile
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Dict, Optional, Union
 
 import mlx.core as mx
-from mlx.utils import tree_flatten, tree_map_with_path
-from tqdm import tqdm
+from mlx.utils import tree_flatten
 
 from mlx_falcon_h1 import folder_format
+from mlx_falcon_h1.cli import run
 from mlx_falcon_h1.folder_format import FORMAT_KEY
-from mlx_falcon_h1.loading import (
-    load_model,
-    make_args,
-    read_checkpoint,
-    read_config,
-    resolve_path,
-)
-from mlx_falcon_h1.model import ModelArgs
+from mlx_falcon_h1.loading import make_args, read_config, resolve_path
+from mlx_falcon_h1.model import Model
+from mlx_falcon_h1.quantize import METHODS, CalibrationSettings, calibrated_quantize
 from mlx_falcon_h1.quantize import add_arguments as add_calibration_arguments
-from mlx_falcon_h1.quantize import calibrated_quantize
 from mlx_falcon_h1.quantize import settings_from as calibration_settings
 
+from .folding import cast_calibrated, cast_weights, fold_multipliers
 from .quality import quality_report
+from .reading import Source, read_source
 from .recipes import RECIPES, make_recipe
-
-MAX_SHARD_BYTES = 5 << 30  # mlx-lm's shard size
-DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
-Q_MODES = ("affine", "mxfp4", "nvfp4", "mxfp8")
-# Files copied beside the weights so the folder is a complete model.
-EXTRA_FILES = (
-    "tokenizer.json",
-    "tokenizer.model",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "chat_template.json",
-    "chat_template.jinja",
-    "generation_config.json",
+from .writing import (
+    MAX_SHARD_BYTES,
+    model_card,
+    move_into_place,
+    prepare_destination,
+    resolved_config,
+    write_config_file,
+    write_folder,
 )
 
-
-# With --remote-code, `mlx_lm.load(..., trust_remote_code=True)` (and every mlx-lm
-# command's --trust-remote-code) builds the model from this file: our implementation.
-REMOTE_CODE_FILE = "falcon_h1_mlx.py"
-REMOTE_CODE = '''"""Written by mlx-falcon-h1-convert --remote-code: runs this folder with
-mlx-falcon-h1's Falcon-H1 (pip install mlx-falcon-h1) instead of mlx-lm's built-in one."""
-
-try:
-    from mlx_falcon_h1.model import Model, ModelArgs  # noqa: F401
-except ImportError as e:
-    raise ImportError(
-        "This model folder runs on mlx-falcon-h1: pip install mlx-falcon-h1"
-    ) from e
-'''
-
-
-def fold_multipliers(weights: Dict[str, mx.array], args: ModelArgs) -> Dict[str, mx.array]:
-    """Multiply every muP multiplier into the weights (falcon_h1_spec.md, "Folding").
-
-    Computed in float32. q and v get attention_in; k gets attention_in * key
-    (its bias only key); in_proj rows get ssm_in * mup (bias rows mup only).
-    """
-    mup = mx.concatenate(
-        [
-            mx.full((n,), m, dtype=mx.float32)
-            for n, m in zip(
-                [args.mamba_d_ssm, args.mamba_d_ssm]
-                + [args.mamba_n_groups * args.mamba_d_state] * 2
-                + [args.mamba_n_heads],
-                args.ssm_multipliers,
-            )
-        ]
-    )
-    a_in, ssm_in = args.attention_in_multiplier, args.ssm_in_multiplier
-    rules = {  # module path suffix: (weight factor, bias factor)
-        "embed_tokens": (args.embedding_multiplier, None),
-        "lm_head": (args.lm_head_multiplier, None),
-        "self_attn.q_proj": (a_in, 1.0),
-        "self_attn.k_proj": (a_in * args.key_multiplier, args.key_multiplier),
-        "self_attn.v_proj": (a_in, 1.0),
-        "self_attn.o_proj": (args.attention_out_multiplier,) * 2,
-        "mamba.in_proj": (ssm_in * mup[:, None], mup),
-        "mamba.out_proj": (args.ssm_out_multiplier,) * 2,
-        "feed_forward.gate_proj": (args.mlp_multipliers[0],) * 2,
-        "feed_forward.down_proj": (args.mlp_multipliers[1],) * 2,
-    }
-    folded = {}
-    for name, w in weights.items():
-        module, param = name.rsplit(".", 1)
-        factors = next((f for s, f in rules.items() if module.endswith(s)), (None, None))
-        factor = factors[0] if param == "weight" else factors[1]
-        if factor is not None:
-            w = w.astype(mx.float32) * factor  # cast to the output dtype later
-        folded[name] = w
-    return folded
-
-
-def _rebuilt(model, args: ModelArgs):
-    """A Model for `args` holding `model`'s parameters (the same arrays)."""
-    from mlx_falcon_h1.model import Model
-
-    rebuilt = Model(args)
-    rebuilt.load_weights(tree_flatten(model.parameters()), strict=True)
-    rebuilt.eval()
-    return rebuilt
-
-
-def _cast_calibrated(model, target: mx.Dtype, before: Dict[str, mx.Dtype]) -> None:
-    """After calibration (which computes in float32): the dtypes a plain
-    conversion writes. Scales, biases and other weights in `target`; SSM
-    parameters, conv and norms as they were before (`before`: path -> dtype)."""
-    keep = model.cast_predicate
-
-    def cast(path, w):
-        if not mx.issubdtype(w.dtype, mx.floating):
-            return w
-        return w.astype(target if keep(path) else before.get(path, mx.float32))
-
-    model.update(tree_map_with_path(cast, model.parameters()))
-
-
-def _source_dtype(weights) -> mx.Dtype:
-    floats = [w.dtype for w in weights.values() if mx.issubdtype(w.dtype, mx.floating)]
-    return max(set(floats), key=floats.count) if floats else mx.float32
-
-
-def _write_weights(folder: Path, params: Dict[str, mx.array], max_shard_bytes: int) -> None:
-    """Evaluate and write one shard at a time, dropping each after it is written,
-    so peak memory stays near one shard plus what it is computed from."""
-    names = sorted(params)
-    shards, current, size = [], [], 0
-    for name in names:
-        nbytes = params[name].nbytes
-        if current and size + nbytes > max_shard_bytes:
-            shards.append(current)
-            current, size = [], 0
-        current.append(name)
-        size += nbytes
-    shards.append(current)
-    fmt = "model-{:05d}-of-{:05d}.safetensors" if len(shards) > 1 else "model.safetensors"
-    index = {"metadata": {"total_size": sum(params[n].nbytes for n in names)}, "weight_map": {}}
-    for i, shard_names in enumerate(tqdm(shards, desc="Writing shards", unit="shard")):
-        file = fmt.format(i + 1, len(shards))
-        shard = {n: params.pop(n) for n in shard_names}
-        mx.save_safetensors(str(folder / file), shard, metadata={"format": "mlx"})
-        index["weight_map"].update({n: file for n in shard_names})
-        del shard
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=4))
-
-
-def _write_config_file(file: Path, config: dict) -> None:
-    from mlx_lm.utils import save_config  # encodes inf as mlx-lm and transformers 5 read it
-
-    save_config(dict(config), file)
-
-
-def _model_card(source: str, settings: dict, report: Optional[dict]) -> str:
-    lines = [
-        "---",
-        "library_name: mlx",
-        "tags: [mlx, falcon-h1]",
-        "---",
-        "# Falcon-H1 for MLX",
-        "",
-        f"Converted from `{source}` with mlx-falcon-h1-convert.",
-        "",
-        "## Conversion settings",
-        "",
-    ]
-    lines += [f"- {k}: `{v}`" for k, v in settings.items()]
-    lines += [
-        "",
-        "muP multipliers are folded into the weights; config.json states only what is",
-        "left to apply at run time (the originals are recorded under `mlx_falcon_h1`),",
-        "so mlx-lm, apps built on it and mlx-swift-lm apps all compute the reference.",
-        "A_log, D, dt_bias, conv1d and norms are kept in float32.",
-        "",
-        "## Use",
-        "",
-        "```bash",
-        "python -m mlx_falcon_h1.generate --model PATH --prompt 'Hello'",
-        "mlx_lm.generate --model PATH --prompt 'Hello'   # stock mlx-lm also loads it",
-        "```",
-    ]
-    if report is not None:
-        lines += [
-            "",
-            "## Quality report (quantized vs float, fixed token sequence)",
-            "",
-            "| tokens | mean KL | top-1 agreement | max logit diff |",
-            "|---|---|---|---|",
-            f"| {report['tokens']} | {report['mean_kl']:.3g} | {report['top1_agreement']:.4f}"
-            f" | {report['max_logit_diff']:.3g} |",
-        ]
-    return "\n".join(lines) + "\n"
-
-
-def _prepare_destination(mlx_path: Path, force: bool) -> Path:
-    if mlx_path.exists() and not force:
-        raise ValueError(
-            f"{mlx_path}: already exists; choose another --mlx-path or pass --force to replace it"
-        )
-    parent = mlx_path.parent.resolve()
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{mlx_path.name}.partial-", dir=parent))
-    except OSError as e:
-        raise ValueError(f"{parent}: cannot write the output there ({e.strerror})") from None
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp's folders are private; a model folder is not
-    return tmp
-
-
-def _move_into_place(tmp: Path, mlx_path: Path) -> None:
-    old = None
-    if mlx_path.exists():  # only reached with --force
-        old = mlx_path.with_name(f".{mlx_path.name}.replaced-{os.getpid()}")
-        mlx_path.rename(old)
-    tmp.rename(mlx_path)
-    if old is not None:
-        shutil.rmtree(old) if old.is_dir() else old.unlink()
+DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+Q_MODES = ("affine", "mxfp4", "nvfp4", "mxfp8")
 
 
 def convert(
@@ -268,95 +78,37 @@ def convert(
 
     Keyword arguments mirror the command-line flags; `method` and the
     calibration flags (`calibration_data`, `num_samples`, ...: see
-    mlx_falcon_h1/quantize.py) quantize with a calibrated method. Returns the
-    quality report of a quantized conversion (also written to
+    mlx_falcon_h1/quantize/settings.py) quantize with a calibrated method.
+    Returns the quality report of a quantized conversion (also written to
     quality_report.json), else None.
     """
-    if quantize and dequantize:
-        raise ValueError("--quantize and --dequantize are exclusive")
-    if q_mode not in Q_MODES:
-        raise ValueError(f"--q-mode {q_mode!r}: choose one of {', '.join(Q_MODES)}")
-    if dtype is not None and dtype not in DTYPES:
-        raise ValueError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
-    if ssm_dtype not in ("float32", "source"):
-        raise ValueError(f"--ssm-dtype {ssm_dtype!r}: choose 'float32' or 'source'")
-    if isinstance(quant_predicate, str) and quant_predicate not in RECIPES:
-        raise ValueError(f"--quant-predicate {quant_predicate!r}: choose one of {', '.join(RECIPES)}")
-    calibrated = calibration_settings(dict(calibration, method=method))
-    if calibrated is not None:
-        if not quantize:
-            raise ValueError(f"--method {method} quantizes: add -q")
-        if q_mode != "affine":
-            raise ValueError(f"--method {method} learns affine scales and biases: use --q-mode affine")
-        if quant_predicate is not None:
-            raise ValueError("--method and --quant-predicate are exclusive (--method dynamic mixes bits itself)")
-
-    source = resolve_path(hf_path)
-    config = read_config(source)
-    args = make_args(config, source / "config.json")
-    originals = folder_format.original_multipliers(config)
+    calibrated = _checked_flags(quantize, dequantize, q_mode, dtype, ssm_dtype, quant_predicate,
+                                dict(calibration, method=method))  # fmt: skip
+    source_path = resolve_path(hf_path)
     mlx_path = Path(mlx_path)
-    if mlx_path.resolve() == source.resolve():
+    if mlx_path.resolve() == source_path.resolve():
         raise ValueError(f"{mlx_path}: the output folder cannot be the input folder")
 
-    tmp = _prepare_destination(mlx_path, force)
+    tmp = prepare_destination(mlx_path, force)
     try:
         started = time.time()
-        if dequantize:
-            if "quantization" not in config:
-                raise ValueError(f"{source}: --dequantize needs a quantized MLX checkpoint")
-            from mlx_lm.utils import dequantize_model
-
-            model = dequantize_model(load_model(source, lazy=True)[0])
-            config.pop("quantization", None)
-            config.pop("quantization_config", None)
-            weights = dict(tree_flatten(model.parameters()))
-            source_dtype = _source_dtype(weights)
-        else:
-            if "quantization" in config:
-                raise ValueError(f"{source}: already quantized; use --dequantize first")
-            model, config, weights = read_checkpoint(source)
-            source_dtype = _source_dtype(weights)
-            if not folder_format.is_folded(config):
-                weights = fold_multipliers(weights, args)
-
-        # Precision: SSM parameters, conv and norms in float32 (or their source
-        # dtype with ssm_dtype="source"); everything else in `dtype`.
-        target = DTYPES[dtype] if dtype else source_dtype
-        keep = model.cast_predicate
-        for name, w in weights.items():
-            if not mx.issubdtype(w.dtype, mx.floating):
-                continue
-            if keep(name):
-                weights[name] = w.astype(target)
-            elif ssm_dtype == "float32":
-                weights[name] = w.astype(mx.float32)
-        model.load_weights(list(weights.items()), strict=True)
-        del weights
-
+        source, weights = read_source(source_path, dequantize)
+        target = DTYPES[dtype] if dtype else source.dtype
+        model, config = _output_model(source, weights, target, ssm_dtype, str(hf_path))
+        del weights  # the model holds what is written; the source's tensors may go
         settings = {"dtype": str(target).removeprefix("mlx.core."), "ssm_dtype": ssm_dtype}
+        record = None
         if quantize and calibrated is not None:
-            from mlx_lm.utils import load_tokenizer
-
             bits, group_size = q_bits or 4, q_group_size or 64
-            # Calibration runs the model: it must apply only what the folded
-            # weights do not carry, i.e. the multipliers the output's config states.
-            folded = folder_format.folded_config(config, originals)
-            model = _rebuilt(model, make_args(folded, source / "config.json"))
-            before = {k: v.dtype for k, v in tree_flatten(model.parameters())}
-            q, record = calibrated_quantize(
-                model, load_tokenizer(source), bits, group_size, calibrated, scale_dtype=target
-            )
-            _cast_calibrated(model, target, before)
-            config["quantization"] = q
-            config["quantization_config"] = q
+            q, record = _calibrate(model, source.path, bits, group_size, calibrated, target)
+            config = {**config, "quantization": q, "quantization_config": q}
             settings.update(q_mode="affine", q_bits=bits, q_group_size=group_size, **record)
         elif quantize:
-            from mlx_lm.utils import quantize_model
-
             predicate = quant_predicate
             if isinstance(predicate, str):
                 predicate = make_recipe(predicate, model, q_group_size, q_mode)
+            from mlx_lm.utils import quantize_model
+
             model, config = quantize_model(
                 model, config, q_group_size, q_bits, mode=q_mode, quant_predicate=predicate
             )
@@ -367,50 +119,97 @@ def convert(
                 ("custom" if quant_predicate else "default"),
             )  # fmt: skip
 
-        # Every field spelled out as resolved: mlx-lm's and mlx-swift-lm's
-        # defaults differ from transformers' (tie_word_embeddings,
-        # mamba_norm_before_gate, head_dim ...) and both read the RoPE base from
-        # rope_theta only. The multipliers: what is left to apply at run time.
-        for f in dataclasses.fields(ModelArgs):
-            if f.name != FORMAT_KEY:
-                value = getattr(args, f.name)
-                config[f.name] = list(value) if isinstance(value, tuple) else value
-        config["rope_theta"] = args.rope_base
-        if args.rope_scaling_config is not None:
-            config["rope_scaling"] = args.rope_scaling_config
-        config = folder_format.folded_config(
-            config, originals, source=str(hf_path), ssm_dtype=ssm_dtype
-        )
-
         params = dict(tree_flatten(model.parameters()))
-        del model  # the shards below must hold the only references, to be freed one by one
-        _write_weights(tmp, params, int(max_shard_size_gb * (1 << 30)))
-        for name in EXTRA_FILES:
-            if (source / name).is_file():
-                shutil.copy2(source / name, tmp / name)
-
-        if remote_code:
-            (tmp / REMOTE_CODE_FILE).write_text(REMOTE_CODE)
-            config["model_file"] = REMOTE_CODE_FILE
-        _write_config_file(tmp / "config.json", config)
-
-        report = None
-        if quantize:
-            report = quality_report(source, tmp, report_tokens)
-            if calibrated is not None:
-                report["calibration"] = record
-            (tmp / "quality_report.json").write_text(json.dumps(report, indent=2))
-            print(
-                f"[quality] {report['tokens']} tokens: mean KL {report['mean_kl']:.4g}, "
-                f"top-1 agreement {report['top1_agreement']:.4f}, "
-                f"max logit diff {report['max_logit_diff']:.4g}"
-            )
-        (tmp / "README.md").write_text(_model_card(str(hf_path), settings, report))
-        _move_into_place(tmp, mlx_path)
+        args = model.args
+        del model  # the shards must hold the only references, to be freed one by one
+        write_folder(tmp, source.path, params, config, int(max_shard_size_gb * (1 << 30)), remote_code)
+        report = _quality(source.path, tmp, report_tokens, record) if quantize else None
+        (tmp / "README.md").write_text(model_card(str(hf_path), settings, report))
+        move_into_place(tmp, mlx_path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
+    _warn_consumers(args, config, remote_code)
+    print(f"[done] {mlx_path} in {time.time() - started:.1f} s")
+    if upload_repo:
+        from mlx_lm.utils import upload_to_hub
+
+        upload_to_hub(str(mlx_path), upload_repo)
+    return report
+
+
+def _checked_flags(quantize, dequantize, q_mode, dtype, ssm_dtype, quant_predicate,
+                   calibration: dict) -> Optional[CalibrationSettings]:  # fmt: skip
+    """Refuse flags that contradict each other; the calibration settings, if a --method is given."""
+    if quantize and dequantize:
+        raise ValueError("--quantize and --dequantize are exclusive")
+    if q_mode not in Q_MODES:
+        raise ValueError(f"--q-mode {q_mode!r}: choose one of {', '.join(Q_MODES)}")
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    if ssm_dtype not in ("float32", "source"):
+        raise ValueError(f"--ssm-dtype {ssm_dtype!r}: choose 'float32' or 'source'")
+    if isinstance(quant_predicate, str) and quant_predicate not in RECIPES:
+        raise ValueError(f"--quant-predicate {quant_predicate!r}: choose one of {', '.join(RECIPES)}")
+    method = calibration.get("method")
+    calibrated = calibration_settings(calibration)
+    if calibrated is not None:
+        if not quantize:
+            raise ValueError(f"--method {method} quantizes: add -q")
+        if q_mode != "affine":
+            raise ValueError(f"--method {method} learns affine scales and biases: use --q-mode affine")
+        if quant_predicate is not None:
+            raise ValueError("--method and --quant-predicate are exclusive (--method dynamic mixes bits itself)")
+    return calibrated
+
+
+def _output_model(source: Source, weights: Dict[str, mx.array], target: mx.Dtype, ssm_dtype: str,
+                  described: str):  # fmt: skip
+    """(model, config) of the output folder: the weights with the multipliers
+    folded in (unless they already carry them) and cast, in the one model built
+    from the output's config, which applies only the multipliers left to apply
+    (calibration runs it, so it must compute what the output computes)."""
+    if not folder_format.is_folded(source.config):
+        weights = fold_multipliers(weights, source.args)
+    cast_weights(weights, target, ssm_dtype)
+    originals = folder_format.original_multipliers(source.config)
+    config = folder_format.folded_config(source.config, originals, source=described, ssm_dtype=ssm_dtype)
+    args = make_args(config, source.path / "config.json")
+    model = Model(args)
+    model.load_weights(list(weights.items()), strict=True)
+    model.eval()
+    return model, resolved_config(config, args)
+
+
+def _calibrate(model, source: Path, bits: int, group_size: int, settings: CalibrationSettings,
+               target: mx.Dtype):  # fmt: skip
+    """Calibrated quantization in place; (quantization config, calibration record).
+    Calibration computes in float32; the weights are then cast as a plain
+    conversion writes them."""
+    from mlx_lm.utils import load_tokenizer
+
+    before = {k: v.dtype for k, v in tree_flatten(model.parameters())}
+    q, record = calibrated_quantize(model, load_tokenizer(source), bits, group_size, settings, scale_dtype=target)
+    cast_calibrated(model, target, before)
+    return q, record
+
+
+def _quality(source: Path, folder: Path, tokens: int, calibration: Optional[dict]) -> dict:
+    """The quality report of the quantized `folder` against `source`, written beside it."""
+    report = quality_report(source, folder, tokens)
+    if calibration is not None:
+        report["calibration"] = calibration
+    (folder / "quality_report.json").write_text(json.dumps(report, indent=2))
+    print(
+        f"[quality] {report['tokens']} tokens: mean KL {report['mean_kl']:.4g}, "
+        f"top-1 agreement {report['top1_agreement']:.4f}, "
+        f"max logit diff {report['max_logit_diff']:.4g}"
+    )
+    return report
+
+
+def _warn_consumers(args, config: dict, remote_code: bool) -> None:
     for consumer, caveats in folder_format.consumer_caveats(args, config).items():
         if consumer == folder_format.MLX_LM and remote_code:
             continue  # mlx-lm runs our implementation from the folder
@@ -420,12 +219,6 @@ def convert(
             + "; ".join(caveats)
             + f". Run it with mlx_falcon_h1{fix}."
         )
-    print(f"[done] {mlx_path} in {time.time() - started:.1f} s")
-    if upload_repo:
-        from mlx_lm.utils import upload_to_hub
-
-        upload_to_hub(str(mlx_path), upload_repo)
-    return report
 
 
 def upgrade(mlx_path: str) -> bool:
@@ -457,7 +250,7 @@ def upgrade(mlx_path: str) -> bool:
     upgraded = folder_format.upgraded_config(config)
     tmp = path / f".config.json.upgrade-{os.getpid()}"
     try:
-        _write_config_file(tmp, upgraded)
+        write_config_file(tmp, upgraded)
         os.replace(tmp, path / "config.json")
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -500,11 +293,17 @@ def configure_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None):
-    from mlx_falcon_h1.cli import run
-
     args = vars(configure_parser().parse_args(argv))
     upgrade_path = args.pop("upgrade")
     run(lambda: upgrade(upgrade_path) if upgrade_path is not None else convert(**args), argv)
+
+
+def quantize_main(argv=None):
+    """`python -m mlx_falcon_h1.quantize`: this command with -q and a --method."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--method" not in argv and not any(a.startswith("--method=") for a in argv):
+        raise SystemExit(f"python -m mlx_falcon_h1.quantize: error: --method is required ({', '.join(METHODS)})")
+    main(["-q", *argv] if not {"-q", "--quantize"} & set(argv) else argv)
 
 
 if __name__ == "__main__":

@@ -3,8 +3,8 @@
 Mirrors `mlx_lm.benchmark`: prompt (prefill) tokens/s, generation (decode)
 tokens/s and peak memory, here for each prompt length and for both
 implementations loading the same converted folder, runs alternating. Without
---model it builds a random model of a released shape (--shape) with our
-converter, so nothing is downloaded. Prints a table with the ratio ours/mlx-lm
+--model it builds a random model of a released shape (--shape) in our
+converter's folder format, so nothing is downloaded. Prints a table with the ratio ours/mlx-lm
 and writes JSON; states dtype, MLX version, device and the BLAS in use.
 
 --long measures long prompts: prefill only (-g 0) at 16K, 32K and 64K tokens.
@@ -20,8 +20,8 @@ import json
 import os
 import platform
 import shutil
-import tempfile
 import time
+from dataclasses import fields
 from pathlib import Path
 from typing import Optional
 
@@ -32,10 +32,12 @@ from mlx_falcon_h1 import allocator, blas
 import mlx.core as mx  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 
-from . import decode  # noqa: E402
+from mlx_lm.utils import save_config  # noqa: E402
+
+from . import decode, folder_format  # noqa: E402
 from .launch_count import decode_step_launches, our_decode_step  # noqa: E402
 from .memory import RELEASED  # noqa: E402
-from .model import Model, ModelArgs  # noqa: E402
+from .model import Model, ModelArgs, castable  # noqa: E402
 
 # A tiny shape for smoke runs, and the released ones (memory.RELEASED); every
 # random model gets Falcon-H1-0.5B's multipliers.
@@ -54,27 +56,33 @@ MULTIPLIERS_05B = dict(
 
 
 def make_random_model(shape: str, out: Path, dtype: str, layers: Optional[int] = None) -> Path:
-    """A random Falcon-H1 of `shape` (with `layers` layers, if given) in Hugging
-    Face layout, then our converter."""
-    from mlx_falcon_h1_convert import convert
-
+    """A random Falcon-H1 of `shape` (with `layers` layers, if given) in the folder
+    format our converter writes: the random weights stand for weights with the
+    multipliers folded in (config.json states what is left to apply and records
+    the 0.5B's), conv1d in MLX layout, castable weights in `dtype`."""
     config = dict(**SHAPES[shape], **MULTIPLIERS_05B)
     if layers is not None:
         config["num_hidden_layers"] = layers
-    model = Model(ModelArgs.from_dict(config))
+    originals = folder_format.original_multipliers(config)
+    config = folder_format.folded_config(config, originals, ssm_dtype="float32")
+    args = ModelArgs.from_dict(config)
+    model = Model(args)
     for layer in model.layers:  # SSM parameters as transformers initialises them
         heads = layer.mamba.A_log.shape[0]
         layer.mamba.A_log = mx.log(mx.arange(1, heads + 1, dtype=mx.float32))
-    weights = {}
-    for name, w in tree_flatten(model.parameters()):
-        if name.endswith("conv1d.weight"):
-            w = w.swapaxes(1, 2)  # MLX (C, K, 1) -> HF (C, 1, K)
-        weights[name] = w
-    with tempfile.TemporaryDirectory(dir=out.parent) as hf:
-        mx.save_safetensors(str(Path(hf) / "model.safetensors"), weights, {"format": "pt"})
-        (Path(hf) / "config.json").write_text(json.dumps(config))
-        del weights, model
-        convert(hf, str(out), dtype=dtype)
+    target = getattr(mx, dtype)
+    weights = {n: w.astype(target) if castable(n) else w for n, w in tree_flatten(model.parameters())}
+    # Every field spelled out, as the converter writes them: mlx-lm's defaults
+    # differ from ours (tie_word_embeddings, mamba_norm_before_gate ...).
+    for f in fields(ModelArgs):
+        if f.name != folder_format.FORMAT_KEY:
+            value = getattr(args, f.name)
+            config[f.name] = list(value) if isinstance(value, tuple) else value
+    config["rope_theta"] = args.rope_base
+    out.mkdir(parents=True, exist_ok=True)
+    mx.save_safetensors(str(out / "model.safetensors"), weights, {"format": "mlx"})
+    # Last: main() rebuilds a folder without it. mlx-lm's writer encodes inf as its reader expects.
+    save_config(config, out / "config.json")
     return out
 
 

@@ -39,6 +39,8 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_map_with_path
 
+from .model import castable
+
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 
 
@@ -187,17 +189,16 @@ def compare(
 def cast_model(model: nn.Module, dtype: Union[str, mx.Dtype]) -> nn.Module:
     """Cast floating-point parameters in place; returns the model.
 
-    float32 casts all of them. bfloat16/float16 follow the model's
-    cast_predicate (SSM parameters, conv and norms stay float32), as mlx-lm's
-    converter does. Quantized weights (integers) are never touched.
+    float32 casts all of them. bfloat16/float16 cast the `castable` ones (SSM
+    parameters, conv and norms stay float32), as the converter does. Quantized
+    weights (integers) are never touched.
     """
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
-    keep = getattr(model, "cast_predicate", lambda _: True)
 
     def cast(path, x):
         if not mx.issubdtype(x.dtype, mx.floating):
             return x
-        if dtype == mx.float32 or keep(path):
+        if dtype == mx.float32 or castable(path):
             return x.astype(dtype)
         return x
 

@@ -38,7 +38,7 @@ from mlx.utils import tree_flatten, tree_unflatten  # noqa: E402
 
 from .cache import MAX_ROLLBACK_TOKENS  # noqa: E402
 from .loading import make_args, read_config, safetensors_header, weight_files  # noqa: E402
-from .model import FLOAT32_PARAMETERS, Model, ModelArgs  # noqa: E402
+from .model import Model, ModelArgs, castable  # noqa: E402
 
 GiB = 1 << 30
 
@@ -158,7 +158,7 @@ def shape_sizes(name: str, bits: Optional[int] = None, group_size: int = 64,
     total, per_layer = 0, [0] * args.num_hidden_layers
     for pname, shape in parameter_shapes(args).items():
         numel = math.prod(shape)
-        if any(k in pname for k in FLOAT32_PARAMETERS):  # float32, never quantized
+        if not castable(pname):  # float32, never quantized
             size = 4 * numel
         elif bits and pname.endswith(".weight") and len(shape) == 2 and shape[-1] % group_size == 0:
             size = numel * bits // 8 + 2 * (numel // group_size) * width  # packed + scales + biases
@@ -427,7 +427,7 @@ def measure_prefill_peak(args: ModelArgs, tokens: int, prefill_step: int,
     mx.random.seed(seed)
     model = Model(args)
     if dtype != mx.float32:  # as mlx-lm's load does: SSM parameters, conv, norms stay float32
-        cast = [(n, p.astype(dtype)) for n, p in tree_flatten(model.parameters()) if model.cast_predicate(n)]
+        cast = [(n, p.astype(dtype)) for n, p in tree_flatten(model.parameters()) if castable(n)]
         model.update(tree_unflatten(cast))
     mx.eval(model.parameters())
     weights = sum(p.nbytes for _, p in tree_flatten(model.parameters()))

@@ -526,6 +526,13 @@ class FalconH1Model(nn.Module):
 FLOAT32_PARAMETERS = ("A_log", "mamba.D", "dt_bias", "conv1d", "norm")
 
 
+def castable(name: str) -> bool:
+    """Whether parameter `name` takes the target dtype when the weights are cast
+    (the one rule: our converter, mlx-lm's, evaluation and the memory planner);
+    the rest stay float32."""
+    return not any(k in name for k in FLOAT32_PARAMETERS)
+
+
 class Model(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -591,4 +598,4 @@ class Model(nn.Module):
 
     @property
     def cast_predicate(self):
-        return lambda name: not any(k in name for k in FLOAT32_PARAMETERS)
+        return castable  # mlx-lm's hook (mlx_lm.convert reads it)

@@ -1,4 +1,4 @@
-"""Calibrated quantization (mlx_falcon_h1/quantize.py): packing, GPTQ's update,
+"""Calibrated quantization (mlx_falcon_h1/quantize/): packing, GPTQ's update,
 AWQ's scale groups folded exactly, calibration data, and each method end to end."""
 
 import json
@@ -13,6 +13,8 @@ from conftest import assert_close_logits, make_checkpoint, make_tokenizer
 from mlx_falcon_h1 import load_model
 from mlx_falcon_h1 import quantize as Q
 from mlx_falcon_h1.evaluate import default_text_path
+from mlx_falcon_h1.quantize import dwq
+from mlx_falcon_h1.quantize.layers import DequantizedLinear, module_at
 from mlx_falcon_h1_convert import convert
 
 IDS = np.random.default_rng(3).integers(0, 96, size=(2, 40))
@@ -107,7 +109,7 @@ def test_awq_scale_groups_leave_the_function_unchanged(tmp_path, before_gate):
     ]  # fmt: skip
     for layer in model.layers:
         for g in groups:
-            n = Q._get(layer, g.layers[0]).weight.shape[1]
+            n = module_at(layer, g.layers[0]).weight.shape[1]
             s = rng.uniform(0.25, 4.0, size=n).astype(np.float32)
             if g.repeat > 1:  # one scale per kv channel, repeated over its query heads
                 kv = s[: n // g.repeat].reshape(-1, 1, g.head_dim)
@@ -251,7 +253,7 @@ def test_dwq_gradients_with_and_without_checkpointing(tmp_path):
     Q.dequantized_form(model)
     model.freeze()
     model.apply_to_modules(lambda _, m: m.unfreeze(keys=["scales", "biases"], recurse=False)
-                           if isinstance(m, Q._DequantizedLinear) else None)  # fmt: skip
+                           if isinstance(m, DequantizedLinear) else None)  # fmt: skip
 
     def loss(p):
         model.update(p)
@@ -259,7 +261,7 @@ def test_dwq_gradients_with_and_without_checkpointing(tmp_path):
 
     params = model.trainable_parameters()
     plain = dict(tree_flatten(mx.grad(loss)(params)))
-    with Q._checkpointed(model.layers[0], True):
+    with dwq.checkpointed(model.layers[0], True):
         assert type(model.layers[0]).__call__ is not call
         checkpointed = dict(tree_flatten(mx.grad(loss)(params)))
     assert type(model.layers[0]).__call__ is call

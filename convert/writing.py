@@ -1,0 +1,175 @@
+"""Writing the output folder: safetensors shards, config.json spelled out for
+every reader, the tokenizer files, the model card; into a temporary folder that
+replaces the destination in one rename, so a failed conversion leaves nothing."""
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import mlx.core as mx
+from tqdm import tqdm
+
+from mlx_falcon_h1.folder_format import FORMAT_KEY
+from mlx_falcon_h1.model import ModelArgs
+
+MAX_SHARD_BYTES = 5 << 30  # mlx-lm's shard size
+# Files copied beside the weights so the folder is a complete model.
+EXTRA_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.json",
+    "chat_template.jinja",
+    "generation_config.json",
+)
+
+
+# With --remote-code, `mlx_lm.load(..., trust_remote_code=True)` (and every mlx-lm
+# command's --trust-remote-code) builds the model from this file: our implementation.
+REMOTE_CODE_FILE = "falcon_h1_mlx.py"
+REMOTE_CODE = '''"""Written by mlx-falcon-h1-convert --remote-code: runs this folder with
+mlx-falcon-h1's Falcon-H1 (pip install mlx-falcon-h1) instead of mlx-lm's built-in one."""
+
+try:
+    from mlx_falcon_h1.model import Model, ModelArgs  # noqa: F401
+except ImportError as e:
+    raise ImportError(
+        "This model folder runs on mlx-falcon-h1: pip install mlx-falcon-h1"
+    ) from e
+'''
+
+
+def resolved_config(config: Dict[str, Any], args: ModelArgs) -> Dict[str, Any]:
+    """`config` with every field spelled out as resolved: mlx-lm's and
+    mlx-swift-lm's defaults differ from transformers' (tie_word_embeddings,
+    mamba_norm_before_gate, head_dim ...) and both read the RoPE base from
+    rope_theta only."""
+    config = dict(config)
+    for f in dataclasses.fields(ModelArgs):
+        if f.name != FORMAT_KEY:
+            value = getattr(args, f.name)
+            config[f.name] = list(value) if isinstance(value, tuple) else value
+    config["rope_theta"] = args.rope_base
+    if args.rope_scaling_config is not None:
+        config["rope_scaling"] = args.rope_scaling_config
+    return config
+
+
+def write_folder(folder: Path, source: Path, params: Dict[str, mx.array], config: Dict[str, Any],
+                 max_shard_bytes: int, remote_code: bool) -> None:  # fmt: skip
+    """The weights (`params` is emptied as they are written), the source's
+    tokenizer files, with `remote_code` our model file, and config.json."""
+    write_weights(folder, params, max_shard_bytes)
+    for name in EXTRA_FILES:
+        if (source / name).is_file():
+            shutil.copy2(source / name, folder / name)
+    if remote_code:
+        (folder / REMOTE_CODE_FILE).write_text(REMOTE_CODE)
+        config = {**config, "model_file": REMOTE_CODE_FILE}
+    write_config_file(folder / "config.json", config)
+
+
+def write_weights(folder: Path, params: Dict[str, mx.array], max_shard_bytes: int) -> None:
+    """Evaluate and write one shard at a time, dropping each after it is written,
+    so peak memory stays near one shard plus what it is computed from."""
+    names = sorted(params)
+    shards, current, size = [], [], 0
+    for name in names:
+        nbytes = params[name].nbytes
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current.append(name)
+        size += nbytes
+    shards.append(current)
+    fmt = "model-{:05d}-of-{:05d}.safetensors" if len(shards) > 1 else "model.safetensors"
+    index = {"metadata": {"total_size": sum(params[n].nbytes for n in names)}, "weight_map": {}}
+    for i, shard_names in enumerate(tqdm(shards, desc="Writing shards", unit="shard")):
+        file = fmt.format(i + 1, len(shards))
+        shard = {n: params.pop(n) for n in shard_names}
+        mx.save_safetensors(str(folder / file), shard, metadata={"format": "mlx"})
+        index["weight_map"].update({n: file for n in shard_names})
+        del shard
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=4))
+
+
+def write_config_file(file: Path, config: dict) -> None:
+    from mlx_lm.utils import save_config  # encodes inf as mlx-lm and transformers 5 read it
+
+    save_config(dict(config), file)
+
+
+def model_card(source: str, settings: dict, report: Optional[dict]) -> str:
+    lines = [
+        "---",
+        "library_name: mlx",
+        "tags: [mlx, falcon-h1]",
+        "---",
+        "# Falcon-H1 for MLX",
+        "",
+        f"Converted from `{source}` with mlx-falcon-h1-convert.",
+        "",
+        "## Conversion settings",
+        "",
+    ]
+    lines += [f"- {k}: `{v}`" for k, v in settings.items()]
+    lines += [
+        "",
+        "muP multipliers are folded into the weights; config.json states only what is",
+        "left to apply at run time (the originals are recorded under `mlx_falcon_h1`),",
+        "so mlx-lm, apps built on it and mlx-swift-lm apps all compute the reference.",
+        "A_log, D, dt_bias, conv1d and norms are kept in float32.",
+        "",
+        "## Use",
+        "",
+        "```bash",
+        "python -m mlx_falcon_h1.generate --model PATH --prompt 'Hello'",
+        "mlx_lm.generate --model PATH --prompt 'Hello'   # stock mlx-lm also loads it",
+        "```",
+    ]
+    if report is not None:
+        lines += [
+            "",
+            "## Quality report (quantized vs float, fixed token sequence)",
+            "",
+            "| tokens | mean KL | top-1 agreement | max logit diff |",
+            "|---|---|---|---|",
+            f"| {report['tokens']} | {report['mean_kl']:.3g} | {report['top1_agreement']:.4f}"
+            f" | {report['max_logit_diff']:.3g} |",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def prepare_destination(mlx_path: Path, force: bool) -> Path:
+    if mlx_path.exists() and not force:
+        raise ValueError(
+            f"{mlx_path}: already exists; choose another --mlx-path or pass --force to replace it"
+        )
+    parent = mlx_path.parent.resolve()
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{mlx_path.name}.partial-", dir=parent))
+    except OSError as e:
+        raise ValueError(f"{parent}: cannot write the output there ({e.strerror})") from None
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp's folders are private; a model folder is not
+    return tmp
+
+
+def move_into_place(tmp: Path, mlx_path: Path) -> None:
+    old = None
+    if mlx_path.exists():  # only reached with --force
+        old = mlx_path.with_name(f".{mlx_path.name}.replaced-{os.getpid()}")
+        mlx_path.rename(old)
+    tmp.rename(mlx_path)
+    if old is not None:
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
