@@ -21,7 +21,7 @@ import numpy as np
 from mlx_lm.generate import generate_step, generation_stream
 
 from mlx_falcon_h1 import load
-from mlx_falcon_h1.sharding import sharded_load
+from mlx_falcon_h1.loading import sharded_load
 
 LENGTH = 40  # spans three 16-token chunks
 PIECES = (21, 5, 1, 1, 1)  # cached calls whose logits must equal one full call
