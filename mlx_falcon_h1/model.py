@@ -399,7 +399,7 @@ class Model(nn.Module):
         """The logits over caches that Mixer.prepare has brought up to date."""
         h = self.model(inputs, cache)
         if self.args.tie_word_embeddings:
-            logits = self.model.embed_tokens.aslinear(h)
+            logits = self.model.embed_tokens.as_linear(h)
         else:
             logits = linear(self.lm_head, h)
         return _scaled(logits, self.args.lm_head_multiplier)
