@@ -29,7 +29,7 @@ from mlx_lm.models.rope_utils import initialize_rope
 
 from . import parallel
 from .cache import MAX_ROLLBACK_TOKENS, FalconH1Cache, LayerCache, check_fits, mixer_sizes
-from .config import ConfigError, ModelArgs  # noqa: F401  (mlx-lm reads ModelArgs here)
+from .config import ModelArgs  # noqa: F401  (mlx-lm reads a model module's ModelArgs)
 from .decode import decode_step
 from .kernels.attention import causal_attention
 from .kernels.conv1d import causal_conv1d
