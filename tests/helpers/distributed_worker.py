@@ -4,7 +4,7 @@
     python distributed_worker.py OUT CKPT [CKPT ...]        (one process: the baseline)
 
 For each checkpoint folder (with a tokenizer) and each split (tensor, pipeline:
-mlx_falcon_h1.sharding.sharded_load; one process loads it whole), writes
+mlx_falcon_h1.loading.sharded_load; one process loads it whole), writes
 OUT/<checkpoint name>.<split>.rank<r>.npz with: the logits of a batch of two
 prompts in one call; the logits of the same prompts fed to a cache in pieces
 (prefill, then a multi-token call, then single tokens); and the greedy tokens of
