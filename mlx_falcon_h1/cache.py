@@ -3,34 +3,36 @@
 Every Falcon-H1 layer runs attention and a Mamba2 mixer side by side, so one
 cache object holds both kinds of memory and implements mlx-lm's cache protocol
 for both: to mlx-lm's attention helpers it is a KV cache (`update_and_fetch`,
-`offset`, `make_mask`, `bits` once quantized); batch generation merges, filters,
-extends and extracts it; prompt-cache files save and load it; and it can be
-trimmed, which an SSM cache cannot do by itself.
+`offset`, `make_mask`); batch generation merges, filters, extends and extracts
+it; prompt-cache files save and load it (prompt_cache_files.py checks them); and
+it can be trimmed, which an SSM cache cannot do by itself. It is data and
+bookkeeping: the layer (model.py) computes every state it holds.
 
 Trimming. The SSM state at an earlier position cannot be recovered from the
 current one. So the cache keeps a rollback window: the SSM state at the window's
-start and the raw mixer inputs ([xBC | dt] rows) of the window's tokens (plus the
-K-1 rows before it, the conv's left context). Trimming n <= `trimmable` tokens
-cuts the window and replays the kept rows from the window's start state, at the
-next forward call, which has the layer's weights. The window holds between
-`max_rollback` and 2 * `max_rollback` tokens once that many have been seen; it
-costs (conv_dim + H) values per token and one SSM state per layer, about 1/60 of
-the rollback a stored state per token would cost.
+start and the rollback inputs, the raw mixer inputs ([xBC | dt] rows) of the
+window's tokens (plus the K-1 rows before it, the conv's left context).
+Trimming n <= `trimmable` tokens cuts the window and leaves a replay of the kept
+inputs from the window's start state to the next forward call, where the mixer
+runs it. The window holds between `max_rollback` and 2 * `max_rollback` tokens
+once that many have been seen; it costs (conv_dim + H) values per token and one
+SSM state per layer, about 1/60 of the rollback a stored state per token would
+cost.
 
-Bounded attention (--max-kv-size N). The attention K/V is then mlx-lm's
-RotatingKVCache(max_size=N, keep=4), as mlx-lm gives every model without a
-cache of its own: the first 4 tokens and the latest ones are kept, the oldest
-others overwritten. Only attention forgets: the conv and SSM state still carry
-the whole context, as mlx-swift-lm's Falcon-H1 does. It is an approximation of
-the model (attention no longer sees every token). Once the window is full the
-K/V cannot be trimmed (its oldest keys are gone) and --kv-bits is refused
-(mlx-lm cannot quantize a rotating cache).
+Bounded attention (--max-kv-size N, the attention window). The attention K/V is
+then mlx-lm's RotatingKVCache(max_size=N, keep=4), as mlx-lm gives every model
+without a cache of its own: the first 4 tokens and the latest ones are kept, the
+oldest others overwritten. Only attention forgets: the conv and SSM state still
+carry the whole context, as mlx-swift-lm's Falcon-H1 does. It is an
+approximation of the model (attention no longer sees every token). Once the
+attention window is full the K/V cannot be trimmed (its oldest keys are gone)
+and --kv-bits is refused (mlx-lm cannot quantize a rotating cache).
 
 Legend: B batch, L tokens, C conv channels, H SSM heads, P head dim, N state
 size, K conv width.
 """
 
-from typing import List, Optional
+from typing import List, Optional, Protocol, Tuple, Union
 
 import mlx.core as mx
 import mlx_lm.models.cache as mlx_lm_cache
@@ -40,8 +42,10 @@ from mlx_lm.models.cache import (
     KVCache,
     QuantizedKVCache,
     RotatingKVCache,
-    _BaseCache,
 )
+
+from .mlx_lm_private import BaseCache, kv_signature, make_room, store_step
+
 
 class PromptCacheError(ValueError):
     """A prompt-cache file that cannot be read, or does not fit the model it is used with."""
@@ -56,7 +60,50 @@ MAX_ROLLBACK_TOKENS = 32
 KEEP_TOKENS = 4
 
 
-class FalconH1Cache(_BaseCache):
+class LayerCache(Protocol):
+    """What one layer's call (model.py's Attention and Mixer) reads and writes in its cache.
+
+    Two classes implement it: FalconH1Cache for every call, and decode.StepCache,
+    one layer's cache inside the compiled one-token step. The last three members
+    are reached only when `lengths` is set or `rollback_split` is not 0, which
+    the compiled step never meets (one token, no padded prompts); StepCache lacks
+    them. Before a call, Model.__call__ has the mixer bring a FalconH1Cache up to
+    date (Mixer.prepare: a rollback's replay), so neither has work pending.
+    """
+
+    # Attention: mlx-lm's KV-cache protocol, plus the whole buffers.
+    offset: Union[int, mx.array]  # tokens before this call: its RoPE position (per row: (B,))
+    bits: Optional[int]  # --kv-bits: the quantized K/V's bits and group size; None: float K/V
+    group_size: Optional[int]
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> Tuple: ...
+
+    def whole_buffers(self) -> Optional[Tuple]:
+        """(keys, values, real) after update_and_fetch, `real` saying which buffer
+        positions hold keys (a count of the first ones, or a (B, 1, 1, capacity)
+        mask); None to read update_and_fetch's keys instead."""
+
+    # Mixer: its state, and the rollback inputs.
+    conv_state: Optional[mx.array]  # (B, K-1, C) the last raw conv inputs
+    ssm_state: Optional[mx.array]  # (B, H, P, N) float32
+    lengths: Optional[mx.array]  # (B,) right-padded batch prompts: real tokens still to come
+
+    def rollback_split(self, length: int) -> int:
+        """Where a call of `length` tokens is split so that the rollback window's
+        start state comes out of the scan (0: not split)."""
+
+    def keep_rollback_inputs(self, rows: mx.array) -> None:
+        """This call's raw [xBC | dt] rows (B, L, C + H), before its scan."""
+
+    # FalconH1Cache only (see above).
+    def restart_rollback_window(self) -> None: ...
+
+    def end_padded_call(self, length: int) -> None: ...
+
+    def with_state(self, y: mx.array) -> mx.array: ...
+
+
+class FalconH1Cache(BaseCache):
     def __init__(self, max_rollback: int = MAX_ROLLBACK_TOKENS, max_kv_size: Optional[int] = None):
         if max_kv_size is None:
             self.kv = KVCache()
@@ -72,10 +119,10 @@ class FalconH1Cache(_BaseCache):
         # to come per row; padded positions must not touch conv or SSM state.
         self.lengths: Optional[mx.array] = None  # (B,)
         self.max_rollback = max_rollback
-        self.window = 0  # tokens in the rollback window
-        self.window_state: Optional[mx.array] = None  # SSM state at the window start
-        self.history: Optional[mx.array] = None  # (B, K-1 + window, C + H) raw [xBC | dt]
-        self.replay_to: Optional[int] = None  # pending rollback: recompute the state
+        self.rollback_window = 0  # tokens in the rollback window
+        self.rollback_start_state: Optional[mx.array] = None  # SSM state at the window start
+        self.rollback_inputs: Optional[mx.array] = None  # (B, K-1 + window, C + H) raw [xBC | dt]
+        self.replay_to: Optional[int] = None  # after a trim: the window tokens to replay the state to
         # Loaded from a file (from_state): its sizes are checked against the layer
         # at the first call, so that a cache made for another model or
         # configuration fails with the mismatch named, not deep in a matmul.
@@ -93,8 +140,8 @@ class FalconH1Cache(_BaseCache):
         return self.kv.update_and_fetch(keys, values)
 
     def whole_buffers(self):
-        """(keys, values, valid): the K/V buffers after update_and_fetch, of which the
-        first `valid` positions are real; None unless a plain KVCache holds them.
+        """(keys, values, real): the K/V buffers after update_and_fetch, of which the
+        first `real` positions hold keys; None unless a plain KVCache holds them.
         One-token attention reads these: a view of their first keys would be
         copied by every matmul that reads it."""
         if type(self.kv) is not KVCache:
@@ -105,16 +152,13 @@ class FalconH1Cache(_BaseCache):
         return self.kv.make_mask(*args, **kwargs)
 
     @property
-    def bits(self):  # present only when quantized: mlx-lm's attention checks hasattr
-        if not isinstance(self.kv, QuantizedKVCache):
-            raise AttributeError("bits")
-        return self.kv.bits
+    def bits(self) -> Optional[int]:
+        """The K/V's bits once quantized (--kv-bits), else None."""
+        return self.kv.bits if isinstance(self.kv, QuantizedKVCache) else None
 
     @property
-    def group_size(self):
-        if not isinstance(self.kv, QuantizedKVCache):
-            raise AttributeError("group_size")
-        return self.kv.group_size
+    def group_size(self) -> Optional[int]:
+        return self.kv.group_size if isinstance(self.kv, QuantizedKVCache) else None
 
     @property
     def max_kv_size(self) -> Optional[int]:
@@ -139,140 +183,99 @@ class FalconH1Cache(_BaseCache):
 
     @property
     def nbytes(self):
-        arrays = [self.conv_state, self.ssm_state, self.window_state, self.history]
+        arrays = [self.conv_state, self.ssm_state, self.rollback_start_state, self.rollback_inputs]
         return self.kv.nbytes + sum(a.nbytes for a in arrays if a is not None)
 
-    # --- mixer side -------------------------------------------------------------
+    # --- mixer side: the layer's Mixer writes the states; this keeps the books ---
 
-    def run_mixer(self, mixer, xBC: mx.array, dt: mx.array, rows: mx.array) -> mx.array:
-        """Run `mixer.ssm` on this call's raw xBC (B, L, C) and dt (B, L, H) from
-        the cached state, keep the new state and the rollback window; return y.
-        rows: the same values as one (B, L, C + H) array, [xBC | dt]."""
-        width = mixer.conv_width
-        if self.unverified_mixer:
-            _check_fits(self, mixer_sizes(mixer), "this model")
-        if self.replay_to is not None:
-            self.ssm_state = self._replay(mixer, self.replay_to)
-            self.replay_to = None
-        batch, length, channels = xBC.shape
+    def rollback_split(self, length: int) -> int:
+        # A call longer than the window (a prompt) is split where the new window
+        # starts; padded prompts keep no window.
+        return max(0, length - self.max_rollback) if self.lengths is None else 0
 
-        if self.lengths is not None:
-            y, self.conv_state, self.ssm_state = mixer.ssm(
-                xBC, dt, self.conv_state, self.ssm_state, self.lengths
-            )
-            self.lengths = self.lengths - length
-            self._reset_window()  # rows end at different places: no common window
-            return self._with_state(y)
+    def keep_rollback_inputs(self, rows: mx.array) -> None:
+        if self.rollback_inputs is None:
+            # The K-1 conv-context rows before the window; their dt columns are unused.
+            heads = rows.shape[-1] - self.conv_state.shape[-1]
+            pad = mx.zeros(self.conv_state.shape[:2] + (heads,), dtype=self.conv_state.dtype)
+            self.rollback_inputs = mx.concatenate([self.conv_state, pad], axis=-1)
+        self.rollback_inputs = mx.concatenate([self.rollback_inputs, rows], axis=1)
+        self.rollback_window += rows.shape[1]
 
-        if self.conv_state is None:
-            self.conv_state = mx.zeros((batch, width - 1, channels), dtype=xBC.dtype)
-        if self.history is None:
-            self.history = self._context_rows(self.conv_state, dt)
-        if length > self.max_rollback:
-            # Long call (a prompt): split it where the new window starts, so the
-            # window's start state comes out of the scan instead of a replay.
-            cut = length - self.max_rollback
-            rows = rows[:, cut:]
-            y0, conv_state, state = mixer.ssm(xBC[:, :cut], dt[:, :cut], self.conv_state, self.ssm_state)
-            y1, self.conv_state, self.ssm_state = mixer.ssm(xBC[:, cut:], dt[:, cut:], conv_state, state)
-            self.window_state = state
-            self.history = mx.concatenate([self._context_rows(conv_state, dt), rows], axis=1)
-            self.window = self.max_rollback
-            return self._with_state(mx.concatenate([y0, y1], axis=1))
+    def restart_rollback_window(self) -> None:
+        """The window starts afresh at the current state (after a long call's first
+        part, or where rows of a batch end at different places)."""
+        self.rollback_window, self.rollback_start_state, self.rollback_inputs = 0, self.ssm_state, None
 
-        y, self.conv_state, self.ssm_state = mixer.ssm(xBC, dt, self.conv_state, self.ssm_state)
-        self._extend_window(mixer, rows)
-        return y  # a few tokens: their inputs are small, nothing worth computing early
+    def end_padded_call(self, length: int) -> None:
+        self.lengths = self.lengths - length
+        self.restart_rollback_window()  # rows end at different places: no common window
 
-    def _with_state(self, y: mx.array) -> mx.array:
+    def with_state(self, y: mx.array) -> mx.array:
         """y, made to depend on the new cache arrays, so that evaluating the layer's
         output computes them too. Otherwise they wait for the end of the step
         (mlx-lm evaluates the cache after the logits), and each holds this
         layer's whole mixer input (in_proj's output, the padded conv input) of
         the step alive until then: every layer's at once."""
-        state = [a for a in (self.conv_state, self.ssm_state, self.history) if a is not None]
+        state = [a for a in (self.conv_state, self.ssm_state, self.rollback_inputs) if a is not None]
         return mx.depends([y], state)[0]
 
-    def _extend_window(self, mixer, rows: mx.array) -> None:
-        """Append this call's raw [xBC | dt] rows (B, L, C + H) to the rollback window."""
-        self.history = mx.concatenate([self.history, rows], axis=1)
-        self.window += rows.shape[1]
-        if self.window > 2 * self.max_rollback:
-            # Move the window start forward by one replay of the oldest rows,
-            # once per max_rollback tokens of decoding.
-            drop = self.window - self.max_rollback
-            self.window_state = self._replay(mixer, drop)
-            self.history = self.history[:, drop:]
-            self.window = self.max_rollback
+    # What Mixer.prepare replays before a call: data only, the mixer computes.
 
-    def _context_rows(self, conv_state: mx.array, dt: mx.array) -> mx.array:
-        # The K-1 conv-context rows before the window; their dt columns are unused.
-        pad = mx.zeros(conv_state.shape[:2] + (dt.shape[-1],), dtype=conv_state.dtype)
-        return mx.concatenate([conv_state, pad], axis=-1)
+    def rollback_overflow(self, length: int) -> int:
+        """Oldest window tokens to drop before a call of `length` tokens, so the window
+        stays within 2 * max_rollback (once per max_rollback tokens of decoding)."""
+        if self.lengths is not None or self.rollback_split(length):
+            return 0  # this call restarts the window anyway
+        grown = self.rollback_window + length
+        return grown - self.max_rollback if grown > 2 * self.max_rollback else 0
 
-    def _reset_window(self):
-        self.window, self.window_state, self.history = 0, self.ssm_state, None
-
-    def _replay(self, mixer, tokens: int) -> Optional[mx.array]:
-        """The SSM state after the window's first `tokens` tokens."""
-        if tokens == 0:
-            return self.window_state
-        k = mixer.conv_width - 1
+    def replay_inputs(self, tokens: int) -> Tuple[mx.array, mx.array, mx.array]:
+        """(xBC, dt, conv context) of the window's first `tokens` tokens, to replay
+        from `rollback_start_state`."""
+        k = self.conv_state.shape[1]
         channels = self.conv_state.shape[-1]
-        rows = self.history[:, k : k + tokens]
-        _, _, state = mixer.ssm(
-            rows[..., :channels],
-            rows[..., channels:],
-            self.history[:, :k, :channels],
-            self.window_state,
-        )
-        return state
+        rows = self.rollback_inputs[:, k : k + tokens]
+        return rows[..., :channels], rows[..., channels:], self.rollback_inputs[:, :k, :channels]
+
+    def drop_rollback_inputs(self, tokens: int, start_state: mx.array) -> None:
+        """Move the window start `tokens` forward, to where the SSM state is `start_state`."""
+        self.rollback_start_state = start_state
+        self.rollback_inputs = self.rollback_inputs[:, tokens:]
+        self.rollback_window -= tokens
 
     # --- the compiled decode step (decode.py) ----------------------------------
 
-    def prepare_decode(self, mixer):
-        """Before a compiled step, eagerly: a pending rollback replayed, and room in
-        the K/V buffers for one more token (grown as KVCache grows them, or for a
-        bounded K/V as RotatingKVCache makes room). Returns (where this token's
-        K/V goes, how many buffer positions are then valid)."""
-        if self.replay_to is not None:
-            self.ssm_state = self._replay(mixer, self.replay_to)
-            self.replay_to = None
-        kv = self.kv
-        if isinstance(kv, RotatingKVCache):
-            return _make_room_in_window(kv)
-        used = kv._idx if isinstance(kv, BatchKVCache) else kv.offset
-        quantized = isinstance(kv, QuantizedKVCache)  # (packed, scales, biases) triples
-        capacity = (kv.keys[0] if quantized else kv.keys).shape[2]
-        # Capacities are kept at multiples of the step (batch merges leave other
-        # sizes), so the compiled step meets few distinct shapes: one trace each.
-        if used + 1 > capacity or capacity % kv.step:
-            target = (used // kv.step + 1) * kv.step
+    def step_signature(self) -> Optional[tuple]:
+        """What every layer's cache must share for one compiled decode step, or None
+        when the step cannot take this one: nothing cached yet, a batch still taking
+        padded prompts, a cache loaded from a file and not yet checked, or a K/V
+        cache the step does not express (mlx_lm_private.kv_signature)."""
+        if (
+            self.kv.keys is None
+            or self.lengths is not None
+            or self.conv_state is None
+            or self.ssm_state is None
+            or self.rollback_inputs is None
+            or self.unverified_mixer
+            or self.unverified_kv
+        ):
+            return None
+        return kv_signature(self.kv)
 
-            def grow(a):
-                a = a[..., :used, :]
-                pad = mx.zeros(a.shape[:2] + (target - used, a.shape[3]), a.dtype)
-                return mx.concatenate([a, pad], axis=2)
+    def make_room(self) -> Tuple[int, int]:
+        """Before a compiled step, eagerly: room in the K/V buffers for one more token.
+        Returns (where this token's K/V goes, how many buffer positions then hold keys)."""
+        return make_room(self.kv)
 
-            if quantized:
-                kv.keys, kv.values = tuple(map(grow, kv.keys)), tuple(map(grow, kv.values))
-            else:
-                kv.keys, kv.values = grow(kv.keys), grow(kv.values)
-        return used, used + 1
-
-    def decode_state(self):
+    def step_state(self):
         return self.kv.keys, self.kv.values, self.conv_state, self.ssm_state
 
-    def take_decode_state(self, mixer, keys, values, conv_state, ssm_state, rows) -> None:
+    def take_step_state(self, keys, values, conv_state, ssm_state, rows) -> None:
         """After a compiled step: its new buffers and states, one more token."""
-        if isinstance(self.kv, QuantizedKVCache):
-            keys, values = tuple(keys), tuple(values)
-        self.kv.keys, self.kv.values = keys, values
-        self.kv.offset = self.kv.offset + 1  # an int, or per row in a batch
-        if isinstance(self.kv, (BatchKVCache, RotatingKVCache)):
-            self.kv._idx += 1
+        store_step(self.kv, keys, values)
         self.conv_state, self.ssm_state = conv_state, ssm_state
-        self._extend_window(mixer, rows)
+        self.keep_rollback_inputs(rows)
 
     # --- trimming (speculative decoding, prompt-cache prefix reuse) -------------
 
@@ -285,7 +288,7 @@ class FalconH1Cache(_BaseCache):
         """How many tokens `trim` can take back now."""
         if self.lengths is not None or not self.kv.is_trimmable():
             return 0  # a bounded K/V that has overwritten keys cannot go back
-        return min(self.window, self.kv.size())
+        return min(self.rollback_window, self.kv.size())
 
     def trim(self, n: int) -> int:
         if n <= 0:
@@ -301,12 +304,12 @@ class FalconH1Cache(_BaseCache):
                 "for a longer window)"
             )
         self.kv.trim(n)
-        self.window -= n
+        self.rollback_window -= n
         k = self.conv_state.shape[1]
         channels = self.conv_state.shape[-1]
-        self.history = self.history[:, : k + self.window]
-        self.conv_state = self.history[:, self.window :, :channels]
-        self.replay_to = self.window
+        self.rollback_inputs = self.rollback_inputs[:, : k + self.rollback_window]
+        self.conv_state = self.rollback_inputs[:, self.rollback_window :, :channels]
+        self.replay_to = self.rollback_window
         return n
 
     # --- prompt-cache files -----------------------------------------------------
@@ -320,19 +323,19 @@ class FalconH1Cache(_BaseCache):
             self.kv.state,
             self.conv_state,
             self.ssm_state,
-            self.window_state,
-            self.history,
+            self.rollback_start_state,
+            self.rollback_inputs,
             self.lengths,
-            self.window,
+            self.rollback_window,
             self.max_rollback,
             -1 if self.replay_to is None else self.replay_to,
         ]
 
     @state.setter
     def state(self, v):
-        kv_class, kv_state, *arrays, self.window, self.max_rollback, replay_to = v
+        kv_class, kv_state, *arrays, self.rollback_window, self.max_rollback, replay_to = v
         self.kv = getattr(mlx_lm_cache, kv_class).from_state(kv_state)
-        self.conv_state, self.ssm_state, self.window_state, self.history, self.lengths = arrays
+        self.conv_state, self.ssm_state, self.rollback_start_state, self.rollback_inputs, self.lengths = arrays
         self.replay_to = None if replay_to < 0 else replay_to
         self.unverified_mixer = self.unverified_kv = True
 
@@ -357,17 +360,17 @@ class FalconH1Cache(_BaseCache):
     @classmethod
     def merge(cls, caches: List["FalconH1Cache"]) -> "FalconH1Cache":
         merged = cls(caches[0].max_rollback)
-        windows = {c.max_kv_size for c in caches}
-        if len(windows) > 1:
-            raise ValueError(f"cannot batch Falcon-H1 caches with different --max-kv-size: {windows}")
-        batch_kv = BatchKVCache if windows == {None} else BatchRotatingKVCache
+        sizes = {c.max_kv_size for c in caches}
+        if len(sizes) > 1:
+            raise ValueError(f"cannot batch Falcon-H1 caches with different --max-kv-size: {sizes}")
+        batch_kv = BatchKVCache if sizes == {None} else BatchRotatingKVCache
         merged.kv = batch_kv.merge([c.kv for c in caches])
         for c in caches:
             if c.replay_to is not None:
                 raise ValueError("merge a trimmed Falcon-H1 cache after a forward call")
         merged.conv_state = _stack([c.conv_state for c in caches])
         merged.ssm_state = _stack([c.ssm_state for c in caches])
-        merged._reset_window()
+        merged.restart_rollback_window()
         return merged
 
     def prepare(self, *, lengths=None, right_padding=None, left_padding=None):
@@ -384,7 +387,7 @@ class FalconH1Cache(_BaseCache):
     def filter(self, batch_indices):
         self.kv.filter(batch_indices)
         idx = mx.array(batch_indices)
-        for name in ("conv_state", "ssm_state", "window_state", "history", "lengths"):
+        for name in ("conv_state", "ssm_state", "rollback_start_state", "rollback_inputs", "lengths"):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, value[idx])
@@ -395,40 +398,19 @@ class FalconH1Cache(_BaseCache):
         self.conv_state = _concat(self.conv_state, other.conv_state, a, b)
         self.ssm_state = _concat(self.ssm_state, other.ssm_state, a, b)
         self.lengths = None
-        self._reset_window()
+        self.restart_rollback_window()
 
     def extract(self, idx: int) -> "FalconH1Cache":
         single = FalconH1Cache(self.max_rollback)
         single.kv = self.kv.extract(idx)  # a KVCache, or a RotatingKVCache
         if self.replay_to is not None:
             raise ValueError("extract from a trimmed Falcon-H1 cache after a forward call")
-        for name in ("conv_state", "ssm_state", "window_state", "history"):
+        for name in ("conv_state", "ssm_state", "rollback_start_state", "rollback_inputs"):
             value = getattr(self, name)
             setattr(single, name, None if value is None else value[idx : idx + 1])
         # The window only holds tokens decoded since the merge, real for every row.
-        single.window = self.window
+        single.rollback_window = self.rollback_window
         return single
-
-
-def _make_room_in_window(kv: RotatingKVCache):
-    """What RotatingKVCache does before writing one token in place (grow the buffer
-    up to max_size, cut a prompt's longer buffer down to it, wrap around past the
-    kept first tokens), for a compiled step that then writes the token itself.
-    Returns (write position, valid positions)."""
-    prev = kv.offset
-    size = kv.keys.shape[2]
-    if prev >= size and size < kv.max_size:
-        more = min(kv.step, kv.max_size - prev)
-        pad = lambda a: mx.concatenate([a, mx.zeros(a.shape[:2] + (more, a.shape[3]), a.dtype)], axis=2)
-        kv.keys, kv.values, kv._idx = pad(kv.keys), pad(kv.values), prev
-    excess = kv.keys.shape[2] - kv.max_size
-    if excess > 0:
-        kv.keys, kv.values, kv._idx = kv._trim(excess, kv.keys), kv._trim(excess, kv.values), kv.max_size
-    if kv._idx == kv.max_size:
-        kv._idx = kv.keep
-    # Until the window first fills, positions are in order and those past this
-    # token's are empty; once full, every position holds a kept key.
-    return kv._idx, min(prev + 1, kv.keys.shape[2])
 
 
 def _stack(states: List[Optional[mx.array]]) -> Optional[mx.array]:
@@ -457,17 +439,17 @@ def mixer_sizes(mixer) -> dict:
                 channels=mixer.n_heads * mixer.head_dim + 2 * mixer.n_groups * mixer.d_state)
 
 
-def _check_fits(cache: "FalconH1Cache", want: dict, where: str, layer: Optional[int] = None) -> None:
+def check_fits(cache: "FalconH1Cache", want: dict, where: str, layer: Optional[int] = None) -> None:
     """Raise PromptCacheError naming the first of the cache's arrays whose sizes differ
     from the layer's (want: mixer_sizes, plus kv_heads and kv_head_dim if known)."""
     at = "" if layer is None else f"layer {layer}: "
     hpn = (want["heads"], want["head_dim"], want["n"])
     checks = [
         ("SSM state (H heads, P head dim, N state size)", cache.ssm_state, lambda s: s[1:], hpn),
-        ("rollback-window SSM state (H, P, N)", cache.window_state, lambda s: s[1:], hpn),
+        ("rollback-window SSM state (H, P, N)", cache.rollback_start_state, lambda s: s[1:], hpn),
         ("conv state (K-1 inputs, conv channels)", cache.conv_state, lambda s: s[1:],
          (want["width"] - 1, want["channels"])),
-        ("rollback history (conv channels + H)", cache.history, lambda s: s[2:],
+        ("rollback inputs (conv channels + H)", cache.rollback_inputs, lambda s: s[2:],
          (want["channels"] + want["heads"],)),
     ]
     if "kv_heads" in want and cache.kv.keys is not None:
@@ -494,85 +476,3 @@ def _check_fits(cache: "FalconH1Cache", want: dict, where: str, layer: Optional[
     cache.unverified_mixer = False
     if "kv_heads" in want:
         cache.unverified_kv = False
-
-
-def validate_prompt_cache(model, cache, source: str = "prompt cache") -> None:
-    """Raise PromptCacheError unless `cache` (a list, one per layer) fits `model`:
-    the number of layers, each layer's cache class, SSM, conv and K/V sizes."""
-    layers = getattr(model, "layers", None)
-    if layers is None:
-        return
-    if len(cache) != len(layers):
-        raise PromptCacheError(
-            f"{source}: {len(cache)} layer caches, but the model has {len(layers)} layers; the "
-            "file was made for another model")
-    for i, (layer, c) in enumerate(zip(layers, cache)):
-        if not isinstance(c, FalconH1Cache):
-            raise PromptCacheError(
-                f"{source}: layer {i} holds a {type(c).__name__}, not a Falcon-H1 cache; the file "
-                "was made for another architecture")
-        want = mixer_sizes(layer.mamba)
-        want.update(kv_heads=layer.self_attn.n_kv_heads, kv_head_dim=layer.self_attn.head_dim)
-        _check_fits(c, want, f"{source} for this model", layer=i)
-
-
-def load_prompt_cache(path, model=None, return_metadata: bool = False):
-    """mlx-lm's load_prompt_cache with clear errors: a file that cannot be read
-    (missing, truncated, not a prompt cache) and, given `model`, a cache that does
-    not fit it raise PromptCacheError naming the file and the mismatch."""
-    import os
-
-    if not os.path.isfile(path):
-        raise PromptCacheError(f"{path}: no such prompt-cache file")
-    try:
-        cache, metadata = mlx_lm_cache.load_prompt_cache(str(path), return_metadata=True)
-    except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise PromptCacheError(
-            f"{path}: cannot read this prompt-cache file ({first}); it is truncated, damaged "
-            "or not a prompt cache saved by mlx_lm.save_prompt_cache") from e
-    if model is not None:
-        validate_prompt_cache(model, cache, source=str(path))
-    return (cache, metadata) if return_metadata else cache
-
-
-# mlx-lm's load_prompt_cache rebuilds caches by class name from its own module.
-mlx_lm_cache.FalconH1Cache = FalconH1Cache
-
-
-# --max-kv-size. mlx-lm's make_prompt_cache hands the cache to model.make_cache()
-# whenever a model has one, dropping max_kv_size: the flag would be silently
-# ignored (it is, for mlx-lm's own falcon_h1). Ours passes it on to a make_cache
-# that takes it and leaves every other model to mlx-lm's.
-_mlx_lm_make_prompt_cache = mlx_lm_cache.make_prompt_cache
-
-
-def make_prompt_cache(model, max_kv_size: Optional[int] = None) -> list:
-    """mlx-lm's make_prompt_cache, honouring max_kv_size for Falcon-H1 (see above)."""
-    if max_kv_size is not None and _takes_max_kv_size(getattr(model, "make_cache", None)):
-        return model.make_cache(max_kv_size=max_kv_size)
-    return _mlx_lm_make_prompt_cache(model, max_kv_size)
-
-
-def _takes_max_kv_size(make_cache) -> bool:
-    import inspect
-
-    try:
-        return "max_kv_size" in inspect.signature(make_cache).parameters
-    except (TypeError, ValueError):  # None, or not introspectable
-        return False
-
-
-def _install_make_prompt_cache() -> None:
-    """Replace mlx-lm's make_prompt_cache in its cache module (where modules imported
-    later take it from) and in every mlx_lm module that imported it already."""
-    import sys
-
-    for name, module in list(sys.modules.items()):
-        if (name == "mlx_lm" or name.startswith("mlx_lm.")) and getattr(
-            module, "make_prompt_cache", None
-        ) is _mlx_lm_make_prompt_cache:
-            module.make_prompt_cache = make_prompt_cache
-
-
-_install_make_prompt_cache()

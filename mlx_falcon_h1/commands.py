@@ -11,14 +11,14 @@ from importlib import import_module
 
 from mlx_lm.models.cache import LRUPromptCache
 
-from . import cache as cache_module
+from . import mlx_lm_patches
+from . import prompt_cache_files
 from .cache import FalconH1Cache, PromptCacheError
-from .loading import load
+from .loading import load, sharded_load
 
 # The small Falcon-H1 trained on Python's standard library that ships with the
 # package (examples/train_tiny_falcon_h1.py), 8-bit: the default --model.
 DEFAULT_MODEL = Path(__file__).parent / "default_model"
-from .sharding import sharded_load
 
 
 class FalconPromptCache(LRUPromptCache):
@@ -58,6 +58,7 @@ def run_mlx_lm_command(name: str, require_model: bool = True, **replace) -> None
     them up at call time), e.g. the tuner's helpers for `lora`.
     """
     module = import_module(f"mlx_lm.{name}")
+    mlx_lm_patches.install()  # after the import: the command's module takes them too
     flags = " ".join(sys.argv[1:]).replace("=", " ").split()
     if require_model and "--model" not in flags and "--prompt-cache-file" not in flags:
         sys.argv[1:1] = ["--model", str(DEFAULT_MODEL)]
@@ -110,7 +111,7 @@ def _check_prompt_cache_files(module, with_draft: bool) -> None:
     loaded = []
 
     def load_prompt_cache(path, return_metadata=False):
-        result = cache_module.load_prompt_cache(path, return_metadata=return_metadata)
+        result = prompt_cache_files.load_prompt_cache(path, return_metadata=return_metadata)
         loaded.append((path, result[0] if return_metadata else result))
         return result
 
@@ -120,7 +121,7 @@ def _check_prompt_cache_files(module, with_draft: bool) -> None:
             path, prompt_cache = loaded.pop()
             layers = len(getattr(result[0], "layers", []))
             part = prompt_cache[:layers] if with_draft else prompt_cache
-            cache_module.validate_prompt_cache(result[0], part, source=str(path))
+            prompt_cache_files.validate_prompt_cache(result[0], part, source=str(path))
         return result
 
     module_load = module.load

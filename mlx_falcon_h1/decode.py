@@ -10,19 +10,21 @@ It serves single sequences (mlx-lm's KVCache, or RotatingKVCache under
 --max-kv-size) and batch generation (BatchKVCache, which the server uses) alike.
 
 One source of truth: the compiled function runs the model's own layers, with
-each layer's cache replaced by a `_StepCache` that holds the same state as
+each layer's cache replaced by a `StepCache` that holds the same state as
 plain arrays (the K/V buffers, plain or --kv-bits quantized, the write position
-and RoPE offsets, one mask of the valid keys, the conv and SSM states), so the
-math is the layer code's, only traced once.
+and RoPE offsets, one mask of the keys held, the conv and SSM states) and
+implements the same protocol as FalconH1Cache (cache.LayerCache), so the math
+is the layer code's, only traced once.
 
 Not retraced at every token: the K/V buffers have a fixed capacity, a multiple
 of 256 tokens, and the position is an input array. A step retraces when the
 capacity grows, or the batch size or a dtype changes; at most MAX_TRACES are
-kept. What the step does not cover runs outside it, eagerly: the rollback
-window's bookkeeping and replay (cache.py), a trim's replay, growing the
-buffers, and every cache the step cannot express (another cache class, a batch
-still taking right-padded prompts, a cache loaded from a file and not yet
-checked); those calls take the uncompiled path, which computes the same thing.
+kept. What the step does not cover runs outside it, eagerly: a rollback's
+replay (Model.__call__ has the mixers run it first), the rollback inputs'
+bookkeeping and growing the K/V buffers (cache.py, mlx_lm_private.py), and every
+cache the step cannot express (another cache class, a batch still taking
+right-padded prompts, a cache loaded from a file and not yet checked); those
+calls take the uncompiled path, which computes the same thing.
 
 MLX_FALCON_H1_COMPILE=0 turns it off.
 """
@@ -31,7 +33,7 @@ import os
 from typing import List, Optional
 
 import mlx.core as mx
-from mlx_lm.models.cache import BatchKVCache, KVCache, QuantizedKVCache, RotatingKVCache
+from mlx_lm.models.cache import BatchKVCache, QuantizedKVCache
 
 from .cache import FalconH1Cache
 
@@ -47,16 +49,20 @@ def enabled() -> bool:
     return os.environ.get("MLX_FALCON_H1_COMPILE", "1").strip() != "0"
 
 
-class _StepCache:
-    """One layer's cache as the compiled step sees it: arrays in, arrays out."""
+class StepCache:
+    """One layer's cache as the compiled step sees it: arrays in, arrays out
+    (cache.LayerCache, as FalconH1Cache implements it for one unpadded token)."""
 
-    def __init__(self, keys, values, position, offset, valid, conv_state, ssm_state):
+    bits = group_size = None  # float K/V
+    lengths = None  # no padded prompts in a step
+
+    def __init__(self, keys, values, position, offset, key_mask, conv_state, ssm_state):
         self.keys, self.values = keys, values  # (B, Hkv, capacity, D)
-        self.position = position  # (), int32: where this token's key goes (a window wraps)
+        self.position = position  # (), int32: where this token's key goes (a bounded K/V wraps)
         self.offset = offset  # RoPE's position: () or, for a batch, (B,) int32
-        self.valid = valid  # (B, 1, 1, capacity) bool: the real keys once this one is in
+        self.key_mask = key_mask  # (B, 1, 1, capacity) bool: the buffer positions holding keys
         self.conv_state, self.ssm_state = conv_state, ssm_state
-        self.rows = None
+        self.rows = None  # this token's rollback inputs, kept by the cache after the step
 
     def update_and_fetch(self, keys, values):
         # keys, values: (B, Hkv, 1, D), written at `position`.
@@ -65,17 +71,18 @@ class _StepCache:
         return self.keys, self.values
 
     def whole_buffers(self):
-        return self.keys, self.values, self.valid
+        return self.keys, self.values, self.key_mask
 
-    def run_mixer(self, mixer, xBC, dt, rows):
-        y, self.conv_state, self.ssm_state = mixer.ssm(xBC, dt, self.conv_state, self.ssm_state)
-        self.rows = rows  # the rollback window's new row: kept by the cache after the step
-        return y
+    def rollback_split(self, length):
+        return 0  # one token
+
+    def keep_rollback_inputs(self, rows):
+        self.rows = rows
 
 
-class _QuantizedStepCache(_StepCache):
+class QuantizedStepCache(StepCache):
     """--kv-bits: the buffers are mlx-lm's QuantizedKVCache triples (packed, scales,
-    biases); the attention code reads `bits` and `group_size` as from that cache."""
+    biases), quantized as that cache quantizes them."""
 
     def __init__(self, bits, group_size, *args):
         super().__init__(*args)
@@ -95,31 +102,15 @@ def _step(model, quantized, tokens, position, filled, offset, left_padding, stat
     # row's left padding (batch generation's) to the last written position.
     capacity = (states[0][0][0] if quantized else states[0][0]).shape[2]
     keys = mx.arange(capacity)
-    valid = (keys >= left_padding[:, None]) & (keys < filled)
-    valid = valid[:, None, None, :]
+    key_mask = (keys >= left_padding[:, None]) & (keys < filled)
+    key_mask = key_mask[:, None, None, :]
     if quantized:  # (bits, group_size): constants of the trace, as shapes tell them apart
-        caches = [_QuantizedStepCache(*quantized, k, v, position, offset, valid, c, s)
+        caches = [QuantizedStepCache(*quantized, k, v, position, offset, key_mask, c, s)
                   for k, v, c, s in states]  # fmt: skip
     else:
-        caches = [_StepCache(k, v, position, offset, valid, c, s) for k, v, c, s in states]
+        caches = [StepCache(k, v, position, offset, key_mask, c, s) for k, v, c, s in states]
     logits = model.forward(tokens, caches)
     return logits, [(c.keys, c.values, c.conv_state, c.ssm_state, c.rows) for c in caches]
-
-
-def _kv_signature(kv):
-    """What every layer's K/V cache must share for one compiled step (its kind and
-    write position, and by kind its quantization), or None for one it cannot take:
-    another cache class, or a batch still taking right-padded prompts."""
-    kind = type(kv)
-    if kind is KVCache:
-        return kind, kv.offset
-    if kind is QuantizedKVCache:
-        return kind, kv.offset, kv.bits, kv.group_size
-    if kind is BatchKVCache and kv._right_padding is None:
-        return kind, kv._idx
-    if kind is RotatingKVCache:  # --max-kv-size
-        return kind, kv.offset, kv._idx, kv.max_size, kv.keep
-    return None
 
 
 class CompiledDecode:
@@ -141,21 +132,12 @@ class CompiledDecode:
 
     @staticmethod
     def eligible(cache, layers: Optional[int] = None) -> bool:
-        """Whether every layer's cache is one the compiled step expresses."""
+        """Whether every layer's cache is one the compiled step expresses, alike."""
         if not cache or (layers is not None and len(cache) != layers):
             return False  # a wrong length: the uncompiled path says what is wrong
-        first = _kv_signature(cache[0].kv) if type(cache[0]) is FalconH1Cache else None
+        first = cache[0].step_signature() if type(cache[0]) is FalconH1Cache else None
         return first is not None and all(
-            type(c) is FalconH1Cache
-            and _kv_signature(c.kv) == first
-            and c.kv.keys is not None
-            and c.lengths is None
-            and c.conv_state is not None
-            and c.ssm_state is not None
-            and c.history is not None
-            and not c.unverified_mixer
-            and not c.unverified_kv
-            for c in cache
+            type(c) is FalconH1Cache and c.step_signature() == first for c in cache
         )
 
     def __call__(self, model, tokens: mx.array, cache: List[FalconH1Cache]) -> mx.array:
@@ -166,8 +148,8 @@ class CompiledDecode:
             # are what the traced step then follows.
             self.warm = True
             return model.forward(tokens, cache)
-        # Eager: a pending replay, room for the token (the same in every layer).
-        position, filled = [c.prepare_decode(layer.mamba) for layer, c in zip(model.layers, cache)][0]
+        # Eager: room for the token (the same in every layer).
+        position, filled = [c.make_room() for c in cache][0]
         kv = cache[0].kv
         if type(kv) is BatchKVCache:
             offset, left_padding = kv.offset.astype(mx.int32), kv.left_padding.astype(mx.int32)
@@ -177,7 +159,7 @@ class CompiledDecode:
         # Sampled tokens come as uint32, prompt tokens as int32: one dtype, one trace.
         tokens = tokens.astype(mx.int32)
         quantized = (kv.bits, kv.group_size) if type(kv) is QuantizedKVCache else None
-        states = [c.decode_state() for c in cache]
+        states = [c.step_state() for c in cache]
         shape = (tokens.shape, offset.shape, (states[0][0][0] if quantized else states[0][0]).shape)
         if quantized != self._quantized or (
             shape not in self._shapes and len(self._shapes) >= MAX_TRACES
@@ -192,14 +174,14 @@ class CompiledDecode:
         logits, new = self._fn(tokens, position, filled, offset, left_padding, states)
         # Rebinding the buffers leaves the step's graph the only reference to the
         # old ones, so MLX updates them in place when it evaluates the step.
-        for layer, c, arrays in zip(model.layers, cache, new):
-            c.take_decode_state(layer.mamba, *arrays)
+        for c, arrays in zip(cache, new):
+            c.take_step_state(*arrays)
         return logits
 
 
 def compiled_decode(model) -> Optional[CompiledDecode]:
     """The model's compiled step, made at first use; None when switched off (by the
-    environment, or for a model split over processes: sharding.py)."""
+    environment, or for a model split over processes: parallel.py)."""
     if not enabled() or not getattr(model, "compile_decode", True):
         return None
     step = model.__dict__.get("_compiled_decode")
@@ -207,3 +189,12 @@ def compiled_decode(model) -> Optional[CompiledDecode]:
         step = CompiledDecode(model)
         object.__setattr__(model, "_compiled_decode", step)  # not a parameter
     return step
+
+
+def decode_step(model, inputs: mx.array, cache) -> Optional[CompiledDecode]:
+    """The compiled step to run this call with (one token over caches it expresses),
+    or None for the uncompiled forward. Model.__call__ asks this at every call."""
+    if inputs.shape[1] != 1:
+        return None
+    step = compiled_decode(model)
+    return step if step is not None and step.eligible(cache, len(model.layers)) else None

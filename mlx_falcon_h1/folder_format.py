@@ -28,7 +28,17 @@ original values stay in the record under "mlx_falcon_h1".
 import math
 from typing import Any, Dict, List
 
-from .model import MULTIPLIERS, ModelArgs
+# The scalar muP multipliers (config.json keys; mlp_multipliers and
+# ssm_multipliers are lists, LIST_MULTIPLIERS: their lengths).
+MULTIPLIERS = (
+    "embedding_multiplier",
+    "lm_head_multiplier",
+    "key_multiplier",
+    "attention_in_multiplier",
+    "attention_out_multiplier",
+    "ssm_in_multiplier",
+    "ssm_out_multiplier",
+)
 
 # Key of our record in config.json: what the converter did to the weights.
 FORMAT_KEY = "mlx_falcon_h1"
@@ -88,14 +98,24 @@ def folded_config(config: Dict[str, Any], originals: Dict[str, Any], **record_fi
     return config
 
 
+def runtime_overrides(config: Dict[str, Any]) -> Dict[str, Any]:
+    """The multipliers to run a folder with, where they differ from its config.json:
+    for a format-1 folder (its config restates what its weights carry) what is left
+    to apply, as format 2 writes it; nothing for any other folder. ModelArgs applies
+    this, so a format-1 folder runs right wherever it is loaded."""
+    if not needs_upgrade(config):
+        return {}
+    return runtime_multipliers(original_multipliers(config), bool(config.get("tie_word_embeddings")))
+
+
 def upgraded_config(config: Dict[str, Any]) -> Dict[str, Any]:
     """A format-1 folder's config.json as format 2 writes it; the weights stay as they are."""
     assert needs_upgrade(config)
     return folded_config(config, original_multipliers(config))
 
 
-def consumer_caveats(args: ModelArgs, config: Dict[str, Any]) -> Dict[str, List[str]]:
-    """What each other consumer cannot express of this configuration.
+def consumer_caveats(args, config: Dict[str, Any]) -> Dict[str, List[str]]:
+    """What each other consumer cannot express of this configuration (args: its ModelArgs).
 
     Both ports normalise the gated RMSNorm over all channels and hard-code
     time_step_limit to (0, inf). mlx-swift-lm decodes config.json into fixed

@@ -2,7 +2,8 @@
 
 Everything a user can get wrong is checked here, before MLX sees it, and
 reported with the file, tensor or config field at fault. `read_checkpoint` is
-the one reader of a folder; the loader and the converter both use it.
+the one reader of a folder; the loader, the converter and the memory planner
+use it. `sharded_load` loads one model split over processes (parallel.py).
 """
 
 import json
@@ -14,9 +15,13 @@ from typing import Any, Dict, Optional, Tuple
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
+from mlx_lm.utils import load_tokenizer
 
-from .folder_format import FORMAT_KEY, needs_upgrade
-from .model import MULTIPLIERS, ConfigError, Model, ModelArgs
+from . import mlx_lm_patches
+from .adapters import load_adapters  # mlx-lm's, plus adapters that trained SSM parameters
+from .config import ConfigError, ModelArgs
+from .folder_format import FORMAT_KEY, MULTIPLIERS, needs_upgrade
+from .model import Model
 
 # FORMAT_KEY: our converter's record in config.json of what it did to the
 # weights (folded multipliers, layout). Its presence is what makes MLX-layout
@@ -230,8 +235,11 @@ def load_model(
     """Build a Falcon-H1 Model from a checkpoint folder and load its weights.
 
     Returns (model, config). Raises CheckpointError / ConfigError (both
-    ValueError) naming the file, tensor or field at fault.
+    ValueError) naming the file, tensor or field at fault. Installs this
+    package's patches of mlx-lm (mlx_lm_patches.py), which mlx-lm's generation
+    needs to run the model as its flags say.
     """
+    mlx_lm_patches.install()
     model, config, weights = read_checkpoint(path, model_config)
     if needs_upgrade(config):
         warnings.warn(
@@ -258,10 +266,6 @@ def load(
     trust_remote_code: bool = False,
 ):
     """(model, tokenizer[, config]) the way mlx_lm.load returns them, through our model."""
-    from mlx_lm.utils import load_tokenizer
-
-    from .adapters import load_adapters  # mlx-lm's, plus adapters that trained SSM parameters
-
     path = resolve_path(path_or_hf_repo, revision)
     tokenizer_files = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
     if not any((path / f).exists() for f in tokenizer_files):
@@ -276,4 +280,38 @@ def load(
     tokenizer = load_tokenizer(
         path, tokenizer_config, eos_token_ids=config.get("eos_token_id", None)
     )
+    return (model, tokenizer, config) if return_config else (model, tokenizer)
+
+
+def sharded_load(
+    path_or_hf_repo: str,
+    pipeline_group: Optional[mx.distributed.Group] = None,
+    tensor_group: Optional[mx.distributed.Group] = None,
+    return_config: bool = False,
+    *,
+    tokenizer_config: Optional[dict] = None,
+    trust_remote_code: bool = False,
+):
+    """mlx_lm.utils.sharded_load on our model: load lazily, split, then read.
+
+    With no group given, tensor parallelism over the global group. Each rank
+    reads only the weights it keeps (and, for tensor parallelism, every tensor
+    it slices, one at a time).
+    """
+    model, tokenizer, config = load(
+        path_or_hf_repo,
+        tokenizer_config=tokenizer_config,
+        lazy=True,
+        return_config=True,
+        trust_remote_code=trust_remote_code,
+    )
+    if pipeline_group is None and tensor_group is None:
+        tensor_group = mx.distributed.init()
+    if pipeline_group is not None:
+        model.pipeline(pipeline_group)
+    if tensor_group is not None:
+        model.shard(tensor_group)
+    mx.eval(model.parameters())
+    # Wait for every rank to finish loading, so none times out in its first call.
+    mx.eval(mx.distributed.all_sum(mx.array(1.0), stream=mx.cpu))
     return (model, tokenizer, config) if return_config else (model, tokenizer)

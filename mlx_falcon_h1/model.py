@@ -12,247 +12,36 @@ G groups, N state size, K conv width.
 The muP multipliers are applied at run time, in the reference's order, from the
 config. A checkpoint whose weights already carry them must say so by storing
 1.0 for them (our converter does, and records the originals), so weights and
-config can never disagree about what has been folded.
+config can never disagree about what has been folded (folder_format.py).
+
+With a cache, each layer's mixer and attention read their state from it and
+write the new state into it; the cache (cache.py) keeps the books. One-token
+calls may run as one compiled step over the same layer code (decode.py).
 """
 
-import math
-from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Dict, List, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx_lm.models.base import (
-    BaseModelArgs,
-    create_attention_mask,
-    scaled_dot_product_attention,
-)
+from mlx_lm.models.base import create_attention_mask, quantized_scaled_dot_product_attention
 from mlx_lm.models.rope_utils import initialize_rope
 
-from . import blas
-from .cache import MAX_ROLLBACK_TOKENS, FalconH1Cache
-from .decode import compiled_decode
+from . import parallel
+from .cache import MAX_ROLLBACK_TOKENS, FalconH1Cache, LayerCache, check_fits, mixer_sizes
+from .config import ModelArgs  # noqa: F401  (mlx-lm reads a model module's ModelArgs)
+from .decode import decode_step
 from .kernels.attention import causal_attention
 from .kernels.conv1d import causal_conv1d
 from .kernels.elementwise import silu, silu_gate
 from .kernels.ssd_scan import ssd_scan
 from .kernels.ssm_step import discretize, ssm_step
-
-
-class ConfigError(ValueError):
-    """A config.json that is not Falcon-H1 or whose sizes do not fit together."""
-
-
-# The scalar muP multipliers (mlp_multipliers and ssm_multipliers are lists).
-MULTIPLIERS = (
-    "embedding_multiplier",
-    "lm_head_multiplier",
-    "key_multiplier",
-    "attention_in_multiplier",
-    "attention_out_multiplier",
-    "ssm_in_multiplier",
-    "ssm_out_multiplier",
-)
-
-
-@dataclass
-class ModelArgs(BaseModelArgs):
-    # Field names and defaults copy transformers' FalconH1Config, so a key
-    # missing from config.json means what it means there.
-    model_type: str = "falcon_h1"
-    vocab_size: int = 128000
-    hidden_size: int = 4096
-    intermediate_size: int = 14336
-    num_hidden_layers: int = 32
-    num_attention_heads: int = 32
-    num_key_value_heads: Optional[int] = 8
-    head_dim: Optional[int] = None
-    hidden_act: str = "silu"
-    rms_norm_eps: float = 1e-5
-    tie_word_embeddings: bool = False
-    max_position_embeddings: int = 8192
-    attention_bias: bool = False
-    mlp_bias: bool = False
-    projectors_bias: bool = False
-    rope_theta: Optional[float] = None
-    rope_parameters: Optional[Dict[str, Any]] = None
-    rope_scaling: Optional[Dict[str, Any]] = None
-    mamba_d_ssm: Optional[int] = 1024
-    mamba_n_heads: int = 128
-    mamba_d_head: Union[int, str] = "auto"
-    mamba_n_groups: int = 1
-    mamba_d_state: int = 256
-    mamba_d_conv: int = 4
-    mamba_expand: int = 2
-    mamba_chunk_size: int = 256
-    mamba_conv_bias: bool = True
-    mamba_proj_bias: bool = False
-    mamba_norm_before_gate: bool = True
-    mamba_rms_norm: bool = False
-    time_step_limit: Optional[Sequence[float]] = (0.0, math.inf)
-    embedding_multiplier: float = 1.0
-    lm_head_multiplier: float = 1.0
-    key_multiplier: float = 1.0
-    attention_in_multiplier: float = 1.0
-    attention_out_multiplier: float = 1.0
-    ssm_in_multiplier: float = 1.0
-    ssm_out_multiplier: float = 1.0
-    mlp_multipliers: List[float] = field(default_factory=lambda: [1.0, 1.0])
-    ssm_multipliers: List[float] = field(default_factory=lambda: [1.0] * 5)
-    # Written by our converter: what it did to the weights (see convert/).
-    mlx_falcon_h1: Optional[Dict[str, Any]] = None
-
-    def __post_init__(self):
-        def fail(message):
-            raise ConfigError(f"config.json: {message}")
-
-        if self.model_type != "falcon_h1":
-            fail(f"model_type is {self.model_type!r}, expected 'falcon_h1'")
-        if self.hidden_act != "silu":
-            fail(f"hidden_act is {self.hidden_act!r}; Falcon-H1 uses 'silu'")
-        if self.num_key_value_heads is None:
-            self.num_key_value_heads = self.num_attention_heads
-        if self.head_dim is None:
-            self.head_dim = self.hidden_size // self.num_attention_heads
-        if self.mamba_d_ssm is None:
-            self.mamba_d_ssm = self.mamba_expand * self.hidden_size
-        if self.mamba_d_head == "auto":
-            if self.mamba_d_ssm % self.mamba_n_heads:
-                fail(
-                    f"mamba_n_heads = {self.mamba_n_heads} does not divide "
-                    f"mamba_d_ssm = {self.mamba_d_ssm} (mamba_d_head is 'auto')"
-                )
-            self.mamba_d_head = self.mamba_d_ssm // self.mamba_n_heads
-        if self.time_step_limit is None:
-            self.time_step_limit = (0.0, math.inf)
-        self.time_step_limit = tuple(float(t) for t in self.time_step_limit)
-        self.rope_base, self.rope_scaling_config = self._resolve_rope()
-
-        checks = [
-            (
-                self.num_attention_heads % self.num_key_value_heads == 0,
-                f"num_key_value_heads = {self.num_key_value_heads} does not divide "
-                f"num_attention_heads = {self.num_attention_heads}",
-            ),
-            (self.head_dim % 2 == 0, f"head_dim = {self.head_dim} must be even (RoPE)"),
-            (
-                self.mamba_d_head * self.mamba_n_heads == self.mamba_d_ssm,
-                f"mamba_d_head x mamba_n_heads = {self.mamba_d_head} x "
-                f"{self.mamba_n_heads} != mamba_d_ssm = {self.mamba_d_ssm}",
-            ),
-            (
-                self.mamba_n_heads % self.mamba_n_groups == 0,
-                f"mamba_n_groups = {self.mamba_n_groups} does not divide "
-                f"mamba_n_heads = {self.mamba_n_heads}",
-            ),
-            (self.mamba_d_conv >= 1, f"mamba_d_conv = {self.mamba_d_conv} must be >= 1"),
-            (
-                self.mamba_chunk_size >= 1,
-                f"mamba_chunk_size = {self.mamba_chunk_size} must be >= 1",
-            ),
-            (
-                len(self.mlp_multipliers) == 2,
-                f"mlp_multipliers has {len(self.mlp_multipliers)} values, expected 2",
-            ),
-            (
-                len(self.ssm_multipliers) == 5,
-                f"ssm_multipliers has {len(self.ssm_multipliers)} values, expected 5 "
-                "(z, x, B, C, dt)",
-            ),
-            (
-                len(self.time_step_limit) == 2,
-                f"time_step_limit = {list(self.time_step_limit)} must be [min, max]",
-            ),
-        ]
-        for ok, message in checks:
-            if not ok:
-                fail(message)
-        record = self.mlx_falcon_h1 or {}
-        if record.get("multipliers_folded") and record.get("format_version", 1) < 2:
-            self._use_folded_multipliers()
-
-    def _use_folded_multipliers(self):
-        # Format 1 of our converter (folder_format.py) multiplied every muP
-        # multiplier into the weights but kept the original values in the config,
-        # so at run time they are 1. Tied embeddings share one matrix, which
-        # carries the embedding multiplier; the head still needs lm_head /
-        # embedding. Format 2 writes exactly these run-time values.
-        head = self.lm_head_multiplier / self.embedding_multiplier
-        for name in MULTIPLIERS:
-            setattr(self, name, 1.0)
-        self.mlp_multipliers = [1.0, 1.0]
-        self.ssm_multipliers = [1.0] * 5
-        if self.tie_word_embeddings:
-            self.lm_head_multiplier = head
-
-    def _resolve_rope(self):
-        # transformers < 5 writes rope_theta (+ rope_scaling); transformers 5 writes
-        # rope_parameters = {rope_theta, rope_type, ...}. Read both, never guess.
-        params = self.rope_parameters or {}
-        base = params.get("rope_theta", self.rope_theta)
-        if self.rope_theta is not None and base != self.rope_theta:
-            raise ConfigError(
-                f"config.json: rope_theta = {self.rope_theta} disagrees with "
-                f"rope_parameters.rope_theta = {params['rope_theta']}"
-            )
-        scaling = self.rope_scaling
-        if params.get("rope_type", "default") != "default":
-            scaling = params
-        return (10000.0 if base is None else float(base)), scaling
-
-    @property
-    def conv_dim(self) -> int:
-        return self.mamba_d_ssm + 2 * self.mamba_n_groups * self.mamba_d_state
+from .linear import linear
 
 
 def _scaled(x: mx.array, multiplier: float) -> mx.array:
     # Skip the op for the common 1.0 (and for checkpoints with folded multipliers).
     return x if multiplier == 1.0 else x * multiplier
-
-
-# Decode-sized inputs (at most this many rows) take the mat-vec form below, in
-# blocks of output rows of about _MATVEC_BLOCK_BYTES, alternating between the
-# current stream and a second CPU stream, so the two cores stream the weights
-# side by side. Measured on the project's 2-core Linux machine (its memory reads
-# ~26 GB/s on one core, ~30 on two), 768 MB of 4096 x 1024 matrices: whole
-# matrices 14 GB/s, 1024-row blocks on one stream 15.8, 512-row (2 MB) blocks on
-# two streams 23.8 (4 MB blocks: 15.4, OpenBLAS then threads each call itself).
-_MATVEC_ROWS = 4
-_MATVEC_BLOCK_BYTES = 1 << 21
-_SECOND_STREAM = mx.new_thread_local_stream(mx.cpu)  # each thread (server) gets its own
-
-
-def _linear(layer: nn.Module, x: mx.array) -> mx.array:
-    """layer(x); on the CPU a float32 nn.Linear with a few rows runs as W @ x^T.
-
-    Decode streams the weights once per token. For 1-4 rows, an optimized BLAS's
-    mat-vec on ~2 MB row blocks spread over two streams reads them ~1.7x faster
-    than MLX's x @ W^T does (see above). Quantized and LoRA layers, other
-    dtypes, the GPU and the bundled BLAS call the layer.
-    """
-    rows = x.size // x.shape[-1]
-    if (
-        rows > _MATVEC_ROWS
-        or type(layer) is not nn.Linear
-        or layer.weight.dtype != mx.float32
-        or x.dtype != mx.float32
-        or mx.default_device() != mx.cpu
-        # With mlx[cpu]'s bundled reference BLAS this form is 2.3x slower than
-        # MLX's own (0.5B decode: 0.97 vs 2.19 tok/s); it pays with OpenBLAS.
-        or not blas.optimized()
-    ):
-        return layer(x)
-    w = layer.weight
-    # v is (D, rows), 2-D: a 1-D vector costs an expand and a squeeze per block.
-    v = x.reshape(-1, 1) if rows == 1 else x.reshape(rows, -1).T
-    block = max(64, _MATVEC_BLOCK_BYTES // (4 * w.shape[1]))
-    y = [
-        mx.matmul(w[i : i + block], v, stream=_SECOND_STREAM if n % 2 else None)
-        for n, i in enumerate(range(0, w.shape[0], block))
-    ]
-    y = y[0] if len(y) == 1 else mx.concatenate(y, axis=0)
-    y = (y if rows == 1 else y.T).reshape(*x.shape[:-1], -1)
-    return y + layer.bias if "bias" in layer else y
 
 
 class GatedRMSNorm(nn.Module):
@@ -326,28 +115,33 @@ class Attention(nn.Module):
         if type(self.rope) is nn.RoPE:  # no scaling, or linear: frequencies of our own
             self.rope = RoPE(self.rope.dims, self.rope.base, self.rope.scale)
 
-    def __call__(self, x: mx.array, mask, cache: Optional[FalconH1Cache]) -> mx.array:
+    def __call__(self, x: mx.array, mask, cache: Optional[LayerCache]) -> mx.array:
         b, l, _ = x.shape
-        q = _linear(self.q_proj, x).reshape(b, l, self.n_heads, -1).transpose(0, 2, 1, 3)
-        k = _scaled(_linear(self.k_proj, x), self.key_multiplier)
+        q = linear(self.q_proj, x).reshape(b, l, self.n_heads, -1).transpose(0, 2, 1, 3)
+        k = _scaled(linear(self.k_proj, x), self.key_multiplier)
         k = k.reshape(b, l, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
-        v = _linear(self.v_proj, x).reshape(b, l, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        v = linear(self.v_proj, x).reshape(b, l, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
         offset = cache.offset if cache is not None else 0
         # One RoPE call for q and k (heads are independent): on the CPU RoPE is a
         # chain of ~20 small ops, which a decode step pays per call.
         q, k = mx.split(self.rope(mx.concatenate([q, k], axis=1), offset=offset), [self.n_heads], axis=1)
-        valid = None
+        real = None  # reading whole K/V buffers: which positions hold keys (cache.py)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
             if l == 1 and (buffers := cache.whole_buffers()) is not None:
-                k, v, valid = buffers
+                k, v, real = buffers
+        bits = None if cache is None else cache.bits  # --kv-bits
         causal = mask is None and l == 1 or isinstance(mask, str) and mask == "causal"
-        if causal and not hasattr(cache, "bits"):
-            out = causal_attention(q, k, v, self.scale, valid)  # blocked, or one query
-        else:  # a mask array (batch padding) or a quantized cache (whole buffers: `valid`)
-            mask = mask if valid is None else valid
-            out = scaled_dot_product_attention(q, k, v, cache=cache, scale=self.scale, mask=mask)
-        return _linear(self.o_proj, out.transpose(0, 2, 1, 3).reshape(b, l, -1))
+        if causal and bits is None:
+            out = causal_attention(q, k, v, self.scale, real)  # blocked, or one query
+        else:  # a mask array (batch padding), or quantized K/V (mlx-lm's attention for it)
+            mask = mask if real is None else real
+            if bits is None:
+                out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+            else:
+                out = quantized_scaled_dot_product_attention(
+                    q, k, v, scale=self.scale, mask=mask, group_size=cache.group_size, bits=bits)
+        return linear(self.o_proj, out.transpose(0, 2, 1, 3).reshape(b, l, -1))
 
 
 class Mixer(nn.Module):
@@ -391,26 +185,70 @@ class Mixer(nn.Module):
             )
         self.out_proj = nn.Linear(self.d_ssm, args.hidden_size, bias=args.projectors_bias)
 
-    def __call__(self, u: mx.array, cache: Optional[FalconH1Cache]) -> mx.array:
+    def __call__(self, u: mx.array, cache: Optional[LayerCache]) -> mx.array:
         b, l, _ = u.shape
-        zxbcdt = _linear(self.in_proj, _scaled(u, self.ssm_in_multiplier))
+        zxbcdt = linear(self.in_proj, _scaled(u, self.ssm_in_multiplier))
         if self._mup is not None:
             zxbcdt = zxbcdt * self._mup.astype(zxbcdt.dtype)
         z, xBC_dt = mx.split(zxbcdt, [self.d_ssm], axis=-1)
         xBC, dt = mx.split(xBC_dt, [xBC_dt.shape[-1] - self.n_heads], axis=-1)
 
         if cache is None:
-            y, _, _ = self.ssm(xBC, dt, None, None)
-        else:  # keeps state and the rollback window (of raw [xBC | dt] rows)
-            y = cache.run_mixer(self, xBC, dt, xBC_dt)
+            y, _, _ = self.conv_and_scan(xBC, dt, None, None)
+        else:
+            y = self._conv_and_scan_cached(xBC, dt, xBC_dt, cache)
         y = y.reshape(b, l, self.d_ssm)  # float32
         if "norm" in self:
             y = self.norm(y, z)
         else:
             y = silu_gate(z.astype(mx.float32), y)
-        return _linear(self.out_proj, y.astype(u.dtype))
+        return linear(self.out_proj, y.astype(u.dtype))
 
-    def ssm(self, xBC, dt, conv_state, ssm_state, lengths=None):
+    def _conv_and_scan_cached(self, xBC, dt, rows, cache: LayerCache) -> mx.array:
+        """conv_and_scan from the cache's state, which gets the new state; the cache
+        keeps this call's raw rows [xBC | dt] (B, L, C + H) as rollback inputs."""
+        length = xBC.shape[1]
+        if cache.lengths is not None:  # right-padded batch prompts: no rollback inputs kept
+            y, cache.conv_state, cache.ssm_state = self.conv_and_scan(
+                xBC, dt, cache.conv_state, cache.ssm_state, cache.lengths)
+            cache.end_padded_call(length)
+            return cache.with_state(y)
+        if cache.conv_state is None:
+            cache.conv_state = mx.zeros((xBC.shape[0], self.conv_width - 1, xBC.shape[-1]), xBC.dtype)
+        # A call longer than the rollback window (a prompt) is split where the new
+        # window starts, so its start state comes out of the scan, not a replay.
+        cut, first = cache.rollback_split(length), None
+        if cut:
+            first, cache.conv_state, cache.ssm_state = self.conv_and_scan(
+                xBC[:, :cut], dt[:, :cut], cache.conv_state, cache.ssm_state)
+            cache.restart_rollback_window()
+        cache.keep_rollback_inputs(rows[:, cut:])
+        y, cache.conv_state, cache.ssm_state = self.conv_and_scan(
+            xBC[:, cut:], dt[:, cut:], cache.conv_state, cache.ssm_state)
+        # A few tokens: their inputs are small, nothing worth computing early.
+        return y if first is None else cache.with_state(mx.concatenate([first, y], axis=1))
+
+    def prepare(self, cache: FalconH1Cache, length: int) -> None:
+        """Before a call of `length` tokens: check a cache loaded from a file against
+        this layer, and compute what the cache keeps only the inputs for: the SSM
+        state after a rollback (trim), and the rollback window's new start state
+        when this call would overflow the window."""
+        if cache.unverified_mixer:
+            check_fits(cache, mixer_sizes(self), "this model")
+        if cache.replay_to is not None:
+            cache.ssm_state = self._replay(cache, cache.replay_to)
+            cache.replay_to = None
+        if drop := cache.rollback_overflow(length):
+            cache.drop_rollback_inputs(drop, self._replay(cache, drop))
+
+    def _replay(self, cache: FalconH1Cache, tokens: int) -> Optional[mx.array]:
+        """The SSM state after the rollback window's first `tokens` tokens."""
+        if tokens == 0:
+            return cache.rollback_start_state
+        xBC, dt, conv_context = cache.replay_inputs(tokens)
+        return self.conv_and_scan(xBC, dt, conv_context, cache.rollback_start_state)[2]
+
+    def conv_and_scan(self, xBC, dt, conv_state, ssm_state, lengths=None):
         """Conv and SSM over L new tokens, continuing from the given states.
 
         xBC: (B, L, C) and dt: (B, L, H), raw in_proj outputs. conv_state:
@@ -473,9 +311,9 @@ class MLP(nn.Module):
         self.gate_multiplier, self.down_multiplier = args.mlp_multipliers
 
     def __call__(self, x: mx.array) -> mx.array:
-        up = _linear(self.up_proj, x)
-        h = silu_gate(_scaled(_linear(self.gate_proj, x), self.gate_multiplier), up)
-        return _scaled(_linear(self.down_proj, h), self.down_multiplier)
+        up = linear(self.up_proj, x)
+        h = silu_gate(_scaled(linear(self.gate_proj, x), self.gate_multiplier), up)
+        return _scaled(linear(self.down_proj, h), self.down_multiplier)
 
 
 class DecoderLayer(nn.Module):
@@ -490,7 +328,7 @@ class DecoderLayer(nn.Module):
         self.attention_out_multiplier = args.attention_out_multiplier
         self.ssm_out_multiplier = args.ssm_out_multiplier
 
-    def __call__(self, h: mx.array, mask, cache: Optional[FalconH1Cache]) -> mx.array:
+    def __call__(self, h: mx.array, mask, cache: Optional[LayerCache]) -> mx.array:
         n = self.input_layernorm(h)  # one norm feeds both branches
         m = _scaled(self.mamba(n, cache), self.ssm_out_multiplier)
         a = self.self_attn(_scaled(n, self.attention_in_multiplier), mask, cache)
@@ -505,20 +343,31 @@ class FalconH1Model(nn.Module):
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = [DecoderLayer(args) for _ in range(args.num_hidden_layers)]
         self.final_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        # A pipeline stage (parallel.pipeline) keeps only its run of layers (the
+        # others None, so parameter names keep their numbers) and passes h on.
+        self.stage = None
 
     def __call__(self, inputs: mx.array, cache=None) -> mx.array:
         h = _scaled(self.embed_tokens(inputs), self.embedding_multiplier)
-        if cache is None:
-            cache = [None] * len(self.layers)
-        elif len(cache) != len(self.layers):  # zip would run the first layers only
-            raise ValueError(
-                f"a cache of {len(cache)} layers for a model of {len(self.layers)}: "
-                "it was made for another model (a prompt-cache file?)"
-            )
+        layers = [layer for layer in self.layers if layer is not None]
+        check_cache_length(cache, len(layers))
+        cache = [None] * len(layers) if cache is None else cache
         mask = create_attention_mask(h, cache[0])
-        for layer, c in zip(self.layers, cache):
+        if self.stage is not None:
+            h = self.stage.receive(h)
+        for layer, c in zip(layers, cache):
             h = layer(h, mask, c)
+        if self.stage is not None:
+            h = self.stage.send(h, cache)
         return self.final_layernorm(h)
+
+
+def check_cache_length(cache, layers: int) -> None:
+    if cache is not None and len(cache) != layers:  # zip would run the first layers only
+        raise ValueError(
+            f"a cache of {len(cache)} layers for a model of {layers}: "
+            "it was made for another model (a prompt-cache file?)"
+        )
 
 
 # SSM parameters, conv and norms stay in float32 when weights are cast (and are
@@ -544,17 +393,22 @@ class Model(nn.Module):
 
     def __call__(self, inputs: mx.array, cache=None) -> mx.array:
         """inputs: (B, L) token ids -> (B, L, vocab) logits."""
-        step = compiled_decode(self) if inputs.shape[1] == 1 else None
-        if step is not None and step.eligible(cache, len(self.layers)):
+        if cache is not None:  # every mixer's state brought up to date first, eagerly
+            check_cache_length(cache, len(self.layers))
+            for layer, c in zip(self.layers, cache):
+                layer.mamba.prepare(c, inputs.shape[1])
+        step = decode_step(self, inputs, cache)
+        if step is not None:
             return step(self, inputs, cache)  # the same forward, traced once (decode.py)
         return self.forward(inputs, cache)
 
     def forward(self, inputs: mx.array, cache=None) -> mx.array:
+        """The logits over caches that Mixer.prepare has brought up to date."""
         h = self.model(inputs, cache)
         if self.args.tie_word_embeddings:
             logits = self.model.embed_tokens.as_linear(h)
         else:
-            logits = _linear(self.lm_head, h)
+            logits = linear(self.lm_head, h)
         return _scaled(logits, self.args.lm_head_multiplier)
 
     def sanitize(self, weights: Dict[str, mx.array]) -> Dict[str, mx.array]:
@@ -569,16 +423,12 @@ class Model(nn.Module):
         return out
 
     def shard(self, group=None):
-        """Tensor parallelism over `group` (mlx-lm's interface); see sharding.py."""
-        from .sharding import shard
-
-        return shard(self, group)
+        """Tensor parallelism over `group` (mlx-lm's interface); see parallel.py."""
+        return parallel.shard(self, group)
 
     def pipeline(self, group=None, split=None):
-        """Keep only this rank's layers of a pipeline over `group`; see sharding.py."""
-        from .sharding import pipeline
-
-        return pipeline(self, group, split)
+        """Keep only this rank's layers of a pipeline over `group`; see parallel.py."""
+        return parallel.pipeline(self, group, split)
 
     # Tokens any cache from make_cache() can be trimmed by (see cache.py).
     rollback_tokens = MAX_ROLLBACK_TOKENS
@@ -589,12 +439,13 @@ class Model(nn.Module):
     def make_cache(self, max_kv_size: Optional[int] = None) -> List[FalconH1Cache]:
         """One cache per layer; max_kv_size bounds each layer's attention K/V
         (mlx-lm's --max-kv-size), leaving the conv and SSM state whole."""
-        window = self.max_kv_size if max_kv_size is None else max_kv_size
-        return [FalconH1Cache(self.rollback_tokens, window) for _ in self.layers]
+        attention_window = self.max_kv_size if max_kv_size is None else max_kv_size
+        return [FalconH1Cache(self.rollback_tokens, attention_window) for _ in self.layers]
 
     @property
     def layers(self):
-        return self.model.layers
+        """This process's layers: all, or a pipeline stage's (parallel.py)."""
+        return [layer for layer in self.model.layers if layer is not None]
 
     @property
     def cast_predicate(self):

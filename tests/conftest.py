@@ -3,6 +3,12 @@
 # First, before any test module imports mlx.core: on Linux it picks MLX's BLAS
 # (mlx_falcon_h1/blas.py), so the tests run what a user runs.
 import mlx_falcon_h1  # noqa: F401
+from mlx_falcon_h1 import mlx_lm_patches
+
+# Test modules take mlx-lm's functions by name when they are imported, before any
+# load_model() installs this package's patches of mlx-lm: install them first, as
+# a program that does the same must (mlx_lm_patches.py).
+mlx_lm_patches.install()
 
 import json
 from pathlib import Path

@@ -18,7 +18,7 @@ from mlx.utils import tree_flatten
 
 from conftest import TINY, assert_close_logits, make_checkpoint, make_tokenizer
 from mlx_falcon_h1 import Model, ModelArgs
-from mlx_falcon_h1.sharding import _heads_and_groups
+from mlx_falcon_h1.parallel import _heads_and_groups
 
 WORKER = Path(__file__).parent / "helpers" / "distributed_worker.py"
 

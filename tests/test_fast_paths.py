@@ -91,7 +91,7 @@ def test_one_query_attention_reads_only_the_valid_keys():
 def test_decode_matvec_blocks_match_the_layer(rows, monkeypatch):
     """Decode's projections: row blocks on two streams, concatenated, = x @ W^T + b."""
     from mlx_falcon_h1 import blas
-    from mlx_falcon_h1.model import _linear
+    from mlx_falcon_h1.linear import linear as _linear
 
     monkeypatch.setattr(blas, "optimized", lambda: True)  # taken with any BLAS
     layer = nn.Linear(700, 1900, bias=True)  # 2 MB blocks of 748 rows: three blocks

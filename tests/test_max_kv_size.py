@@ -12,7 +12,8 @@ from mlx_lm.models.cache import RotatingKVCache, make_prompt_cache, save_prompt_
 
 from conftest import make_checkpoint, make_tokenizer
 from mlx_falcon_h1 import load, load_model
-from mlx_falcon_h1.cache import KEEP_TOKENS, FalconH1Cache, load_prompt_cache
+from mlx_falcon_h1.cache import KEEP_TOKENS, FalconH1Cache
+from mlx_falcon_h1.prompt_cache_files import load_prompt_cache
 from mlx_falcon_h1.decode import CompiledDecode
 
 WINDOW = 24
@@ -201,7 +202,7 @@ def test_mlx_lm_modules_imported_earlier_get_the_window_too(monkeypatch):
     package was imported (e.g. `import mlx_lm.generate` first) is updated too."""
     import types
 
-    from mlx_falcon_h1 import cache as cache_module
+    from mlx_falcon_h1 import mlx_lm_patches as cache_module
 
     early = types.ModuleType("mlx_lm.imported_early")
     early.make_prompt_cache = cache_module._mlx_lm_make_prompt_cache

@@ -12,7 +12,8 @@ from mlx_lm.models.cache import save_prompt_cache
 
 from conftest import make_checkpoint, make_tokenizer
 from mlx_falcon_h1 import load_model
-from mlx_falcon_h1.cache import PromptCacheError, load_prompt_cache
+from mlx_falcon_h1.cache import PromptCacheError
+from mlx_falcon_h1.prompt_cache_files import load_prompt_cache
 
 IDS = np.random.default_rng(0).integers(0, 96, size=(1, 12))
 

@@ -4,7 +4,7 @@
     python distributed_worker.py OUT CKPT [CKPT ...]        (one process: the baseline)
 
 For each checkpoint folder (with a tokenizer) and each split (tensor, pipeline:
-mlx_falcon_h1.sharding.sharded_load; one process loads it whole), writes
+mlx_falcon_h1.loading.sharded_load; one process loads it whole), writes
 OUT/<checkpoint name>.<split>.rank<r>.npz with: the logits of a batch of two
 prompts in one call; the logits of the same prompts fed to a cache in pieces
 (prefill, then a multi-token call, then single tokens); and the greedy tokens of
@@ -21,7 +21,7 @@ import numpy as np
 from mlx_lm.generate import generate_step, generation_stream
 
 from mlx_falcon_h1 import load
-from mlx_falcon_h1.sharding import sharded_load
+from mlx_falcon_h1.loading import sharded_load
 
 LENGTH = 40  # spans three 16-token chunks
 PIECES = (21, 5, 1, 1, 1)  # cached calls whose logits must equal one full call

@@ -1,7 +1,10 @@
 """One Falcon-H1 across several processes with mx.distributed (launched by mlx.launch).
 
-Two splits, as mlx-lm's models offer them (`Model.shard`, a pipeline over layers,
-`sharded_load`):
+Two splits, as mlx-lm's models offer them: `Model.shard(group)` and
+`Model.pipeline(group)` call `shard` and `pipeline` here, and
+loading.sharded_load applies them while loading. This module works on a built
+model through its attributes and imports nothing else of the package, so the
+model can offer both methods without depending on anything above it.
 
 Tensor parallel, `shard(model, group)`: every layer is split by heads across the
 N ranks, so each rank holds about 1/N of every layer's weights and the ranks
@@ -17,7 +20,7 @@ all-reduce three times per layer.
 
 Pipeline, `pipeline(model, group)`: each rank holds a contiguous run of layers
 (mlx-lm's convention: rank 0 the last ones, the highest rank the first) and
-passes the hidden state on with send/recv; the final hidden state is gathered
+its inner model's `stage` (a PipelineStage) passes the hidden state on with send/recv; the final hidden state is gathered
 to every rank, which all compute the logits. For a model that does not fit even
 split by heads; only one rank works at a time.
 
@@ -34,9 +37,6 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.nn.layers.distributed import shard_linear
 from mlx.utils import tree_map
-from mlx_lm.models.base import create_attention_mask
-
-from .model import FalconH1Model, GatedRMSNorm, Mixer, Model, _scaled
 
 Ranges = List[Tuple[int, int]]  # half-open [start, stop) row ranges, in order
 
@@ -86,7 +86,7 @@ def _take(w: mx.array, ranges: Ranges) -> mx.array:
     return mx.contiguous(mx.concatenate(parts) if len(parts) > 1 else parts[0])
 
 
-def _mixer_rows(mixer: Mixer, size: int, rank: int):
+def _mixer_rows(mixer, size: int, rank: int):
     """Row ranges of in_proj and channel ranges of conv1d for this rank.
 
     in_proj rows: z (d) | x (d) | B (G*N) | C (G*N) | dt (H); conv channels:
@@ -117,7 +117,7 @@ def _mixer_rows(mixer: Mixer, size: int, rank: int):
 
 
 class ShardedGatedRMSNorm(nn.Module):
-    """GatedRMSNorm for a rank that holds only part of a norm group's channels.
+    """model.GatedRMSNorm for a rank that holds only part of a norm group's channels.
 
     The statistic of each group is a mean over d / G channels that live on
     several ranks: each rank sums its heads' squares per group, the sums are
@@ -125,7 +125,7 @@ class ShardedGatedRMSNorm(nn.Module):
     GatedRMSNorm: w * y / sqrt(mean_group(y^2) + eps), gated before or after.
     """
 
-    def __init__(self, norm: GatedRMSNorm, weight, head_dim, head_groups, channels, group):
+    def __init__(self, norm, weight, head_dim, head_groups, channels, group):
         super().__init__()
         self.weight = weight
         self.eps = norm.eps
@@ -154,7 +154,7 @@ class ShardedGatedRMSNorm(nn.Module):
         return y * gate if self.norm_before_gate else y
 
 
-def _shard_mixer(mixer: Mixer, group) -> None:
+def _shard_mixer(mixer, group) -> None:
     size, rank = group.size(), group.rank()
     in_rows, conv, heads, channels, local_groups, kept, whole = _mixer_rows(mixer, size, rank)
     per_group = mixer.n_heads // mixer.n_groups  # global heads per group
@@ -202,7 +202,7 @@ def _check_divisible(args, size: int) -> None:
         )
 
 
-def shard(model: Model, group: Optional[mx.distributed.Group] = None) -> Model:
+def shard(model, group: Optional[mx.distributed.Group] = None):
     """Split every layer of `model` by heads across `group` (in place); returns it.
 
     Call after the weights are loaded (lazily is best: each rank then reads
@@ -235,48 +235,40 @@ def shard(model: Model, group: Optional[mx.distributed.Group] = None) -> Model:
 # --- pipeline -------------------------------------------------------------------
 
 
-class PipelinedFalconH1Model(FalconH1Model):
-    """FalconH1Model running only this rank's layers, between a recv and a send.
+class PipelineStage:
+    """This rank's part in a pipeline: FalconH1Model.__call__ receives the hidden
+    state before its layers and sends it on after them."""
 
-    `pipeline()` gives an already built (and loaded) FalconH1Model this class,
-    so parameter names keep their layer numbers (earlier layers are None,
-    later ones dropped) and `layers` (hence `Model.layers` and `make_cache`)
-    are this rank's.
-    """
+    def __init__(self, rank: int, size: int, group):
+        self.rank, self.size, self.group = rank, size, group
 
-    @property
-    def layers(self):
-        return self["layers"][self.start_idx : self.end_idx]
+    def receive(self, h: mx.array) -> mx.array:
+        """The previous stage's hidden state (the highest rank runs the first layers)."""
+        if self.rank < self.size - 1:
+            h = mx.distributed.recv_like(h, self.rank + 1, group=self.group)
+        return h
 
-    def __call__(self, inputs: mx.array, cache=None) -> mx.array:
-        # FalconH1Model.__call__ with the stage boundaries added.
-        h = _scaled(self.embed_tokens(inputs), self.embedding_multiplier)
-        layers = self.layers
-        if cache is None:
-            cache = [None] * len(layers)
-        mask = create_attention_mask(h, cache[0])
-        rank, size = self.pipeline_rank, self.pipeline_size
-        if rank < size - 1:
-            h = mx.distributed.recv_like(h, rank + 1, group=self.pipeline_group)
-        for layer, c in zip(layers, cache):
-            h = layer(h, mask, c)
-        if rank > 0:
-            h = mx.distributed.send(h, rank - 1, group=self.pipeline_group)
+    def send(self, h: mx.array, cache) -> mx.array:
+        """Pass `h` on; every rank gets rank 0's (the last stage's) hidden state."""
+        if self.rank > 0:
+            h = mx.distributed.send(h, self.rank - 1, group=self.group)
             if cache[-1] is not None:
                 # mlx-lm evaluates only the cache while it prefills a long prompt:
                 # tie the send to it, or the next stage would wait forever.
                 cache[-1].conv_state = mx.depends(cache[-1].conv_state, h)
-        # Every rank gets rank 0's (the last stage's) hidden state.
-        h = mx.distributed.all_gather(h, group=self.pipeline_group)[: h.shape[0]]
-        return self.final_layernorm(h)
+        return mx.distributed.all_gather(h, group=self.group)[: h.shape[0]]
 
 
 def pipeline(
-    model: Model,
+    model,
     group: Optional[mx.distributed.Group] = None,
     split: Optional[Sequence[int]] = None,
-) -> Model:
+):
     """Keep only this rank's layers of `model` (in place); returns it.
+
+    The inner model keeps its layer list with the other ranks' layers None, so
+    parameter names keep their layer numbers; `Model.layers` (hence make_cache)
+    are this rank's.
 
     split: layers per rank (rank 0 first), default an even split with the
     extra layers on the low ranks. Rank r runs the layers after those of ranks
@@ -285,7 +277,7 @@ def pipeline(
     group = group or mx.distributed.init()
     size, rank = group.size(), group.rank()
     inner = model.model
-    if isinstance(inner, PipelinedFalconH1Model):
+    if inner.stage is not None:
         raise ValueError("this model is already split into a pipeline")
     layers = list(inner.layers)
     if split is None:
@@ -299,48 +291,7 @@ def pipeline(
         )
     start = sum(split[rank + 1 :])
     end = start + split[rank]
-    inner.__class__ = PipelinedFalconH1Model
     model.compile_decode = False  # sends and receives are not traced into mx.compile
-    inner.pipeline_rank, inner.pipeline_size, inner.pipeline_group = rank, size, group
-    inner.start_idx, inner.end_idx = start, end
-    inner["layers"] = [None] * start + layers[start:end]
+    inner.stage = PipelineStage(rank, size, group)
+    inner.layers = [None] * start + layers[start:end]
     return model
-
-
-# --- loading --------------------------------------------------------------------
-
-
-def sharded_load(
-    path_or_hf_repo: str,
-    pipeline_group: Optional[mx.distributed.Group] = None,
-    tensor_group: Optional[mx.distributed.Group] = None,
-    return_config: bool = False,
-    *,
-    tokenizer_config: Optional[dict] = None,
-    trust_remote_code: bool = False,
-):
-    """mlx_lm.utils.sharded_load on our model: load lazily, split, then read.
-
-    With no group given, tensor parallelism over the global group. Each rank
-    reads only the weights it keeps (and, for tensor parallelism, every tensor
-    it slices, one at a time).
-    """
-    from .loading import load
-
-    model, tokenizer, config = load(
-        path_or_hf_repo,
-        tokenizer_config=tokenizer_config,
-        lazy=True,
-        return_config=True,
-        trust_remote_code=trust_remote_code,
-    )
-    if pipeline_group is None and tensor_group is None:
-        tensor_group = mx.distributed.init()
-    if pipeline_group is not None:
-        pipeline(model, pipeline_group)
-    if tensor_group is not None:
-        shard(model, tensor_group)
-    mx.eval(model.parameters())
-    # Wait for every rank to finish loading, so none times out in its first call.
-    mx.eval(mx.distributed.all_sum(mx.array(1.0), stream=mx.cpu))
-    return (model, tokenizer, config) if return_config else (model, tokenizer)
