@@ -1,6 +1,6 @@
 """Write mlx_falcon_h1/data/calibration.txt, the offline default calibration text.
 
-The calibrated quantization methods (mlx_falcon_h1/quantize.py) need text the
+The calibrated quantization methods (mlx_falcon_h1/quantize/) need text the
 model is meant to run on that is not the evaluation text. For the shipped model
 that is Python source from its training split: CPython 3.11's standard library
 .py files, sorted by path, tests excluded, exactly as

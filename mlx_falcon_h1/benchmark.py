@@ -25,19 +25,16 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Optional
 
-# Our package first: it picks the BLAS before mlx.core is imported (see blas.py).
-import mlx_falcon_h1
-from mlx_falcon_h1 import allocator, blas
+import mlx.core as mx
+from mlx.utils import tree_flatten
 
-import mlx.core as mx  # noqa: E402
-from mlx.utils import tree_flatten  # noqa: E402
+from mlx_lm.utils import save_config
 
-from mlx_lm.utils import save_config  # noqa: E402
-
-from . import decode, folder_format  # noqa: E402
-from .launch_count import decode_step_launches, our_decode_step  # noqa: E402
-from .memory import RELEASED  # noqa: E402
-from .model import Model, ModelArgs, castable  # noqa: E402
+from . import allocator, blas, decode, folder_format
+from .launch_count import decode_step_launches, our_decode_step
+from .loading import load_model
+from .memory import RELEASED
+from .model import Model, ModelArgs, castable
 
 # A tiny shape for smoke runs, and the released ones (memory.RELEASED); every
 # random model gets Falcon-H1-0.5B's multipliers.
@@ -181,7 +178,7 @@ def benchmark(
     import mlx_lm.utils
 
     load_before = os.getloadavg()  # other work on the machine skews both columns
-    loaders = {"ours": lambda: mlx_falcon_h1.load_model(model_path)[0]}
+    loaders = {"ours": lambda: load_model(model_path)[0]}
     if stock:
         loaders["mlx-lm"] = lambda: mlx_lm.utils.load_model(Path(model_path))[0]
     for file in Path(model_path).glob("*.safetensors"):  # page cache warm for both loaders

@@ -30,15 +30,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
 
-# Our package first: it picks the BLAS before mlx.core is imported (see blas.py).
-import mlx_falcon_h1  # noqa: F401
+import mlx.core as mx
+from mlx.utils import tree_flatten, tree_unflatten
 
-import mlx.core as mx  # noqa: E402
-from mlx.utils import tree_flatten, tree_unflatten  # noqa: E402
-
-from .cache import MAX_ROLLBACK_TOKENS  # noqa: E402
-from .loading import make_args, read_config, safetensors_header, weight_files  # noqa: E402
-from .model import Model, ModelArgs, castable  # noqa: E402
+from .cache import MAX_ROLLBACK_TOKENS
+from .loading import make_args, read_config, safetensors_header, weight_files
+from .model import Model, ModelArgs, castable
 
 GiB = 1 << 30
 
