@@ -22,7 +22,7 @@ import mlx_falcon_h1  # noqa: F401  (first: picks the BLAS)
 
 import mlx.core as mx  # noqa: E402
 
-from mlx_falcon_h1 import memory  # noqa: E402
+from mlx_falcon_h1 import memory, prefill_peak  # noqa: E402
 from mlx_falcon_h1.model import ModelArgs  # noqa: E402
 
 
@@ -42,7 +42,7 @@ def main():
           f"{'error':>7} {'above weights: meas / est':>27} {'time':>6}")
     for tokens in a.tokens:
         tic = time.perf_counter()
-        r = memory.check(args, tokens, a.prefill_step_size)
+        r = prefill_peak.check(args, tokens, a.prefill_step_size)
         r["seconds"] = round(time.perf_counter() - tic, 1)
         above_est = r["estimate"] - r["weights"]
         r["error_above_weights"] = (above_est - r["peak_above_weights"]) / r["peak_above_weights"]

@@ -33,10 +33,10 @@ from mlx_lm.utils import save_config
 from . import allocator, blas, decode, folder_format
 from .launch_count import decode_step_launches, our_decode_step
 from .loading import load_model
-from .memory import RELEASED
+from .released_shapes import RELEASED
 from .model import Model, ModelArgs, castable
 
-# A tiny shape for smoke runs, and the released ones (memory.RELEASED); every
+# A tiny shape for smoke runs, and the released ones (released_shapes.RELEASED); every
 # random model gets Falcon-H1-0.5B's multipliers.
 TINY = dict(model_type="falcon_h1", rope_theta=1e11, max_position_embeddings=16384,
             num_hidden_layers=2, hidden_size=128, num_attention_heads=4, num_key_value_heads=2,

@@ -14,8 +14,8 @@ does.
 
 The prefill peak is derived from the code (model.py, cache.py, kernels/) and
 calibrated against MLX's peak memory on the project's CPU machine: see
-prefill_transient() for the terms, measure_prefill_peak() for the measurement,
-and examples/memory_planner_check.py for the check at 2K-16K tokens.
+prefill_transient() for the terms, prefill_peak.py for the measurement, and
+examples/memory_planner_check.py for the check at 2K-16K tokens.
 
 Legend: B batch, S prefill step (tokens per call), T tokens in the context,
 D hidden size, F MLP size, Hq/Hkv attention/K-V heads, d head dim, H SSM heads,
@@ -30,56 +30,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
 
-import mlx.core as mx
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_flatten
 
 from .cache import MAX_ROLLBACK_TOKENS
 from .loading import make_args, read_config, safetensors_header, weight_files
 from .model import Model, ModelArgs, castable
+from .released_shapes import ASSUMED, RELEASED  # noqa: F401  (memory.RELEASED: the shapes it plans)
 
 GiB = 1 << 30
-
-# --- the released shapes --------------------------------------------------------
-# Sources: /work/shared/design/falcon_h1_spec.md ("Released configurations") and
-# transformers' FalconH1 docs table (layers, D, heads, KV heads, H, P, N, context).
-# Where neither gives a field, the value is an assumption, listed under
-# "assumed": it changes only the weights row (never K/V or the SSM state).
-# Falcon-H1R-7B has the 7B's shape (README, tests/test_kernels_released_shapes.py).
-# Falcon-H1-Tiny is left out: the spec gives no shape for it.
-_COMMON = dict(model_type="falcon_h1", mamba_d_conv=4, mamba_chunk_size=128, rope_theta=1e11)
-RELEASED: Dict[str, dict] = {
-    "0.5B": dict(num_hidden_layers=36, hidden_size=1024, num_attention_heads=8, num_key_value_heads=2,
-                 head_dim=64, mamba_n_heads=24, mamba_d_head=64, mamba_d_ssm=1536, mamba_d_state=128,
-                 mamba_n_groups=1, intermediate_size=2048, vocab_size=32784,
-                 max_position_embeddings=16384),
-    "1.5B": dict(num_hidden_layers=24, hidden_size=2048, num_attention_heads=8, num_key_value_heads=2,
-                 head_dim=128, mamba_n_heads=48, mamba_d_head=64, mamba_d_ssm=3072, mamba_d_state=256,
-                 mamba_n_groups=1, intermediate_size=4096, vocab_size=65537,
-                 max_position_embeddings=131072),
-    "1.5B-Deep": dict(num_hidden_layers=66, hidden_size=1280, num_attention_heads=6, num_key_value_heads=2,
-                      head_dim=128, mamba_n_heads=24, mamba_d_head=64, mamba_d_ssm=1536, mamba_d_state=256,
-                      mamba_n_groups=1, intermediate_size=3072, vocab_size=65537, mamba_rms_norm=True,
-                      max_position_embeddings=131072),
-    "3B": dict(num_hidden_layers=32, hidden_size=2560, num_attention_heads=10, num_key_value_heads=2,
-               head_dim=128, mamba_n_heads=32, mamba_d_head=128, mamba_d_ssm=4096, mamba_d_state=256,
-               mamba_n_groups=1, intermediate_size=5120, vocab_size=65537,
-               max_position_embeddings=131072),
-    "7B": dict(num_hidden_layers=44, hidden_size=3072, num_attention_heads=12, num_key_value_heads=2,
-               head_dim=128, mamba_n_heads=24, mamba_d_head=128, mamba_d_ssm=3072, mamba_d_state=256,
-               mamba_n_groups=1, intermediate_size=12288, vocab_size=130048, mamba_rms_norm=True,
-               max_position_embeddings=262144),
-    "34B": dict(num_hidden_layers=72, hidden_size=5120, num_attention_heads=20, num_key_value_heads=4,
-                head_dim=128, mamba_n_heads=32, mamba_d_head=128, mamba_d_ssm=4096, mamba_d_state=256,
-                mamba_n_groups=2, intermediate_size=21504, vocab_size=261120, mamba_rms_norm=True,
-                max_position_embeddings=262144),
-}  # fmt: skip
-ASSUMED = {
-    "1.5B": "intermediate_size 4096 (2 x D) and vocab 65537 assumed (spec: '?', '~65537')",
-    "3B": "intermediate_size 5120 (2 x D), vocab 65537 and mamba_n_groups 1 assumed (spec: '?')",
-}
-for _config in RELEASED.values():
-    for _key, _value in _COMMON.items():
-        _config.setdefault(_key, _value)
 
 # Fields the sizes depend on: a folder's config.json must state them (the
 # defaults transformers would fill in are another model's).
@@ -409,60 +367,6 @@ def longest_context(sizes: ModelSizes, budget: int, limit: int, **options) -> in
         else:
             high = mid
     return low
-
-
-# --- the measured check ----------------------------------------------------------
-
-
-def measure_prefill_peak(args: ModelArgs, tokens: int, prefill_step: int,
-                         dtype=mx.float32, batch: int = 1, kv_bits: Optional[int] = None,
-                         kv_group_size: int = 64, seed: int = 0) -> dict:
-    """Build a random model of `args`, prefill `tokens` tokens through our cache as
-    mlx-lm's generate_step does (steps of `prefill_step`, mx.eval of the cache
-    states after each, the last token's logits at the end), and return MLX's peak
-    memory: the weights plus everything the prefill allocated."""
-    mx.random.seed(seed)
-    model = Model(args)
-    if dtype != mx.float32:  # as mlx-lm's load does: SSM parameters, conv, norms stay float32
-        cast = [(n, p.astype(dtype)) for n, p in tree_flatten(model.parameters()) if castable(n)]
-        model.update(tree_unflatten(cast))
-    mx.eval(model.parameters())
-    weights = sum(p.nbytes for _, p in tree_flatten(model.parameters()))
-    prompt = mx.random.randint(0, args.vocab_size, (batch, tokens))
-    mx.eval(prompt)
-    cache = model.make_cache()
-    mx.clear_cache()
-    before = mx.get_active_memory()
-    mx.reset_peak_memory()
-    done = 0
-    while tokens - done > 1:
-        n = min(prefill_step, tokens - done - 1)
-        model(prompt[:, done : done + n], cache=cache)
-        if kv_bits is not None:  # mlx-lm's maybe_quantize_kv_cache, from the first token
-            cache = [c.to_quantized(group_size=kv_group_size, bits=kv_bits) for c in cache]
-        mx.eval([c.state for c in cache])
-        done += n
-        mx.clear_cache()
-    logits = model(prompt[:, done:], cache=cache)[:, -1, :]
-    mx.eval(logits, [c.state for c in cache])
-    peak = mx.get_peak_memory() - before
-    cache_bytes = sum(c.nbytes for c in cache)
-    del model, cache, logits
-    mx.clear_cache()
-    return dict(tokens=tokens, prefill_step=prefill_step, batch=batch, kv_bits=kv_bits,
-                weights=weights, cache=cache_bytes, peak_above_weights=peak, peak=weights + peak)
-
-
-def check(args: ModelArgs, tokens: int, prefill_step: int, dtype=mx.float32, **options) -> dict:
-    """measure_prefill_peak against plan() for the same model: both totals, the error."""
-    measured = measure_prefill_peak(args, tokens, prefill_step, dtype=dtype, **options)
-    sizes = ModelSizes("measured", args, measured["weights"], [], str(dtype), dtype.size)
-    p = plan(sizes, tokens, batch=options.get("batch", 1), prefill_step=prefill_step,
-             kv_bits=options.get("kv_bits"), kv_group_size=options.get("kv_group_size", 64),
-             device="cpu")  # measured here, on MLX's CPU backend
-    error = (p.total - measured["peak"]) / measured["peak"]
-    return dict(measured, estimate=p.total, estimate_cache=p.cache,
-                estimate_transient=p.prefill_transient, error=error)
 
 
 # --- printing --------------------------------------------------------------------

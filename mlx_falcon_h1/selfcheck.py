@@ -14,7 +14,6 @@ at small sizes instead. Exit status 1 if any check fails.
 import argparse
 import math
 import platform
-import sys
 import time
 
 import mlx.core as mx

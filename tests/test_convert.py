@@ -1,7 +1,6 @@
 """The converter: round trips, quantization modes, stock mlx-lm loading, safety."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path

@@ -9,7 +9,7 @@ import mlx_falcon_h1  # noqa: F401  (first: picks the BLAS)
 import mlx.core as mx  # noqa: E402
 import pytest  # noqa: E402
 
-from mlx_falcon_h1 import memory  # noqa: E402
+from mlx_falcon_h1 import memory, prefill_peak  # noqa: E402
 from mlx_falcon_h1.model import ModelArgs  # noqa: E402
 
 # The 0.5B's widths (so the terms the planner models dominate, as in real models)
@@ -117,7 +117,7 @@ def test_estimate_matches_measured_peak(tokens, kv_bits):
     bounds are a margin over a measurement: 2x and 1.6x the worst errors
     measured on an AMD EPYC (2026-12): total -2.9% / +1.6% / +5.0%, above the
     weights -5.9% / +3.2% / +9.3% (1024 / 2048 / 2048 with 8-bit K/V)."""
-    r = memory.check(ModelArgs.from_dict(SMALL), tokens, 512, kv_bits=kv_bits)
+    r = prefill_peak.check(ModelArgs.from_dict(SMALL), tokens, 512, kv_bits=kv_bits)
     assert abs(r["error"]) < 0.10, r
     above = r["estimate"] - r["weights"]
     assert abs(above - r["peak_above_weights"]) / r["peak_above_weights"] < 0.15, r
@@ -140,7 +140,7 @@ def test_prefill_memory_grows_linearly_in_the_prompt():
     3 x plan + 4 MB, sat within 25% of that measurement)."""
     args = ModelArgs.from_dict(SMALL)
     step = 256
-    short, long = (memory.measure_prefill_peak(args, n, step) for n in (512, 2048))
+    short, long = (prefill_peak.measure_prefill_peak(args, n, step) for n in (512, 2048))
     growth = long["peak"] - short["peak"]
     quadratic = args.num_attention_heads * (2048**2 - 512**2) * 4  # float32 scores
     sizes = memory.ModelSizes("s", args, 0, [], "f32", 4)

@@ -10,7 +10,6 @@ import math
 from pathlib import Path
 
 import mlx.core as mx
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
