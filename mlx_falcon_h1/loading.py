@@ -15,6 +15,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from . import foreign_folders  # issue 21 hook
 from .folder_format import FORMAT_KEY, needs_upgrade
 from .model import MULTIPLIERS, ConfigError, Model, ModelArgs
 
@@ -214,6 +215,12 @@ def read_checkpoint(
     model = Model(args)
 
     weights, origin = _read_weights(weight_files(path))
+    conv = weights.get(foreign_folders.CONV)  # issue 21 hook: folders made by mlx-lm
+    if foreign_folders.is_foreign(config, None if conv is None else conv.shape):
+        told = foreign_folders.source_format_from(model_config)
+        config, weights = foreign_folders.as_runnable(path, config, weights, told)
+        args = make_args(config, path / "config.json")
+        model = Model(args)
     _check_fold_state(args, config, weights, path)
     weights = model.sanitize(weights)  # keeps names, so `origin` still applies
     if (quantization := config.get("quantization")) is not None:
