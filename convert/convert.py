@@ -42,6 +42,7 @@ from mlx_falcon_h1.quantize import add_arguments as add_calibration_arguments
 from mlx_falcon_h1.quantize import calibrated_quantize
 from mlx_falcon_h1.quantize import settings_from as calibration_settings
 
+from . import repair  # issue 21 hook
 from .quality import quality_report
 from .recipes import RECIPES, make_recipe
 
@@ -294,6 +295,7 @@ def convert(
 
     source = resolve_path(hf_path)
     config = read_config(source)
+    repair.refuse_foreign(source, config)  # issue 21 hook: foreign folders take --upgrade
     args = make_args(config, source / "config.json")
     originals = folder_format.original_multipliers(config)
     mlx_path = Path(mlx_path)
@@ -429,7 +431,7 @@ def convert(
     return report
 
 
-def upgrade(mlx_path: str) -> bool:
+def upgrade(mlx_path: str, source_format: Optional[str] = None, dry_run: bool = False) -> bool:
     """Rewrite the config.json of a folder made by an earlier version of this
     converter (format 1) as format 2 writes it, in place; the weights stay as
     they are. Atomic: the new file replaces the old in one rename. Returns
@@ -439,6 +441,8 @@ def upgrade(mlx_path: str) -> bool:
         raise ValueError(f"{path}: no such folder")
     config = read_config(path)
     record = folder_format.record(config)
+    if not record and repair.is_foreign_folder(path, config):  # issue 21 hook
+        return repair.upgrade_foreign(path, source_format, dry_run)
     if not record:
         raise ValueError(
             f"{path / 'config.json'}: no '{FORMAT_KEY}' record, so this folder was not made "
@@ -456,6 +460,9 @@ def upgrade(mlx_path: str) -> bool:
         return False
     make_args(config, path / "config.json")  # refuse a config we could not run
     upgraded = folder_format.upgraded_config(config)
+    if dry_run:  # issue 21 hook: --dry-run
+        print(f"[dry run] {path}: would rewrite config.json as format {folder_format.FORMAT_VERSION}")
+        return True
     tmp = path / f".config.json.upgrade-{os.getpid()}"
     try:
         _write_config_file(tmp, upgraded)
@@ -476,6 +483,11 @@ def configure_parser() -> argparse.ArgumentParser:
     source.add_argument("--upgrade", metavar="PATH",
                         help="Rewrite the config.json of a folder converted by an earlier "
                         "version so every MLX app reads it right (weights untouched).")  # fmt: skip
+    # issue 21 hook: --upgrade of folders made by mlx-lm's converter or its pre-release branch
+    p.add_argument("--source-format", choices=("mlx-lm", "unfolded"), default=None,
+                   help="With --upgrade: which tool made a folder whose evidence does not tell "
+                   "(mlx-lm: its converter, which folds; unfolded: its pre-release branch).")  # fmt: skip
+    p.add_argument("--dry-run", action="store_true", help="With --upgrade: say what would change.")
     p.add_argument("--mlx-path", default="mlx_model", help="Output folder (default: mlx_model).")
     p.add_argument("-q", "--quantize", action="store_true", help="Quantize the weights.")
     p.add_argument("--q-group-size", type=int, default=None, help="Group size (mode default).")
@@ -503,8 +515,11 @@ def configure_parser() -> argparse.ArgumentParser:
 def main(argv=None):
     args = vars(configure_parser().parse_args(argv))
     try:
+        source_format, dry_run = args.pop("source_format"), args.pop("dry_run")  # issue 21 hook
         if (path := args.pop("upgrade")) is not None:
-            upgrade(path)
+            upgrade(path, source_format, dry_run)
+        elif source_format is not None or dry_run:
+            raise ValueError("--source-format and --dry-run go with --upgrade")
         else:
             convert(**args)
     except (ValueError, CheckpointError) as e:
