@@ -101,7 +101,7 @@ class Finding:
             "mlx-lm": f"made by mlx-lm's converter (muP multipliers folded in {self.fold_dtype}, "
             "key_multiplier and v_proj's attention_in never applied)",
             "unfolded": "made by mlx-lm's pre-release falcon_h1 branch (no multiplier folded)",
-            None: "made by another tool, kind undecided",
+            None: "converted by another tool, which one is undecided",
         }[self.kind]
         return f"{path}: {what}; {self.sure}: {'; '.join(self.evidence)}"
 

@@ -218,7 +218,10 @@ def read_checkpoint(
     conv = weights.get(foreign_folders.CONV)  # issue 21 hook: folders made by mlx-lm
     if foreign_folders.is_foreign(config, None if conv is None else conv.shape):
         told = foreign_folders.source_format_from(model_config)
-        config, weights = foreign_folders.as_runnable(path, config, weights, told)
+        try:
+            config, weights = foreign_folders.as_runnable(path, config, weights, told)
+        except foreign_folders.SourceFormatError as e:
+            raise CheckpointError(str(e)) from None
         args = make_args(config, path / "config.json")
         model = Model(args)
     _check_fold_state(args, config, weights, path)

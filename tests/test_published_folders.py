@@ -19,7 +19,6 @@ import published as P
 from consumers import mlx_swift_lm, stock_mlx_lm
 from mlx_falcon_h1 import folder_format, foreign_folders, load_model
 from mlx_falcon_h1.evaluate import torch_reference
-from mlx_falcon_h1.foreign_folders import SourceFormatError
 from mlx_falcon_h1.loading import read_config
 from mlx_falcon_h1_convert import convert, upgrade
 
@@ -138,7 +137,7 @@ def test_model_card_version_counts(work):
 def test_contradictory_evidence_is_refused(work):
     folder = P.copy_folder(build(work, "unfolded", 5), work / "contradictory")
     (folder / "README.md").write_text("converted to MLX format from x using mlx-lm version **0.32.2**.")
-    with pytest.raises(SourceFormatError, match="contradictory.*--source-format mlx-lm\\|unfolded"):
+    with pytest.raises(ValueError, match="contradictory.*--source-format mlx-lm\\|unfolded"):
         load_model(str(folder))
 
 
@@ -147,7 +146,7 @@ def test_weak_evidence_is_refused_and_the_flag_decides(work):
     name = "attention_in"
     source = P.bf16_checkpoint(work / f"hf-{name}", **P.RANDOM_CASES[name])
     folder = build(work, "mlx-lm", None, source, name)
-    with pytest.raises(SourceFormatError, match="weak.*does not tell.*--source-format"):
+    with pytest.raises(ValueError, match="weak.*does not tell.*--source-format"):
         load_model(str(folder))
     load_model(str(folder), model_config={"source_format": "mlx-lm"})
 
