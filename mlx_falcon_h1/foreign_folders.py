@@ -30,7 +30,6 @@ the right reading and not under the wrong one (measured on the trained fixture:
 commands, `--source-format` for the converter's --upgrade).
 """
 
-import json
 import os
 import re
 import sys
@@ -327,12 +326,11 @@ def weight_factors(config: Dict[str, Any], weights, kind: str, fold_dtype: str) 
     _check_no_linear_biases(weights)
     tied = "lm_head.weight" not in weights
     need = missing_factors(config, kind, fold_dtype, tied)
-    exact = exact_factors(config)
+    # A tied head is the embedding matrix, which then carries exactly emb;
+    # format 2 states the head's lm / emb for run time.
     factors = {"model.embed_tokens": need["embed"]}
     if not tied:
         factors["lm_head"] = need["head"]
-    elif kind == "mlx-lm":  # the shared matrix must carry exactly emb (format 2's head: lm / emb)
-        factors["model.embed_tokens"] = exact["embed"] / carried_factors(config, kind, fold_dtype, True)["embed"]
     for suffix, key in ATTENTION_MLP.items():
         factors[suffix] = need[key]
     return factors
@@ -342,9 +340,9 @@ def _row_factor(factor, config) -> Any:
     """A scalar, or in_proj's per-row vector (z | x | B | C | dt)."""
     if not isinstance(factor, list):
         return factor
-    d, gn, h = int(config["mamba_d_ssm"] or 0), 0, int(config["mamba_n_heads"])
-    gn = int(config.get("mamba_n_groups", 1)) * int(config["mamba_d_state"])
-    sizes = [d, d, gn, gn, h]
+    args = ModelArgs.from_dict(config)
+    gn = args.mamba_n_groups * args.mamba_d_state
+    sizes = [args.mamba_d_ssm, args.mamba_d_ssm, gn, gn, args.mamba_n_heads]
     return np.concatenate([np.full(s, f, dtype=np.float64) for s, f in zip(sizes, factor)])
 
 
@@ -398,8 +396,7 @@ def with_float32_parameters(weights: Dict[str, mx.array]) -> Dict[str, mx.array]
 
 
 def source_format_from(model_config: Optional[Dict[str, Any]]) -> Optional[str]:
-    told = (model_config or {}).get(SOURCE_FORMAT_KEY) or os.environ.get(SOURCE_FORMAT_ENV) or None
-    return told
+    return (model_config or {}).get(SOURCE_FORMAT_KEY) or os.environ.get(SOURCE_FORMAT_ENV) or None
 
 
 def as_runnable(path: Path, config: Dict[str, Any], weights, told: Optional[str] = None):
@@ -424,7 +421,3 @@ def describe_factors(factors: Dict[str, Any]) -> List[str]:
             shown = "[" + ", ".join(f"{v:.9g}" for v in values) + "]" if isinstance(f, list) else f"{f:.9g}"
             lines.append(f"{name} x {shown}")
     return lines
-
-
-def read_json(file: Path) -> Dict[str, Any]:
-    return json.loads(file.read_text())

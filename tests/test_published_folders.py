@@ -87,7 +87,7 @@ def test_folded_factors_are_the_ones_mlx_lm_multiplied(work, name):
     folder = build(work, "mlx-lm", None, source, name)
     hf = mx.load(str(source / "model.safetensors"))
     stored = mx.load(str(folder / "model.safetensors"))
-    config = json.loads((source / "config.json").read_text())
+    config = read_config(source)
     carried = foreign_folders.carried_factors(config, "mlx-lm", "bfloat16", tied=False)
     keys = {"embed_tokens": "embed", "lm_head": "head", **foreign_folders.ATTENTION_MLP}
     checked = 0
