@@ -214,3 +214,24 @@ def test_random_configurations(work, name, maker, bits, capsys):
             assert "normalises over all channels" in warned
             continue
         assert within(kl, bar), f"{consumer.__name__} after --upgrade {kl:.4g}, ours {bar:.4g}"
+
+
+def test_command_line(work, monkeypatch, capsys):
+    from mlx_falcon_h1_convert.convert import main
+
+    name = "attention_in"
+    source = P.bf16_checkpoint(work / f"hf-{name}", **P.RANDOM_CASES[name])
+    folder = P.copy_folder(build(work, "mlx-lm", None, source, name), work / "cli")
+    before = (folder / "config.json").read_text()
+    with pytest.raises(SystemExit, match="--source-format mlx-lm\\|unfolded"):
+        main(["--upgrade", str(folder), "--dry-run"])  # a random model: the evidence is weak
+    main(["--upgrade", str(folder), "--dry-run", "--source-format", "mlx-lm"])
+    said = capsys.readouterr().out
+    assert "self_attn.v_proj x 0.7" in said and "self_attn.k_proj x" in said
+    assert (folder / "config.json").read_text() == before
+    with pytest.raises(SystemExit, match="go with --upgrade"):
+        main(["--hf-path", str(source), "--dry-run"])
+    monkeypatch.setenv("MLX_FALCON_H1_SOURCE_FORMAT", "mlx-lm")  # what the commands read
+    load_model(str(folder))
+    main(["--upgrade", str(folder), "--source-format", "mlx-lm"])
+    assert json.loads((folder / "config.json").read_text())["key_multiplier"] == 1.0
