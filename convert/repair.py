@@ -17,6 +17,7 @@ renames; an error leaves the original as it was.
 
 import dataclasses
 import json
+import os
 import shutil
 import struct
 import tempfile
@@ -107,17 +108,24 @@ def upgrade_foreign(mlx_path: str, source_format: Optional[str] = None, dry_run:
         for item in path.iterdir():
             if item.suffix != ".safetensors" and item.name != "config.json":
                 (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
+        total = 0
         for file in files:
             shard = mx.load(str(file))
             shard = foreign_folders.apply_factors(shard, factors, config, keep_dtype=True)
             shard = foreign_folders.with_float32_parameters(shard)
             mx.save_safetensors(str(tmp / file.name), shard, metadata=_metadata(file))
+            total += sum(w.nbytes for w in shard.values())
             del shard
+        index = tmp / "model.safetensors.index.json"
+        if index.is_file():  # the widened float32 tensors change its total
+            data = json.loads(index.read_text())
+            data.setdefault("metadata", {})["total_size"] = total
+            index.write_text(json.dumps(data, indent=4))
         from mlx_lm.utils import save_config  # encodes inf as mlx-lm and transformers 5 read it
 
         save_config(new_config, tmp / "config.json")
         tmp.chmod(path.stat().st_mode & 0o777)
-        old = path.with_name(f".{path.name}.replaced-upgrade")
+        old = path.with_name(f".{path.name}.replaced-{os.getpid()}")
         path.rename(old)
         tmp.rename(path)
         shutil.rmtree(old)
