@@ -31,8 +31,10 @@ bf16 folders: 2.6 nats per token right, 8.0 (folded read as unfolded) and 95
 commands, `--source-format` for the converter's --upgrade).
 """
 
+import json
 import os
 import re
+import struct
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +50,8 @@ SOURCE_FORMATS = ("mlx-lm", "unfolded")
 SOURCE_FORMAT_KEY = "source_format"  # in the loader's model_config
 SOURCE_FORMAT_ENV = "MLX_FALCON_H1_SOURCE_FORMAT"
 CONV = "model.layers.0.mamba.conv1d.weight"
+# mlx-swift-lm marks the folders it converts (FalconH1.swift at 14414441).
+SWIFT_METADATA = "mlx_swift_lm.falcon_h1.scaling"
 # The first mlx-lm release with falcon_h1 (earlier versions ran the PR branch).
 FIRST_RELEASE = (0, 28, 1)
 
@@ -118,6 +122,15 @@ def is_foreign(config: Dict[str, Any], conv_shape) -> bool:
     return any(v != 1.0 for v in values)
 
 
+def _swift_scaled(path: Path) -> bool:
+    for file in sorted(path.glob("*.safetensors"))[:1]:
+        with open(file, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            metadata = json.loads(f.read(n)).get("__metadata__") or {}
+        return SWIFT_METADATA in metadata
+    return False
+
+
 def _card_version(path: Path) -> Optional[Tuple[int, ...]]:
     card = path / "README.md"
     if not card.is_file():
@@ -150,6 +163,11 @@ def recognise(
             raise SourceFormatError(f"source_format {told!r}: choose one of {', '.join(SOURCE_FORMATS)}")
         return Finding(told, "told", ["source_format given"], fold_dtype)
 
+    if _swift_scaled(path):
+        # Folded by mlx-swift-lm (q, k AND v; the key at run time): neither
+        # kind, and what its fold rounded has not been read. Refused.
+        return Finding(None, "contradictory", [f"safetensors metadata {SWIFT_METADATA}: "
+                                               "an mlx-swift-lm conversion, not supported"], fold_dtype)  # fmt: skip
     votes = []  # (kind, evidence)
     quantization = config.get("quantization")
     if isinstance(quantization, dict):

@@ -146,6 +146,15 @@ def test_contradictory_evidence_is_refused(work):
         load_model(str(folder))
 
 
+def test_an_mlx_swift_lm_conversion_is_refused(work):
+    folder = P.copy_folder(build(work, "mlx-lm", 4), work / "swift-made")
+    file = folder / "model.safetensors"
+    mx.save_safetensors(str(file), mx.load(str(file)),
+                        metadata={"format": "mlx", "mlx_swift_lm.falcon_h1.scaling": "attention_qkv_runtime_key_v1"})  # fmt: skip
+    with pytest.raises(ValueError, match="mlx-swift-lm conversion, not supported"):
+        load_model(str(folder))
+
+
 def test_weak_evidence_is_refused_and_the_flag_decides(work):
     # A random model predicts no text under either reading: nothing to go by.
     name = "attention_in"
