@@ -4,7 +4,8 @@ Every folder is built as its maker built it (tests/published.py: the installed
 mlx-lm's converter, checked against the tensors that 0.28.1, 0.30.4 and 0.32.2
 wrote, tests/fixtures/published/manifest.json; and a re-implementation of the
 pre-release branch). The bar, from the issue: loaded here, and after --upgrade
-in stock mlx-lm and in mlx-swift-lm's model, the mean KL against transformers
+in every consumer of tests/consumers.py (stock mlx-lm, the models of
+mlx-lm main / LM Studio's mlx-engine and of mlx-swift-lm), the mean KL against transformers
 over held-out text is at most 1.5x that of our own conversion at the same
 settings plus 2e-4.
 """
@@ -18,7 +19,7 @@ import pytest
 
 import published as P
 from conftest import assert_close_logits
-from consumers import mlx_swift_lm, stock_mlx_lm
+from consumers import CONSUMERS
 from mlx_falcon_h1 import folder_format, foreign_folders, load_model
 from mlx_falcon_h1.evaluate import torch_reference
 from mlx_falcon_h1.loading import read_config
@@ -190,7 +191,7 @@ def test_loads_here_and_after_upgrade_everywhere(work, trained, own_kl, maker, b
     config = json.loads((repaired / "config.json").read_text())
     assert config[folder_format.FORMAT_KEY]["upgraded_from"]["source_format"] == maker
     assert config["rope_theta"] == 1e11  # the fixture states it under rope_parameters only
-    for consumer in (P.ours, stock_mlx_lm, mlx_swift_lm):
+    for consumer in (P.ours, *CONSUMERS.values()):  # stock mlx-lm, mlx-engine's, mlx-swift-lm's
         kl = P.mean_kl(consumer(repaired), *trained)
         assert within(kl, bar), f"{consumer.__name__} after --upgrade {kl:.4g}, ours {bar:.4g}"
     assert not upgrade(str(repaired))  # format 2 now: nothing left to do
@@ -227,7 +228,7 @@ def test_random_configurations(work, name, maker, bits, capsys):
     repaired = P.copy_folder(folder, work / f"{folder.name}-upgraded")
     upgrade(str(repaired), source_format=maker)
     warned = capsys.readouterr().out
-    for consumer in (P.ours, stock_mlx_lm, mlx_swift_lm):
+    for consumer in (P.ours, *CONSUMERS.values()):  # stock mlx-lm, mlx-engine's, mlx-swift-lm's
         kl = P.mean_kl(consumer(repaired), reference, RANDOM_IDS, seq_len=128)
         if consumer is not P.ours and name == "groups2_rms_norm":
             # Both ports normalise over all channels: --upgrade must say so (how
