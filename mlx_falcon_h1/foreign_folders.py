@@ -222,7 +222,9 @@ def decide(path: Path, config, weights, told: Optional[str] = None) -> Finding:
     finding = recognise(path, config, weights, told)
     if finding.kind is None and finding.sure == "weak":
         losses = text_losses(path, config, weights, finding.fold_dtype)
-        if losses is not None:
+        if losses is None:
+            finding.evidence.append("no tokenizer to try a fixed text with")
+        else:
             best, other = sorted(losses, key=losses.get)
             said = ", ".join(f"{k} reading {v:.2f}" for k, v in losses.items())
             uniform = float(np.log(int(config["vocab_size"])))
