@@ -6,7 +6,8 @@ muP multipliers are folded into the weights once, the conv1d weights are stored
 in MLX layout (which tells both ports not to fold again), and config.json states
 only what is left to apply at run time, with the originals recorded under
 "mlx_falcon_h1" (mlx_falcon_h1/folder_format.py: what each consumer reads).
-`--upgrade PATH` rewrites a folder made by an earlier version in that form.
+`--upgrade PATH` rewrites a folder made by an earlier version in that form, and
+repairs one made by mlx-lm's converter or its pre-release branch (repair.py).
 
 Falcon-aware precision: A_log, D, dt_bias, the conv1d weights and biases and every
 norm stay float32 and are never quantized; Linear and Embedding weights are
@@ -481,8 +482,9 @@ def configure_parser() -> argparse.ArgumentParser:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--hf-path", "--model", help="Local folder or Hub repo id.")
     source.add_argument("--upgrade", metavar="PATH",
-                        help="Rewrite the config.json of a folder converted by an earlier "
-                        "version so every MLX app reads it right (weights untouched).")  # fmt: skip
+                        help="Repair a folder in place so every MLX app reads it right: one "
+                        "converted by an earlier version (config.json only), or by mlx-lm's "
+                        "converter or its pre-release branch (weights too; issue 21 hook).")  # fmt: skip
     # issue 21 hook: --upgrade of folders made by mlx-lm's converter or its pre-release branch
     p.add_argument("--source-format", choices=("mlx-lm", "unfolded"), default=None,
                    help="With --upgrade: which tool made a folder whose evidence does not tell "
