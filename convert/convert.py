@@ -481,10 +481,10 @@ def configure_parser() -> argparse.ArgumentParser:
     )
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--hf-path", "--model", help="Local folder or Hub repo id.")
-    source.add_argument("--upgrade", metavar="PATH",
+    source.add_argument("--upgrade", metavar="PATH",  # issue 21 hook: the help text
                         help="Repair a folder in place so every MLX app reads it right: one "
                         "converted by an earlier version (config.json only), or by mlx-lm's "
-                        "converter or its pre-release branch (weights too; issue 21 hook).")  # fmt: skip
+                        "converter or its pre-release branch (weights too).")  # fmt: skip
     # issue 21 hook: --upgrade of folders made by mlx-lm's converter or its pre-release branch
     p.add_argument("--source-format", choices=("mlx-lm", "unfolded"), default=None,
                    help="With --upgrade: which tool made a folder whose evidence does not tell "
