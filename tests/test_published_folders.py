@@ -260,3 +260,17 @@ def test_command_line(work, monkeypatch, capsys):
     load_model(str(folder))
     main(["--upgrade", str(folder), "--source-format", "mlx-lm"])
     assert json.loads((folder / "config.json").read_text())["key_multiplier"] == 1.0
+
+
+def test_tied_or_not_from_the_tensors_not_a_config_default(work):
+    # mlx-lm 0.30.4+ defaults tie_word_embeddings to true, transformers (and we) to false.
+    name = "tied"
+    source = P.bf16_checkpoint(work / f"hf-{name}", **P.RANDOM_CASES[name])
+    folder = P.copy_folder(build(work, "mlx-lm", None, source, name), work / "tied-no-key")
+    config = json.loads((folder / "config.json").read_text())
+    del config["tie_word_embeddings"]
+    (folder / "config.json").write_text(json.dumps(config))
+    model, config = load_model(str(folder), model_config={"source_format": "mlx-lm"})
+    assert config["tie_word_embeddings"] and "lm_head" not in model
+    ids = RANDOM_IDS[None, :64]
+    assert_close_logits(np.array(model(mx.array(ids)).astype(mx.float32)), torch_reference(source)(ids), rel=1e-2)
