@@ -6,7 +6,8 @@ muP multipliers are folded into the weights once, the conv1d weights are stored
 in MLX layout (which tells both ports not to fold again), and config.json states
 only what is left to apply at run time, with the originals recorded under
 "mlx_falcon_h1" (mlx_falcon_h1/folder_format.py: what each consumer reads).
-`--upgrade PATH` rewrites a folder made by an earlier version in that form.
+`--upgrade PATH` rewrites a folder made by an earlier version in that form, and
+repairs one made by mlx-lm's converter or its pre-release branch (repair.py).
 
 Falcon-aware precision: A_log, D, dt_bias, the conv1d weights and biases and every
 norm stay float32 and are never quantized; Linear and Embedding weights are
@@ -37,6 +38,7 @@ from mlx_falcon_h1.quantize import METHODS, CalibrationSettings, calibrated_quan
 from mlx_falcon_h1.quantize import add_arguments as add_calibration_arguments
 from mlx_falcon_h1.quantize import settings_from as calibration_settings
 
+from . import repair
 from .folding import cast_calibrated, cast_weights, fold_multipliers
 from .quality import quality_report
 from .reading import Source, read_source
@@ -221,7 +223,7 @@ def _warn_consumers(args, config: dict, remote_code: bool) -> None:
         )
 
 
-def upgrade(mlx_path: str) -> bool:
+def upgrade(mlx_path: str, source_format: Optional[str] = None, dry_run: bool = False) -> bool:
     """Rewrite the config.json of a folder made by an earlier version of this
     converter (format 1) as format 2 writes it, in place; the weights stay as
     they are. Atomic: the new file replaces the old in one rename. Returns
@@ -231,6 +233,8 @@ def upgrade(mlx_path: str) -> bool:
         raise ValueError(f"{path}: no such folder")
     config = read_config(path)
     record = folder_format.record(config)
+    if not record and repair.is_foreign_folder(path, config):
+        return repair.upgrade_foreign(path, source_format, dry_run)
     if not record:
         raise ValueError(
             f"{path / 'config.json'}: no '{FORMAT_KEY}' record, so this folder was not made "
@@ -248,6 +252,9 @@ def upgrade(mlx_path: str) -> bool:
         return False
     make_args(config, path / "config.json")  # refuse a config we could not run
     upgraded = folder_format.upgraded_config(config)
+    if dry_run:
+        print(f"[dry run] {path}: would rewrite config.json as format {folder_format.FORMAT_VERSION}")
+        return True
     tmp = path / f".config.json.upgrade-{os.getpid()}"
     try:
         write_config_file(tmp, upgraded)
@@ -266,8 +273,13 @@ def configure_parser() -> argparse.ArgumentParser:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--hf-path", "--model", help="Local folder or Hub repo id.")
     source.add_argument("--upgrade", metavar="PATH",
-                        help="Rewrite the config.json of a folder converted by an earlier "
-                        "version so every MLX app reads it right (weights untouched).")  # fmt: skip
+                        help="Repair a folder in place so every MLX app reads it right: one "
+                        "converted by an earlier version (config.json only), or by mlx-lm's "
+                        "converter or its pre-release branch (weights too).")  # fmt: skip
+    p.add_argument("--source-format", choices=("mlx-lm", "unfolded"), default=None,
+                   help="With --upgrade: which tool made a folder whose evidence does not tell "
+                   "(mlx-lm: its converter, which folds; unfolded: its pre-release branch).")  # fmt: skip
+    p.add_argument("--dry-run", action="store_true", help="With --upgrade: say what would change.")
     p.add_argument("--mlx-path", default="mlx_model", help="Output folder (default: mlx_model).")
     p.add_argument("-q", "--quantize", action="store_true", help="Quantize the weights.")
     p.add_argument("--q-group-size", type=int, default=None, help="Group size (mode default).")
@@ -295,7 +307,16 @@ def configure_parser() -> argparse.ArgumentParser:
 def main(argv=None):
     args = vars(configure_parser().parse_args(argv))
     upgrade_path = args.pop("upgrade")
-    run(lambda: upgrade(upgrade_path) if upgrade_path is not None else convert(**args), argv)
+    source_format, dry_run = args.pop("source_format"), args.pop("dry_run")
+
+    def command():
+        if upgrade_path is not None:
+            return upgrade(upgrade_path, source_format, dry_run)
+        if source_format is not None or dry_run:
+            raise ValueError("--source-format and --dry-run go with --upgrade")
+        return convert(**args)
+
+    run(command, argv)
 
 
 def quantize_main(argv=None):

@@ -9,8 +9,10 @@ from typing import Any, Dict, Tuple
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from mlx_falcon_h1.loading import load_model, read_checkpoint
+from mlx_falcon_h1.loading import load_model, read_checkpoint, read_config
 from mlx_falcon_h1.model import ModelArgs
+
+from .repair import refuse_foreign
 
 
 @dataclass
@@ -36,6 +38,7 @@ def read_source(path: Path, dequantize: bool) -> Tuple[Source, Dict[str, mx.arra
         config.pop("quantization_config", None)
         weights = dict(tree_flatten(model.parameters()))
     else:
+        refuse_foreign(path, read_config(path))  # repaired in place with --upgrade instead
         model, config, weights = read_checkpoint(path)
         if "quantization" in config:
             raise ValueError(f"{path}: already quantized; use --dequantize first")

@@ -17,15 +17,16 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 from mlx_lm.utils import load_tokenizer
 
-from . import mlx_lm_patches
+from . import foreign_folders, mlx_lm_patches
 from .adapters import load_adapters  # mlx-lm's, plus adapters that trained SSM parameters
 from .config import ConfigError, ModelArgs
-from .folder_format import FORMAT_KEY, MULTIPLIERS, needs_upgrade
+from .folder_format import needs_upgrade
 from .model import Model
 
 # FORMAT_KEY: our converter's record in config.json of what it did to the
 # weights (folded multipliers, layout). Its presence is what makes MLX-layout
-# weights trustworthy; see _check_fold_state.
+# weights trustworthy; a folder in MLX layout without it was made by another
+# tool and is read as foreign_folders.py works out.
 
 class CheckpointError(ValueError):
     """A checkpoint folder whose files or tensors do not make a Falcon-H1 model."""
@@ -146,26 +147,6 @@ def _read_weights(files) -> Tuple[Dict[str, mx.array], Dict[str, Path]]:
     return weights, origin
 
 
-def _check_fold_state(args: ModelArgs, config: Dict[str, Any], weights, path: Path) -> None:
-    # A conv1d weight already in MLX layout means another tool converted this
-    # folder. mlx-lm's converter folds (some of) the multipliers into the weights
-    # and leaves them in the config, so we cannot know what was folded. Refuse
-    # rather than run with multipliers applied twice or not at all.
-    if FORMAT_KEY in config or args.mamba_d_conv == 1:
-        return
-    name = "model.layers.0.mamba.conv1d.weight"
-    converted = name in weights and weights[name].ndim == 3 and weights[name].shape[-1] == 1
-    multipliers = [getattr(args, f) for f in MULTIPLIERS]
-    multipliers += list(args.mlp_multipliers) + list(args.ssm_multipliers)
-    if converted and any(m != 1.0 for m in multipliers):
-        raise CheckpointError(
-            f"{path}: weights were converted by another tool (conv1d in MLX layout, no "
-            f"'{FORMAT_KEY}' record in config.json), so which muP multipliers are already "
-            "folded into them is unknown. Convert the original Hugging Face checkpoint "
-            "with mlx-falcon-h1-convert."
-        )
-
-
 def _quantize(model: Model, quantization: Dict[str, Any], weights) -> None:
     def predicate(p, m):
         if p in quantization:  # per-layer settings, as mlx-lm writes them
@@ -219,7 +200,15 @@ def read_checkpoint(
     model = Model(args)
 
     weights, origin = _read_weights(weight_files(path))
-    _check_fold_state(args, config, weights, path)
+    conv = weights.get(foreign_folders.CONV)  # a folder made by mlx-lm's converter (or its branch)?
+    if foreign_folders.is_foreign(config, None if conv is None else conv.shape):
+        told = foreign_folders.source_format_from(model_config)
+        try:
+            config, weights = foreign_folders.as_runnable(path, config, weights, told)
+        except foreign_folders.SourceFormatError as e:
+            raise CheckpointError(str(e)) from None
+        args = make_args(config, path / "config.json")
+        model = Model(args)
     weights = model.sanitize(weights)  # keeps names, so `origin` still applies
     if (quantization := config.get("quantization")) is not None:
         _quantize(model, quantization, weights)

@@ -1,0 +1,276 @@
+"""Falcon-H1 MLX folders already published (issue 21): recognised, loaded exactly, repaired in place.
+
+Every folder is built as its maker built it (tests/published.py: the installed
+mlx-lm's converter, checked against the tensors that 0.28.1, 0.30.4 and 0.32.2
+wrote, tests/fixtures/published/manifest.json; and a re-implementation of the
+pre-release branch). The bar, from the issue: loaded here, and after --upgrade
+in every consumer of tests/consumers.py (stock mlx-lm, the models of
+mlx-lm main / LM Studio's mlx-engine and of mlx-swift-lm), the mean KL against transformers
+over held-out text is at most 1.5x that of our own conversion at the same
+settings plus 2e-4.
+"""
+
+import json
+
+import mlx.core as mx
+import mlx_lm
+import numpy as np
+import pytest
+
+import published as P
+from conftest import assert_close_logits
+from consumers import CONSUMERS
+from mlx_falcon_h1 import folder_format, foreign_folders, load_model
+from mlx_falcon_h1.evaluate import torch_reference
+from mlx_falcon_h1.loading import read_config
+from mlx_falcon_h1_convert import convert, upgrade
+
+TOKENS = 257  # held-out tokens: 256 predictions per folder keep the file near a minute
+
+
+def within(kl: float, ours: float) -> bool:
+    return kl <= 1.5 * ours + 2e-4
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    return tmp_path_factory.mktemp("published")
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """(reference, held-out ids) of the trained fixture."""
+    return torch_reference(P.FIXTURE), P.heldout_ids(TOKENS)
+
+
+@pytest.fixture(scope="module")
+def own_kl(work, trained):
+    """Our own conversion's KL at given settings (bits or None for bf16), memoised."""
+    cache = {}
+
+    def kl(bits):
+        if bits not in cache:
+            out = work / f"ours-{bits}"
+            kw = dict(quantize=True, q_bits=bits, q_group_size=64) if bits else {}
+            convert(str(P.FIXTURE), str(out), report_tokens=16, **kw)
+            cache[bits] = P.mean_kl(P.ours(out), *trained)
+        return cache[bits]
+
+    return kl
+
+
+def build(work, maker, bits, source=P.FIXTURE, name="trained"):
+    return P.make_folder(source, work / f"{name}-{maker}-{bits}", maker, bits)
+
+
+# --- the folders are what the releases wrote -------------------------------------------------
+
+
+MANIFEST = json.loads(P.MANIFEST.read_text())
+
+
+@pytest.mark.parametrize("case", sorted(MANIFEST))
+def test_installed_mlx_lm_writes_what_every_release_wrote(work, case):
+    entry = MANIFEST[case]
+    name = case.rsplit("-", 1)[0]
+    source = P.FIXTURE if name == "trained" else P.bf16_checkpoint(work / f"hf-{name}", **P.RANDOM_CASES[name])
+    folder = build(work, "mlx-lm", entry["bits"], source, name)
+    hashes = P.tensor_hashes(folder)
+    config = json.loads((folder / "config.json").read_text())
+    assert len(entry["releases"]) >= 2
+    for release, written in entry["releases"].items():
+        assert entry["tensors"][written["tensors"]] == hashes, (
+            f"the installed mlx-lm {mlx_lm.__version__} writes other tensors than {release} did: "
+            "the folders these tests build are no longer the published kind"
+        )
+        assert written["config"] == config, f"mlx-lm {release} wrote another config.json"
+
+
+@pytest.mark.parametrize("name", ["trained", "attention_in"])
+def test_folded_factors_are_the_ones_mlx_lm_multiplied(work, name):
+    """Every weight of a bf16 folder is exactly round(hf_weight x carried factor)."""
+    source = P.FIXTURE if name == "trained" else P.bf16_checkpoint(work / f"hf-{name}", **P.RANDOM_CASES[name])
+    folder = build(work, "mlx-lm", None, source, name)
+    hf = mx.load(str(source / "model.safetensors"))
+    stored = mx.load(str(folder / "model.safetensors"))
+    config = read_config(source)
+    carried = foreign_folders.carried_factors(config, "mlx-lm", "bfloat16", tied=False)
+    keys = {"embed_tokens": "embed", "lm_head": "head", **foreign_folders.ATTENTION_MLP}
+    checked = 0
+    for tensor, w in hf.items():
+        module = tensor.rsplit(".", 1)[0]
+        key = next((k for s, k in keys.items() if module.endswith(s)), None)
+        if key is None or "conv1d" in tensor:
+            continue
+        factor = carried[key]
+        f = mx.array(foreign_folders._row_factor(factor, config), mx.float32)[:, None] if isinstance(factor, list) else factor
+        expected = (w.astype(mx.float32) * f).astype(mx.bfloat16)
+        assert mx.array_equal(expected, stored[tensor]), tensor
+        checked += 1
+    assert checked == 2 + 8 * config["num_hidden_layers"]
+
+
+# --- recognition --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "maker, bits, kind, sure",
+    [
+        ("mlx-lm", 4, "mlx-lm", "certain"),
+        ("mlx-lm", 8, "mlx-lm", "certain"),
+        ("mlx-lm", None, "mlx-lm", "likely"),  # bf16: no marker, the fixed text decides
+        ("unfolded", 5, "unfolded", "certain"),
+        ("unfolded", None, "unfolded", "likely"),
+    ],
+)
+def test_recognised(work, maker, bits, kind, sure):
+    folder = build(work, maker, bits)
+    config = read_config(folder)
+    weights = {}
+    for f in folder.glob("*.safetensors"):
+        weights.update(mx.load(str(f)))
+    finding = foreign_folders.decide(folder, config, weights)
+    assert (finding.kind, finding.sure) == (kind, sure), finding.evidence
+
+
+def test_model_card_version_counts(work):
+    folder = P.copy_folder(build(work, "mlx-lm", None), work / "carded")
+    (folder / "README.md").write_text("converted to MLX format from x using mlx-lm version **0.30.4**.")
+    finding = foreign_folders.decide(folder, read_config(folder), {})
+    assert (finding.kind, finding.sure) == ("mlx-lm", "certain")
+
+
+def test_contradictory_evidence_is_refused(work):
+    folder = P.copy_folder(build(work, "unfolded", 5), work / "contradictory")
+    (folder / "README.md").write_text("converted to MLX format from x using mlx-lm version **0.32.2**.")
+    with pytest.raises(ValueError, match="contradictory.*--source-format mlx-lm\\|unfolded"):
+        load_model(str(folder))
+
+
+def test_an_mlx_swift_lm_conversion_is_refused(work):
+    folder = P.copy_folder(build(work, "mlx-lm", 4), work / "swift-made")
+    file = folder / "model.safetensors"
+    mx.save_safetensors(str(file), mx.load(str(file)),
+                        metadata={"format": "mlx", "mlx_swift_lm.falcon_h1.scaling": "attention_qkv_runtime_key_v1"})  # fmt: skip
+    with pytest.raises(ValueError, match="mlx-swift-lm conversion, not supported"):
+        load_model(str(folder))
+
+
+def test_weak_evidence_is_refused_and_the_flag_decides(work):
+    # A random model predicts no text under either reading: nothing to go by.
+    name = "attention_in"
+    source = P.bf16_checkpoint(work / f"hf-{name}", **P.RANDOM_CASES[name])
+    folder = build(work, "mlx-lm", None, source, name)
+    with pytest.raises(ValueError, match="weak.*does not tell.*--source-format"):
+        load_model(str(folder))
+    load_model(str(folder), model_config={"source_format": "mlx-lm"})
+
+
+def test_converting_a_foreign_folder_points_to_upgrade(work):
+    with pytest.raises(ValueError, match="--upgrade"):
+        convert(str(build(work, "mlx-lm", 4)), str(work / "never"))
+
+
+# --- exact loading, and --upgrade for every consumer ----------------------------------------
+
+TRAINED_CASES = [("mlx-lm", None), ("mlx-lm", 4), ("mlx-lm", 8), ("unfolded", None), ("unfolded", 5)]
+
+
+@pytest.mark.parametrize("maker, bits", TRAINED_CASES)
+def test_loads_here_and_after_upgrade_everywhere(work, trained, own_kl, maker, bits, capsys):
+    folder = build(work, maker, bits)
+    bar = own_kl(bits)
+    before = P.mean_kl(P.ours(folder), *trained)
+    assert within(before, bar), f"here {before:.4g}, our own conversion {bar:.4g}"
+
+    repaired = P.copy_folder(folder, work / f"{folder.name}-upgraded")
+    files = {f.name: f.read_bytes() for f in repaired.iterdir()}
+    assert upgrade(str(repaired), dry_run=True)
+    assert {f.name: f.read_bytes() for f in repaired.iterdir()} == files  # a dry run writes nothing
+    assert upgrade(str(repaired))
+    config = json.loads((repaired / "config.json").read_text())
+    assert config[folder_format.FORMAT_KEY]["upgraded_from"]["source_format"] == maker
+    assert config["rope_theta"] == 1e11  # the fixture states it under rope_parameters only
+    for consumer in (P.ours, *CONSUMERS.values()):  # stock mlx-lm, mlx-engine's, mlx-swift-lm's
+        kl = P.mean_kl(consumer(repaired), *trained)
+        assert within(kl, bar), f"{consumer.__name__} after --upgrade {kl:.4g}, ours {bar:.4g}"
+    assert not upgrade(str(repaired))  # format 2 now: nothing left to do
+
+
+RANDOM_IDS = np.random.default_rng(3).integers(0, 96, size=129)
+
+
+@pytest.mark.parametrize("name", sorted(P.RANDOM_CASES))
+@pytest.mark.parametrize("maker, bits", [("mlx-lm", None), ("mlx-lm", 4), ("unfolded", 4)])
+def test_random_configurations(work, name, maker, bits, capsys):
+    """attention_in != 1 (v_proj's factor), tied embeddings, groups 2 with rms_norm."""
+    if maker == "unfolded" and name == "tied":
+        pytest.skip("the pre-release branch could not convert tied checkpoints (nor could 0.28.1)")
+    source = P.bf16_checkpoint(work / f"hf-{name}", **P.RANDOM_CASES[name])
+    reference = torch_reference(source)
+    folder = build(work, maker, bits, source, name)
+    own = work / f"ours-{name}-{bits}"
+    if not own.exists():
+        kw = dict(quantize=True, q_bits=bits, q_group_size=64) if bits else {}
+        convert(str(source), str(own), report_tokens=16, **kw)
+    bar = P.mean_kl(P.ours(own), reference, RANDOM_IDS, seq_len=128)
+    told = {"source_format": maker}  # a random model's text tells nothing
+    model = load_model(str(folder), model_config=told)[0]
+    here = P.mean_kl(model, reference, RANDOM_IDS, seq_len=128)
+    assert within(here, bar), f"here {here:.4g}, ours {bar:.4g}"
+    if bits is None:
+        # A random model's flat distributions make every KL small; its logits
+        # show more: bf16 rounding leaves ~0.5% of the largest, stock mlx-lm
+        # on these folders is 40-65% off (measured).
+        ids = RANDOM_IDS[None, :64]
+        assert_close_logits(np.array(model(mx.array(ids)).astype(mx.float32)), reference(ids), rel=1e-2)
+
+    repaired = P.copy_folder(folder, work / f"{folder.name}-upgraded")
+    upgrade(str(repaired), source_format=maker)
+    warned = capsys.readouterr().out
+    for consumer in (P.ours, *CONSUMERS.values()):  # stock mlx-lm, mlx-engine's, mlx-swift-lm's
+        kl = P.mean_kl(consumer(repaired), reference, RANDOM_IDS, seq_len=128)
+        if consumer is not P.ours and name == "groups2_rms_norm":
+            # Both ports normalise over all channels: --upgrade must say so (how
+            # far off that leaves them depends on the weights; the table has it).
+            assert "normalises over all channels" in warned
+            continue
+        assert within(kl, bar), f"{consumer.__name__} after --upgrade {kl:.4g}, ours {bar:.4g}"
+        if bits is None:
+            logits = consumer(repaired)(mx.array(RANDOM_IDS[None, :64]))
+            assert_close_logits(np.array(logits.astype(mx.float32)), reference(RANDOM_IDS[None, :64]), rel=1e-2)
+
+
+def test_command_line(work, monkeypatch, capsys):
+    from mlx_falcon_h1_convert.convert import main
+
+    name = "attention_in"
+    source = P.bf16_checkpoint(work / f"hf-{name}", **P.RANDOM_CASES[name])
+    folder = P.copy_folder(build(work, "mlx-lm", None, source, name), work / "cli")
+    before = (folder / "config.json").read_text()
+    with pytest.raises(SystemExit, match="--source-format mlx-lm\\|unfolded"):
+        main(["--upgrade", str(folder), "--dry-run"])  # a random model: the evidence is weak
+    main(["--upgrade", str(folder), "--dry-run", "--source-format", "mlx-lm"])
+    said = capsys.readouterr().out
+    assert "self_attn.v_proj x 0.7" in said and "self_attn.k_proj x" in said
+    assert (folder / "config.json").read_text() == before
+    with pytest.raises(SystemExit, match="go with --upgrade"):
+        main(["--hf-path", str(source), "--dry-run"])
+    monkeypatch.setenv("MLX_FALCON_H1_SOURCE_FORMAT", "mlx-lm")  # what the commands read
+    load_model(str(folder))
+    main(["--upgrade", str(folder), "--source-format", "mlx-lm"])
+    assert json.loads((folder / "config.json").read_text())["key_multiplier"] == 1.0
+
+
+def test_tied_or_not_from_the_tensors_not_a_config_default(work):
+    # mlx-lm 0.30.4+ defaults tie_word_embeddings to true, transformers (and we) to false.
+    name = "tied"
+    source = P.bf16_checkpoint(work / f"hf-{name}", **P.RANDOM_CASES[name])
+    folder = P.copy_folder(build(work, "mlx-lm", None, source, name), work / "tied-no-key")
+    config = json.loads((folder / "config.json").read_text())
+    del config["tie_word_embeddings"]
+    (folder / "config.json").write_text(json.dumps(config))
+    model, config = load_model(str(folder), model_config={"source_format": "mlx-lm"})
+    assert config["tie_word_embeddings"] and "lm_head" not in model
+    ids = RANDOM_IDS[None, :64]
+    assert_close_logits(np.array(model(mx.array(ids)).astype(mx.float32)), torch_reference(source)(ids), rel=1e-2)
