@@ -29,8 +29,7 @@ from typing import Callable, Dict, Optional, Union
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from mlx_falcon_h1 import folder_format
-from mlx_falcon_h1.cli import run
+from mlx_falcon_h1 import cli, folder_format
 from mlx_falcon_h1.folder_format import FORMAT_KEY
 from mlx_falcon_h1.loading import make_args, read_config, resolve_path
 from mlx_falcon_h1.model import Model
@@ -316,7 +315,7 @@ def main(argv=None):
             raise ValueError("--source-format and --dry-run go with --upgrade")
         return convert(**args)
 
-    run(command, argv)
+    cli.call(command, argv)
 
 
 def quantize_main(argv=None):

@@ -30,16 +30,22 @@ def run(main: Callable[[], object], argv: Optional[Sequence[str]] = None) -> NoR
     argv: the command's arguments (default sys.argv[1:]), where user paths are
     looked for. The code of main's own package counts as ours too (the
     converter installs as a package of its own)."""
+    status = call(main, argv)
+    # bool is an int: a main that returns True means done, not exit status 1
+    sys.exit(status if isinstance(status, int) and not isinstance(status, bool) else 0)
+
+
+def call(main: Callable[[], object], argv: Optional[Sequence[str]] = None):
+    """main()'s result; on a user error, one `error:` line and exit USER_ERROR_EXIT.
+    For a `main(argv)` that Python code calls too and that returns as mlx-lm's do."""
     try:
-        status = main()
+        return main()
     except Exception as e:
         argv = sys.argv[1:] if argv is None else argv
         if not is_user_error(e, argv, _our_dirs(main)):
             raise
         print(f"error: {describe(e)}", file=sys.stderr)
         sys.exit(USER_ERROR_EXIT)
-    # bool is an int: a main that returns True means done, not exit status 1
-    sys.exit(status if isinstance(status, int) and not isinstance(status, bool) else 0)
 
 
 def read_model_first(argv: Sequence[str]) -> None:

@@ -248,14 +248,16 @@ def test_command_line(work, monkeypatch, capsys):
     source = P.bf16_checkpoint(work / f"hf-{name}", **P.RANDOM_CASES[name])
     folder = P.copy_folder(build(work, "mlx-lm", None, source, name), work / "cli")
     before = (folder / "config.json").read_text()
-    with pytest.raises(SystemExit, match="--source-format mlx-lm\\|unfolded"):
-        main(["--upgrade", str(folder), "--dry-run"])  # a random model: the evidence is weak
+    with pytest.raises(SystemExit) as refused:  # a random model: the evidence is weak
+        main(["--upgrade", str(folder), "--dry-run"])
+    assert refused.value.code == 2 and "--source-format mlx-lm|unfolded" in capsys.readouterr().err
     main(["--upgrade", str(folder), "--dry-run", "--source-format", "mlx-lm"])
     said = capsys.readouterr().out
     assert "self_attn.v_proj x 0.7" in said and "self_attn.k_proj x" in said
     assert (folder / "config.json").read_text() == before
-    with pytest.raises(SystemExit, match="go with --upgrade"):
+    with pytest.raises(SystemExit) as refused:
         main(["--hf-path", str(source), "--dry-run"])
+    assert refused.value.code == 2 and "go with --upgrade" in capsys.readouterr().err
     monkeypatch.setenv("MLX_FALCON_H1_SOURCE_FORMAT", "mlx-lm")  # what the commands read
     load_model(str(folder))
     main(["--upgrade", str(folder), "--source-format", "mlx-lm"])
