@@ -243,6 +243,7 @@ def benchmark(
         "loadavg_before_after": [load_before, os.getloadavg()],
         # Launching primitives of one decode step per layer, as on a Mac (launch_count.py).
         "decode_launches_per_layer": {name: r["per_layer"] for name, r in launches.items()} or None,
+        "decode_launches_per_token": {name: r["total"] for name, r in launches.items()} or None,
         "decode_launches_by_primitive": {name: r["by_primitive"] for name, r in launches.items()} or None,
         "compiled_decode": decode.compiled_decode(models["ours"]) is not None,
         "compiled_decode_traces": getattr(models["ours"].__dict__.get("_compiled_decode"), "traces", 0),
@@ -419,6 +420,8 @@ def print_decode_details(result: dict, stock: bool) -> None:
     line = ", ".join(f"{k} {v:.1f}" for k, v in launches.items())
     if stock:
         line += f" (x {launches['ours'] / launches['mlx-lm']:.2f})"
+    per_token = ", ".join(f"{k} {v}" for k, v in result["decode_launches_per_token"].items())
+    line += f"; per token {per_token}"
     print(f"decode launches per layer as on a Mac: {line}; compiled decode step "
           f"{'on' if result['compiled_decode'] else 'off'}, traced {result['compiled_decode_traces']} times")  # fmt: skip
     print(f"decode bound: {result['weight_bytes_per_token'] / 1e9:.2f} GB of weights read per token at "

@@ -24,6 +24,8 @@ def test_benchmark_smoke(tmp_path):
     assert result["blas"] and result["malloc"] and result["mlx"] and result["dtype"] == "float32"
     launches = result["decode_launches_per_layer"]
     assert 0 < launches["ours"] < launches["mlx-lm"] and "launches per layer" in done.stdout
+    per_token = result["decode_launches_per_token"]
+    assert 0 < per_token["ours"] < per_token["mlx-lm"] and "per token ours" in done.stdout
     assert result["compiled_decode"] and result["compiled_decode_traces"] >= 1
 
 
