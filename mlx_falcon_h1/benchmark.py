@@ -307,7 +307,7 @@ def mac_prediction(cache_dir: Path, shapes=None) -> dict:
     """Launches per layer and per token (ours, mlx-lm) at every shape, bf16 and
     4-bit, and the Mac speed model's PREDICTED decode tok/s, calibrated first
     against mlx-lm's published Falcon-H1-Tiny-90M 4-bit figures."""
-    model_ = mac_speed_model
+    speed = mac_speed_model
     shapes = ["Tiny-90M"] + [s for s in shapes or RELEASED if s != "Tiny-90M"]  # the calibration's model first
     rows = []
     for shape in shapes:
@@ -323,23 +323,23 @@ def mac_prediction(cache_dir: Path, shapes=None) -> dict:
             rows.append(row)
     calibration_row = next(r for r in rows if r["shape"] == "Tiny-90M" and r["weights"] == "4-bit")
     fitted, calibration = {}, []
-    for point in model_.PUBLISHED:
-        chip = model_.CHIPS[point.chip]
+    for point in speed.PUBLISHED:
+        chip = speed.CHIPS[point.chip]
         args = (calibration_row["mlx-lm_per_token"], calibration_row["bytes_per_token"]["mlx-lm"], chip)
-        fitted[point.chip] = model_.calibrate(point.tokens_per_s, *args)
+        fitted[point.chip] = speed.calibrate(point.tokens_per_s, *args)
         calibration.append({
             "chip": point.chip, "published_tps": point.tokens_per_s, "source": point.source,
             "fitted_t_launch_us": fitted[point.chip] * 1e6,
-            "within_published_range": model_.T_LAUNCH_RANGE_S[0] <= fitted[point.chip] <= model_.T_LAUNCH_RANGE_S[1],
-            "model_tps_at_fit": model_.predicted_tokens_per_s(*args, fitted[point.chip]),
-            "command_buffers": model_.command_buffers(args[0], args[1], chip),
+            "within_published_range": speed.T_LAUNCH_RANGE_S[0] <= fitted[point.chip] <= speed.T_LAUNCH_RANGE_S[1],
+            "model_tps_at_fit": speed.predicted_tokens_per_s(*args, fitted[point.chip]),
+            "command_buffers": speed.command_buffers(args[0], args[1], chip),
         })  # fmt: skip
     for row in rows:
         row["predicted_tps"] = {}
-        for chip_name, chip in model_.CHIPS.items():
-            low, high = model_.t_launch_band(fitted, chip_name)
+        for chip_name, chip in speed.CHIPS.items():
+            low, high = speed.t_launch_band(fitted, chip_name)
             row["predicted_tps"][chip_name] = {
-                name: sorted(model_.predicted_tokens_per_s(row[f"{name}_per_token"], row["bytes_per_token"][name],
+                name: sorted(speed.predicted_tokens_per_s(row[f"{name}_per_token"], row["bytes_per_token"][name],
                                                            chip, t) for t in {low, high})  # fmt: skip
                 for name in ("ours", "mlx-lm")
             }
@@ -347,10 +347,10 @@ def mac_prediction(cache_dir: Path, shapes=None) -> dict:
         "what": "PREDICTED Mac decode tok/s (mac_speed_model.py), not measured; launches counted as on a Mac "
                 "(launch_count.py) with the code as it is at this commit",  # fmt: skip
         "mlx": mx.__version__, "mlx_lm": __import__("mlx_lm").__version__,
-        "t_buffer_us": model_.T_BUFFER_S * 1e6,
-        "t_launch_published_range_us": [t * 1e6 for t in model_.T_LAUNCH_RANGE_S],
-        "context_tokens": model_.PUBLISHED_CONTEXT, "count_vocab": COUNT_VOCAB,
-        "chips": {name: vars(chip) for name, chip in model_.CHIPS.items()},
+        "t_buffer_us": speed.T_BUFFER_S * 1e6,
+        "t_launch_published_range_us": [t * 1e6 for t in speed.T_LAUNCH_RANGE_S],
+        "context_tokens": speed.PUBLISHED_CONTEXT, "count_vocab": COUNT_VOCAB,
+        "chips": {name: vars(chip) for name, chip in speed.CHIPS.items()},
         "calibration": calibration, "rows": rows,
     }  # fmt: skip
 
@@ -364,7 +364,8 @@ def print_mac_prediction(result: dict, chips=MAC_TABLE_CHIPS) -> None:
     print("Calibration (mlx-lm, Falcon-H1-Tiny-90M-Instruct 4-bit, published):")
     for c in result["calibration"]:
         low, high = result["t_launch_published_range_us"]
-        print(f"  {c['chip']}: {c['published_tps']} tok/s published -> fitted t_launch {c['fitted_t_launch_us']:.2f} us "
+        print(f"  {c['chip']}: {c['published_tps']} tok/s published -> "
+              f"fitted t_launch {c['fitted_t_launch_us']:.2f} us "
               f"({'inside' if c['within_published_range'] else 'OUTSIDE'} the published {low}-{high} us); "
               f"model at the fit {c['model_tps_at_fit']:.1f} tok/s, {c['command_buffers']} command buffers")
     header = ["shape", "weights", "launches/layer ours", "mlx-lm", "x", "launches/token ours", "mlx-lm", "x"]
