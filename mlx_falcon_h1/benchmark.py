@@ -26,23 +26,25 @@ from pathlib import Path
 from typing import Optional
 
 import mlx.core as mx
-from mlx.utils import tree_flatten
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
 
 from mlx_lm.utils import save_config
 
-from . import allocator, blas, decode, folder_format
+from . import allocator, blas, decode, folder_format, mac_speed_model
 from .launch_count import decode_step_launches, our_decode_step
+from .mac_speed_model import TINY_90M, weight_bytes, weight_bytes_read_per_token
 from .loading import load_model
 from .released_shapes import RELEASED
 from .model import Model, ModelArgs, castable
 
-# A tiny shape for smoke runs, and the released ones (released_shapes.RELEASED); every
-# random model gets Falcon-H1-0.5B's multipliers.
+# A tiny shape for smoke runs, Falcon-H1-Tiny-90M's (mac_speed_model.TINY_90M) and the
+# released ones (released_shapes.RELEASED); every random model gets Falcon-H1-0.5B's multipliers.
 TINY = dict(model_type="falcon_h1", rope_theta=1e11, max_position_embeddings=16384,
             num_hidden_layers=2, hidden_size=128, num_attention_heads=4, num_key_value_heads=2,
             head_dim=32, mamba_n_heads=8, mamba_d_head=32, mamba_d_ssm=256, mamba_d_state=16,
             intermediate_size=256, vocab_size=512, mamba_chunk_size=32)  # fmt: skip
-SHAPES = {"tiny": TINY, **RELEASED}
+SHAPES = {"tiny": TINY, "Tiny-90M": TINY_90M, **RELEASED}
 MULTIPLIERS_05B = dict(
     embedding_multiplier=5.656854249492381, lm_head_multiplier=0.0390625,
     key_multiplier=0.39062499999999994, attention_in_multiplier=1.0,
@@ -52,14 +54,13 @@ MULTIPLIERS_05B = dict(
 )  # fmt: skip
 
 
-def make_random_model(shape: str, out: Path, dtype: str, layers: Optional[int] = None) -> Path:
-    """A random Falcon-H1 of `shape` (with `layers` layers, if given) in the folder
-    format our converter writes: the random weights stand for weights with the
-    multipliers folded in (config.json states what is left to apply and records
-    the 0.5B's), conv1d in MLX layout, castable weights in `dtype`."""
-    config = dict(**SHAPES[shape], **MULTIPLIERS_05B)
-    if layers is not None:
-        config["num_hidden_layers"] = layers
+def random_model(config: dict, dtype: str):
+    """A random Falcon-H1 of `config` (a shape's fields) as our converter would leave
+    it, in memory: the random weights stand for weights with the multipliers
+    folded in (the returned config states what is left to apply and records the
+    0.5B's), castable weights in `dtype`. Returns (model, config with every field
+    spelled out, as the converter writes it)."""
+    config = dict(**config, **MULTIPLIERS_05B)
     originals = folder_format.original_multipliers(config)
     config = folder_format.folded_config(config, originals, ssm_dtype="float32")
     args = ModelArgs.from_dict(config)
@@ -68,7 +69,7 @@ def make_random_model(shape: str, out: Path, dtype: str, layers: Optional[int] =
         heads = layer.mamba.A_log.shape[0]
         layer.mamba.A_log = mx.log(mx.arange(1, heads + 1, dtype=mx.float32))
     target = getattr(mx, dtype)
-    weights = {n: w.astype(target) if castable(n) else w for n, w in tree_flatten(model.parameters())}
+    model.update(tree_unflatten([(n, w.astype(target)) for n, w in tree_flatten(model.parameters()) if castable(n)]))
     # Every field spelled out, as the converter writes them: mlx-lm's defaults
     # differ from ours (tie_word_embeddings, mamba_norm_before_gate ...).
     for f in fields(ModelArgs):
@@ -76,8 +77,24 @@ def make_random_model(shape: str, out: Path, dtype: str, layers: Optional[int] =
             value = getattr(args, f.name)
             config[f.name] = list(value) if isinstance(value, tuple) else value
     config["rope_theta"] = args.rope_base
+    return model, config
+
+
+def make_random_model(shape: str, out: Path, dtype: str, layers: Optional[int] = None,
+                      fields_over: Optional[dict] = None, bits: Optional[int] = None) -> Path:
+    """A random Falcon-H1 of `shape` (with `layers` layers and `fields_over` config
+    fields, if given) in the folder format our converter writes (random_model),
+    conv1d in MLX layout; with `bits`, affine-quantized (group size 64) as
+    mlx-lm's converter quantizes: every layer whose width the group size divides."""
+    config = dict(SHAPES[shape], **(fields_over or {}))
+    if layers is not None:
+        config["num_hidden_layers"] = layers
+    model, config = random_model(config, dtype)
+    if bits:
+        nn.quantize(model, group_size=QUANT_GROUP, bits=bits)
+        config["quantization"] = {"group_size": QUANT_GROUP, "bits": bits, "mode": "affine"}
     out.mkdir(parents=True, exist_ok=True)
-    mx.save_safetensors(str(out / "model.safetensors"), weights, {"format": "mlx"})
+    mx.save_safetensors(str(out / "model.safetensors"), dict(tree_flatten(model.parameters())), {"format": "mlx"})
     # Last: main() rebuilds a folder without it. mlx-lm's writer encodes inf as its reader expects.
     save_config(config, out / "config.json")
     return out
@@ -156,17 +173,6 @@ def run_once(model, prompt: mx.array, generation_tokens: int, prefill_step_size:
     }
 
 
-def weight_bytes(model) -> int:
-    return sum(w.nbytes for _, w in tree_flatten(model.parameters()))
-
-
-def bytes_read_per_token(model) -> int:
-    """Weight bytes a decode step reads: all but the embedding table, of which
-    it reads one row (unless the table is also the tied output head)."""
-    table = weight_bytes(model.model.embed_tokens)  # with its scales if quantized
-    return weight_bytes(model) - (0 if model.args.tie_word_embeddings else table)
-
-
 def benchmark(
     model_path: Path,
     prompt_tokens=(512, 2048, 8192),
@@ -218,7 +224,7 @@ def benchmark(
                 row[f"{name}_{key}"] = min(values) if "peak" in key else max(values)
             row[f"{name}_peak_gb"] = row[f"{name}_transient_peak_gb"] + weight_bytes(models[name]) / 1e9
         rows.append(row)
-    per_token = bytes_read_per_token(models["ours"])
+    per_token = weight_bytes_read_per_token(models["ours"])
     return {
         "model": str(model_path),
         "layers": len(models["ours"].layers),
@@ -237,11 +243,143 @@ def benchmark(
         "loadavg_before_after": [load_before, os.getloadavg()],
         # Launching primitives of one decode step per layer, as on a Mac (launch_count.py).
         "decode_launches_per_layer": {name: r["per_layer"] for name, r in launches.items()} or None,
+        "decode_launches_per_token": {name: r["total"] for name, r in launches.items()} or None,
         "decode_launches_by_primitive": {name: r["by_primitive"] for name, r in launches.items()} or None,
         "compiled_decode": decode.compiled_decode(models["ours"]) is not None,
         "compiled_decode_traces": getattr(models["ours"].__dict__.get("_compiled_decode"), "traces", 0),
         "rows": rows,
     }
+
+
+QUANT_GROUP = 64
+MAC_KINDS = {"bf16": None, "4-bit": 4}  # weights as a Mac runs them: bfloat16, or affine 4-bit g64
+MAC_TABLE_CHIPS = ("M1 Ultra", "M3 Max", "M4 Max", "M5 Max")
+COUNT_VOCAB = 1024  # the counting models' vocabulary: the head's launches do not depend on it
+
+
+def _shape_launches(shape: str, bits: Optional[int], cache_dir: Path) -> dict:
+    """Launches of one decode step as on a Mac, ours (its default step) and
+    mlx-lm's, for `shape`'s layers: counted on models of 1 and 2 layers loaded
+    from folders as users load them (so whatever load-time transform the model
+    does counts), then launches per token = fixed + per layer x layers. The
+    layers keep the shape's widths; the vocabulary is COUNT_VOCAB (the head is
+    one matmul, the lookup one gather, at any size), so a 34B layer fits here."""
+    import mlx_lm.utils
+
+    totals = {}
+    for layers in (1, 2):
+        folder = cache_dir / f"count-{shape}-{layers}layers-{bits or 16}bit"
+        if not (folder / "config.json").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            make_random_model(shape, folder, "bfloat16", layers, dict(vocab_size=COUNT_VOCAB), bits)
+        models = {"ours": load_model(folder)[0], "mlx-lm": mlx_lm.utils.load_model(folder)[0]}
+        # mlx-lm as its converter leaves a bf16 checkpoint (every float weight cast, the
+        # published mlx-community one included); our folder keeps the SSM parameters and
+        # norms in float32, which would add casts to mlx-lm's step that its users never run.
+        models["mlx-lm"].set_dtype(mx.bfloat16)
+        totals[layers] = {name: decode_step_launches(model, our_decode_step if name == "ours" else None)["total"]
+                          for name, model in models.items()}  # fmt: skip
+        del models
+        mx.clear_cache()
+    out = {}
+    for name in ("ours", "mlx-lm"):
+        per_layer = totals[2][name] - totals[1][name]
+        out[name] = {"per_layer": per_layer, "fixed": totals[1][name] - per_layer}
+    return out
+
+
+def _shape_bytes(shape: str, bits: Optional[int]) -> dict:
+    """Bytes a decode step reads at the full shape, ours and mlx-lm's: weights from
+    models built lazily (never evaluated: shapes only), plus the cache's state."""
+    import mlx_lm.models.falcon_h1 as stock
+
+    model, config = random_model(dict(SHAPES[shape]), "bfloat16")
+    theirs = stock.Model(stock.ModelArgs.from_dict(config))
+    theirs.set_dtype(mx.bfloat16)
+    if bits:
+        for m in (model, theirs):
+            nn.quantize(m, group_size=QUANT_GROUP, bits=bits)
+    state = mac_speed_model.state_bytes_per_token(config, mac_speed_model.PUBLISHED_CONTEXT, 2)
+    return {name: weight_bytes_read_per_token(m) + state for name, m in (("ours", model), ("mlx-lm", theirs))}
+
+
+def mac_prediction(cache_dir: Path, shapes=None) -> dict:
+    """Launches per layer and per token (ours, mlx-lm) at every shape, bf16 and
+    4-bit, and the Mac speed model's PREDICTED decode tok/s, calibrated first
+    against mlx-lm's published Falcon-H1-Tiny-90M 4-bit figures."""
+    speed = mac_speed_model
+    shapes = ["Tiny-90M"] + [s for s in shapes or RELEASED if s != "Tiny-90M"]  # the calibration's model first
+    rows = []
+    for shape in shapes:
+        for kind, bits in MAC_KINDS.items():
+            launches = _shape_launches(shape, bits, cache_dir)
+            layers = SHAPES[shape]["num_hidden_layers"]
+            row = {"shape": shape, "weights": kind, "layers": layers,
+                   "bytes_per_token": _shape_bytes(shape, bits)}  # fmt: skip
+            for name, c in launches.items():
+                row[f"{name}_per_layer"] = c["per_layer"]
+                row[f"{name}_fixed"] = c["fixed"]
+                row[f"{name}_per_token"] = c["fixed"] + c["per_layer"] * layers
+            rows.append(row)
+    calibration_row = next(r for r in rows if r["shape"] == "Tiny-90M" and r["weights"] == "4-bit")
+    fitted, calibration = {}, []
+    for point in speed.PUBLISHED:
+        chip = speed.CHIPS[point.chip]
+        args = (calibration_row["mlx-lm_per_token"], calibration_row["bytes_per_token"]["mlx-lm"], chip)
+        fitted[point.chip] = speed.calibrate(point.tokens_per_s, *args)
+        calibration.append({
+            "chip": point.chip, "published_tps": point.tokens_per_s, "source": point.source,
+            "fitted_t_launch_us": fitted[point.chip] * 1e6,
+            "within_published_range": speed.T_LAUNCH_RANGE_S[0] <= fitted[point.chip] <= speed.T_LAUNCH_RANGE_S[1],
+            "model_tps_at_fit": speed.predicted_tokens_per_s(*args, fitted[point.chip]),
+            "command_buffers": speed.command_buffers(args[0], args[1], chip),
+        })  # fmt: skip
+    for row in rows:
+        row["predicted_tps"] = {}
+        for chip_name, chip in speed.CHIPS.items():
+            low, high = speed.t_launch_band(fitted, chip_name)
+            row["predicted_tps"][chip_name] = {
+                name: sorted(speed.predicted_tokens_per_s(row[f"{name}_per_token"], row["bytes_per_token"][name],
+                                                           chip, t) for t in {low, high})  # fmt: skip
+                for name in ("ours", "mlx-lm")
+            }
+    return {
+        "what": "PREDICTED Mac decode tok/s (mac_speed_model.py), not measured; launches counted as on a Mac "
+                "(launch_count.py) with the code as it is at this commit",  # fmt: skip
+        "mlx": mx.__version__, "mlx_lm": __import__("mlx_lm").__version__,
+        "t_buffer_us": speed.T_BUFFER_S * 1e6,
+        "t_launch_published_range_us": [t * 1e6 for t in speed.T_LAUNCH_RANGE_S],
+        "context_tokens": speed.PUBLISHED_CONTEXT, "count_vocab": COUNT_VOCAB,
+        "chips": {name: vars(chip) for name, chip in speed.CHIPS.items()},
+        "calibration": calibration, "rows": rows,
+    }  # fmt: skip
+
+
+def print_mac_prediction(result: dict, chips=MAC_TABLE_CHIPS) -> None:
+    def tps(values):  # one value, or a (low, high) range
+        return "-".join(dict.fromkeys(f"{v:.0f}" for v in values))
+
+    print(f"PREDICTED Mac decode tok/s (a model, not a measurement: mac_speed_model.py); mlx {result['mlx']}, "
+          f"mlx-lm {result['mlx_lm']}; t_buffer {result['t_buffer_us']:.0f} us; context {result['context_tokens']}")
+    print("Calibration (mlx-lm, Falcon-H1-Tiny-90M-Instruct 4-bit, published):")
+    for c in result["calibration"]:
+        low, high = result["t_launch_published_range_us"]
+        print(f"  {c['chip']}: {c['published_tps']} tok/s published -> "
+              f"fitted t_launch {c['fitted_t_launch_us']:.2f} us "
+              f"({'inside' if c['within_published_range'] else 'OUTSIDE'} the published {low}-{high} us); "
+              f"model at the fit {c['model_tps_at_fit']:.1f} tok/s, {c['command_buffers']} command buffers")
+    header = ["shape", "weights", "launches/layer ours", "mlx-lm", "x", "launches/token ours", "mlx-lm", "x"]
+    header += [f"{chip} {name}" for chip in chips for name in ("ours", "mlx-lm")]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for r in result["rows"]:
+        cells = [r["shape"], r["weights"], str(r["ours_per_layer"]), str(r["mlx-lm_per_layer"]),
+                 f"{r['ours_per_layer'] / r['mlx-lm_per_layer']:.2f}", str(r["ours_per_token"]),
+                 str(r["mlx-lm_per_token"]), f"{r['ours_per_token'] / r['mlx-lm_per_token']:.2f}"]  # fmt: skip
+        cells += [tps(r["predicted_tps"][chip][name]) for chip in chips for name in ("ours", "mlx-lm")]
+        print("| " + " | ".join(cells) + " |")
+    fitted = ", ".join(c["chip"] for c in result["calibration"])
+    print(f"(tok/s on {fitted}: at that chip's fitted t_launch; on the others, a-b: at the fitted values' range)")
 
 
 # What each measure is called in the table: header, and in the ratio columns.
@@ -283,6 +421,8 @@ def print_decode_details(result: dict, stock: bool) -> None:
     line = ", ".join(f"{k} {v:.1f}" for k, v in launches.items())
     if stock:
         line += f" (x {launches['ours'] / launches['mlx-lm']:.2f})"
+    per_token = ", ".join(f"{k} {v}" for k, v in result["decode_launches_per_token"].items())
+    line += f"; per token {per_token}"
     print(f"decode launches per layer as on a Mac: {line}; compiled decode step "
           f"{'on' if result['compiled_decode'] else 'off'}, traced {result['compiled_decode_traces']} times")  # fmt: skip
     print(f"decode bound: {result['weight_bytes_per_token'] / 1e9:.2f} GB of weights read per token at "
@@ -310,7 +450,17 @@ def main(argv=None):
     p.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "mlx_falcon_h1"),
                    help="Where built random models are kept.")  # fmt: skip
     p.add_argument("--json", default="benchmark.json", help="Where to write the results.")
+    p.add_argument("--mac-prediction", nargs="*", metavar="SHAPE", choices=list(SHAPES),
+                   help="Count decode launches (ours, mlx-lm) at these shapes (default: Falcon-H1-Tiny-90M and "
+                        "every released one), bf16 and 4-bit, and print the Mac speed model's PREDICTED tok/s, "
+                        "calibrated on Tiny-90M (always counted); no timing run.")
     args = p.parse_args(argv)
+    if args.mac_prediction is not None:
+        result = mac_prediction(Path(args.cache_dir), args.mac_prediction or None)
+        print_mac_prediction(result)
+        Path(args.json).write_text(json.dumps(result, indent=2))
+        print(f"wrote {args.json}")
+        return
     if args.layers is not None and args.model is not None:
         p.error("--layers shapes a random model; it does not apply to --model")
     prompt_tokens = args.prompt_tokens or (list(LONG_PROMPT_TOKENS) if args.long else [512, 2048, 8192])

@@ -5,7 +5,9 @@ dispatch, except views, which launch nothing. This machine has no Metal, so the
 step's graph is built (never evaluated) the way it would be on a Mac: Metal
 reported available, the GPU the default device, so every dispatcher takes the
 path it takes there (plain MLX ops instead of the CPU's fused forms, custom
-kernels where they fit). Each custom Metal kernel stands in as one node. The
+kernels where they fit). Each custom Metal kernel, and each op MLX builds as
+one kernel on a GPU stream but as a chain of ops on the CPU's (the mx.fast
+ops, an affine mx.dequantize), stands in as one node. The
 graph is then read with `mx.export_to_dot` and its primitives counted.
 
 Approximations, the same for every model counted: a reshape is counted as a
@@ -81,6 +83,20 @@ def _stand_ins(counter: _StandIns):
     return kernel, fast
 
 
+def _dequantize_stand_in(counter: _StandIns, dequantize):
+    """mx.dequantize as on Metal: one kernel for the affine mode (MLX builds one
+    fast::Quantize primitive on a GPU stream and a chain of shifts, masks and
+    multiplies on the CPU's); a quantized embedding's lookup calls it every step."""
+
+    def stand_in(w, scales, biases=None, group_size=64, bits=4, mode="affine", dtype=None, **kwargs):
+        if mode != "affine" or kwargs:  # other modes: as MLX builds them here
+            return dequantize(w, scales, biases, group_size, bits, mode, dtype=dtype, **kwargs)
+        shape = tuple(w.shape[:-1]) + (w.shape[-1] * 32 // bits,)
+        return counter.outputs([(shape, dtype or scales.dtype)], [w, scales, biases])[0]
+
+    return stand_in
+
+
 @contextlib.contextmanager
 def as_on_a_mac():
     """Dispatchers see Metal and a GPU default device; custom kernels and mx.fast
@@ -94,6 +110,7 @@ def as_on_a_mac():
     kernels = [(mlx_lm_ssm, "_ssm_kernel")] + [(m, "_KERNEL") for m in (ssm_step, conv1d, ssd_scan)]
     patches = [(m, name, kernel) for m, name in kernels]
     patches += [(mx.fast, name, fn) for name, fn in fast.items()]
+    patches += [(mx, "dequantize", _dequantize_stand_in(counter, mx.dequantize))]
     patches += [(mx, "default_device", lambda: mx.Device(mx.gpu)), (mx.metal, "is_available", lambda: True)]
     saved = [(m, name, getattr(m, name)) for m, name, _ in patches]
     check = os.environ.get("MLX_FALCON_H1_KERNEL_CHECK")
@@ -130,9 +147,14 @@ def decode_step_launches(model, step: Callable = None, prompt_tokens: int = 8) -
     cache = model.make_cache()
     vocab = model.model.embed_tokens.weight.shape[0]
     prompt = mx.arange(prompt_tokens)[None] % vocab
-    mx.eval(model(prompt, cache=cache), [c.state for c in cache])
     token = mx.array([[1]])
     with as_on_a_mac() as kernels:
+        # The prompt runs on the Mac's path too (its stand-ins evaluate, to
+        # meaningless values of the right shapes and dtypes): the CPU's path
+        # leaves states in other dtypes (float32 where the Mac's are bfloat16),
+        # which would send the step down another path than a Mac's.
+        mx.eval(model(prompt, cache=cache), [c.state for c in cache])
+        kernels.launches = 0
         logits = step(model, token, cache) if step else model(token, cache=cache)
         outputs = [logits] + [a for c in cache for _, a in tree_flatten(c.state) if isinstance(a, mx.array)]
         counts = count_launches(outputs)

@@ -24,6 +24,8 @@ def test_benchmark_smoke(tmp_path):
     assert result["blas"] and result["malloc"] and result["mlx"] and result["dtype"] == "float32"
     launches = result["decode_launches_per_layer"]
     assert 0 < launches["ours"] < launches["mlx-lm"] and "launches per layer" in done.stdout
+    per_token = result["decode_launches_per_token"]
+    assert 0 < per_token["ours"] < per_token["mlx-lm"] and "per token ours" in done.stdout
     assert result["compiled_decode"] and result["compiled_decode_traces"] >= 1
 
 
@@ -102,3 +104,21 @@ def test_import_order_is_detected():
     done = run_python(code + "; " + CHECK_MATMUL, LD_PRELOAD=shim)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == shim and "Import mlx_falcon_h1 first" not in done.stderr
+
+
+def test_mac_prediction_cli(tmp_path):
+    """--mac-prediction SHAPE...: launch counts and the Mac speed model's PREDICTED
+    tok/s for those shapes, Tiny-90M (the calibration's model) always among them."""
+    out = tmp_path / "mac.json"
+    cmd = [sys.executable, "-m", "mlx_falcon_h1.benchmark", "--mac-prediction", "tiny",
+           "--cache-dir", str(tmp_path / "models"), "--json", str(out)]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "PREDICTED" in done.stdout and "| tiny | 4-bit |" in done.stdout
+    result = json.loads(out.read_text())
+    assert [(r["shape"], r["weights"]) for r in result["rows"]] == [
+        ("Tiny-90M", "bf16"), ("Tiny-90M", "4-bit"), ("tiny", "bf16"), ("tiny", "4-bit")]
+    for row in result["rows"]:
+        assert 0 < row["ours_per_layer"] <= row["mlx-lm_per_layer"]
+        assert row["ours_per_token"] == row["ours_fixed"] + row["layers"] * row["ours_per_layer"]
+    assert [c["chip"] for c in result["calibration"]] == ["M1 Ultra", "M5 Max"]
