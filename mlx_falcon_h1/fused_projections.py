@@ -196,7 +196,8 @@ def _fuse_layer(layer) -> Dict[str, int]:
                 pre.append((n_in, mixer.ssm_in_multiplier * mup))
                 post.append((n_in, mup))
             layer.fused_in = _fuse(members, 0, _column_scale(pre), _column_scale(post))
-            object.__setattr__(layer.fused_in, "_offsets", [nq + nk, nq + nk + nv])  # qk | v | zxbcdt
+            offsets = [nq + nk, nq + nk + nv] if members is whole else [nq + nk]  # qk | v | zxbcdt
+            object.__setattr__(layer.fused_in, "_offsets", offsets)
             fused["in" if members is whole else "qkv"] = 1
     if "gate_up" not in mlp:
         members = [(mlp, "gate_proj"), (mlp, "up_proj")]

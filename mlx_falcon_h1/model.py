@@ -31,6 +31,7 @@ from . import parallel
 from .cache import MAX_ROLLBACK_TOKENS, FalconH1Cache, LayerCache, check_fits, mixer_sizes
 from .config import ModelArgs  # noqa: F401  (mlx-lm reads a model module's ModelArgs)
 from .decode import decode_step
+from .fused_projections import unfuse_projections
 from .kernels.attention import causal_attention
 from .kernels.conv1d import causal_conv1d
 from .kernels.elementwise import silu, silu_gate
@@ -465,7 +466,7 @@ class Model(nn.Module):
 
     def shard(self, group=None):
         """Tensor parallelism over `group` (mlx-lm's interface); see parallel.py."""
-        return parallel.shard(self, group)
+        return parallel.shard(unfuse_projections(self), group)  # it splits the plain layout
 
     def pipeline(self, group=None, split=None):
         """Keep only this rank's layers of a pipeline over `group`; see parallel.py."""
