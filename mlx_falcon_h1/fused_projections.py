@@ -123,6 +123,8 @@ class FusedLinear(nn.Module):
             width = a.shape[axis]
             cuts = np.cumsum([s * width // total for s in sizes])[:-1].tolist()
             parts[key] = mx.split(a, cuts, axis=axis)
+            if axis == 1:  # column blocks are strided views: matmuls would copy them at each call
+                parts[key] = [mx.contiguous(part) for part in parts[key]]
         bias = self.get("bias", proj.get("bias"))
         if bias is not None:
             if axis == 0:
