@@ -139,6 +139,16 @@ class FusedLinear(nn.Module):
             setattr(owner, name, member)
 
 
+def add_linear(h: mx.array, layer: nn.Module, x: mx.array) -> mx.array:
+    """h + layer(x). Where MLX runs a plain Linear as its own matmul (not the CPU's
+    mat-vec form, linear.py), as one addmm: on a GPU the add is a launch of its own."""
+    if type(layer) is FusedLinear and layer._pre is None and "bias" not in layer:
+        layer = layer.proj
+    if type(layer) is nn.Linear and "bias" not in layer and mx.default_device() != mx.cpu:
+        return mx.addmm(h, x, layer.weight.T)
+    return h + linear(layer, x)
+
+
 def _fuse(members: List[Tuple[nn.Module, str]], axis: int, pre=None, post=None, bias_scales=None) -> FusedLinear:
     """One FusedLinear for the (owner, attribute) Linear layers `members`, which it
     takes out of their owners (their arrays moved into the fused ones)."""

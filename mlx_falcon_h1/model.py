@@ -31,7 +31,7 @@ from . import parallel
 from .cache import MAX_ROLLBACK_TOKENS, FalconH1Cache, LayerCache, check_fits, mixer_sizes
 from .config import ModelArgs  # noqa: F401  (mlx-lm reads a model module's ModelArgs)
 from .decode import decode_step
-from .fused_projections import unfuse_projections
+from .fused_projections import add_linear, unfuse_projections
 from .kernels.attention import causal_attention
 from .kernels.conv1d import causal_conv1d
 from .kernels.elementwise import silu, silu_gate
@@ -327,12 +327,15 @@ class MLP(nn.Module):
         self.gate_multiplier, self.down_multiplier = args.mlp_multipliers
 
     def __call__(self, x: mx.array) -> mx.array:
+        return _scaled(linear(self.down_proj, self.hidden(x)), self.down_multiplier)
+
+    def hidden(self, x: mx.array) -> mx.array:
+        """down_proj's input: up(x) * SiLU(gate(x) * m0)."""
         if "gate_up" in self:  # one matmul for both (fused_projections.py)
             gate, up = mx.split(self.gate_up(x), 2, axis=-1)
         else:
             gate, up = linear(self.gate_proj, x), linear(self.up_proj, x)
-        h = silu_gate(_scaled(gate, self.gate_multiplier), up)
-        return _scaled(linear(self.down_proj, h), self.down_multiplier)
+        return silu_gate(_scaled(gate, self.gate_multiplier), up)
 
 
 class DecoderLayer(nn.Module):
@@ -359,7 +362,8 @@ class DecoderLayer(nn.Module):
     def _fused(self, h: mx.array, n: mx.array, mask, cache: Optional[LayerCache]) -> mx.array:
         """The same layer with fused projections (fused_projections.py): fused_in is
         [q | k | v] or [q | k | v | in_proj] of n, multipliers included; fused_out is
-        [o_proj | out_proj] over [a * attention_out ; m * ssm_out] (its bias scaled alike)."""
+        [o_proj | out_proj] over [a * attention_out ; m * ssm_out] (its bias scaled alike).
+        The residual adds ride on the matmuls where they can (add_linear)."""
         attn, mixer = self.self_attn, self.mamba
         if "fused_in" in self:
             qk, v, *zxbcdt = mx.split(self.fused_in(n), self.fused_in.offsets, axis=-1)
@@ -371,11 +375,14 @@ class DecoderLayer(nn.Module):
         a = attn.attend(qk, v, mask, cache)
         if "fused_out" in self:
             am = [_scaled(a, self.attention_out_multiplier), _scaled(m, self.ssm_out_multiplier)]
-            h = h + self.fused_out(mx.concatenate(am, axis=-1))
+            h = add_linear(h, self.fused_out, mx.concatenate(am, axis=-1))
         else:
             m = _scaled(linear(mixer.out_proj, m), self.ssm_out_multiplier)
             h = h + (m + _scaled(linear(attn.o_proj, a), self.attention_out_multiplier))
-        return h + self.feed_forward(self.pre_ff_layernorm(h))
+        mlp, x = self.feed_forward, self.pre_ff_layernorm(h)
+        if mlp.down_multiplier != 1.0:
+            return h + mlp(x)
+        return add_linear(h, mlp.down_proj, mlp.hidden(x))
 
 
 class FalconH1Model(nn.Module):
