@@ -131,11 +131,16 @@ class FusedLinear(nn.Module):
                 bias = mx.split(bias, np.cumsum(sizes)[:-1].tolist())
             else:
                 bias = iter(list(bias))
+        # Frozen as the fused arrays are (a model frozen for LoRA stays frozen).
+        frozen = {k for k in parts if k in proj._no_grad}
+        if "bias" in self._no_grad or "bias" in proj._no_grad:
+            frozen.add("bias")
         for i, ((owner, name, member), had_bias) in enumerate(zip(self._members, self._had_bias)):
             for key, split in parts.items():
                 member[key] = split[i]
             if had_bias:
                 member["bias"] = bias[i] if axis == 0 else next(bias)
+            member._no_grad = {k for k in frozen if k in member}
             setattr(owner, name, member)
 
 
@@ -155,6 +160,7 @@ def _fuse(members: List[Tuple[nn.Module, str]], axis: int, pre=None, post=None, 
     modules = [getattr(owner, name) for owner, name in members]
     sizes = [m.weight.shape[0] for m in modules] if axis == 0 else [_input_dims(m) for m in modules]
     proj = copy.copy(modules[0])  # the same class and quantization settings, arrays replaced
+    proj._no_grad = set(modules[0]._no_grad)  # its own (a shallow copy shares the set)
     for key in ARRAYS + ("bias",):
         proj.pop(key, None)
     for key in ARRAYS:
@@ -171,8 +177,12 @@ def _fuse(members: List[Tuple[nn.Module, str]], axis: int, pre=None, post=None, 
                 proj["bias"] = bias
             else:
                 fused.bias = bias
+                if "bias" in modules[0]._no_grad:
+                    fused.freeze(keys=["bias"], recurse=False)
         else:
             fused.bias = mx.stack(biased)
+            if "bias" in modules[0]._no_grad:
+                fused.freeze(keys=["bias"], recurse=False)
             object.__setattr__(fused, "_bias_scales", [s for s, b in zip(bias_scales, had_bias) if b])
     object.__setattr__(fused, "_pre", pre)
     object.__setattr__(fused, "_post", post)
