@@ -16,7 +16,9 @@ config can never disagree about what has been folded (folder_format.py).
 
 With a cache, each layer's mixer and attention read their state from it and
 write the new state into it; the cache (cache.py) keeps the books. One-token
-calls may run as one compiled step over the same layer code (decode.py).
+calls may run as one compiled step over the same layer code (decode.py). For
+generation, load() fuses each layer's projections (fused_projections.py); a
+layer runs either layout.
 """
 
 from typing import Dict, List, Optional
