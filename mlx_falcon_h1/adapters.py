@@ -16,6 +16,8 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 from mlx_lm.tuner import utils as tuner_utils
 
+from .fused_projections import unfuse_projections
+
 
 def _unfreeze_extra(model: nn.Module, num_layers: int, names: Sequence[str]) -> None:
     """Make the parameters at `names` (paths inside a layer) of the last `num_layers` layers trainable."""
@@ -38,12 +40,14 @@ def linear_to_lora_layers(
     model: nn.Module, num_layers: int, config: Dict, use_dora: bool = False
 ) -> None:
     """mlx-lm's conversion to LoRA/DoRA layers, plus config["trainable"] parameters."""
+    unfuse_projections(model)  # adapters train the plain layout (load() fuses for generation)
     tuner_utils.linear_to_lora_layers(model, num_layers, config, use_dora=use_dora)
     _unfreeze_extra(model, num_layers, config.get("trainable") or ())
 
 
 def load_adapters(model: nn.Module, adapter_path: str) -> nn.Module:
     """mlx-lm's load_adapters, which also restores trained SSM (or other) parameters."""
+    unfuse_projections(model)  # adapters name the plain layout's layers
     adapter_path = Path(adapter_path)
     config_file = adapter_path / "adapter_config.json"
     if not config_file.is_file():

@@ -21,6 +21,7 @@ from . import foreign_folders, mlx_lm_patches
 from .adapters import load_adapters  # mlx-lm's, plus adapters that trained SSM parameters
 from .config import ConfigError, ModelArgs
 from .folder_format import needs_upgrade
+from .fused_projections import fuse_projections
 from .model import Model
 
 # FORMAT_KEY: our converter's record in config.json of what it did to the
@@ -253,8 +254,13 @@ def load(
     return_config: bool = False,
     revision: Optional[str] = None,
     trust_remote_code: bool = False,
+    fuse: bool = True,
 ):
-    """(model, tokenizer[, config]) the way mlx_lm.load returns them, through our model."""
+    """(model, tokenizer[, config]) the way mlx_lm.load returns them, through our model.
+
+    fuse: for generation, each layer's projections fused into 4 matmuls
+    (fused_projections.py; after any adapters, whose layers stay apart);
+    fused_projections.unfuse_projections gives the plain layout back."""
     path = resolve_path(path_or_hf_repo, revision)
     tokenizer_files = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
     if not any((path / f).exists() for f in tokenizer_files):
@@ -266,6 +272,8 @@ def load(
     if adapter_path is not None:
         model = load_adapters(model, adapter_path)
         model.eval()
+    if fuse:
+        fuse_projections(model, evaluate=not lazy)
     tokenizer = load_tokenizer(
         path, tokenizer_config, eos_token_ids=config.get("eos_token_id", None)
     )
@@ -293,6 +301,7 @@ def sharded_load(
         lazy=True,
         return_config=True,
         trust_remote_code=trust_remote_code,
+        fuse=False,  # parallel.py splits the plain layout
     )
     if pipeline_group is None and tensor_group is None:
         tensor_group = mx.distributed.init()

@@ -42,7 +42,7 @@ SSM_PARAMETERS = ("mamba.A_log", "mamba.D", "mamba.dt_bias")
 
 def load(path_or_hf_repo: str, adapter_path: Optional[str] = None, **kwargs):
     """mlx_falcon_h1.load, with adapters (and trained SSM parameters) applied."""
-    out = load_base(path_or_hf_repo, **kwargs)
+    out = load_base(path_or_hf_repo, fuse=False, **kwargs)  # training and saving: the plain layout
     if adapter_path is not None:
         load_adapters(out[0], adapter_path)
         out[0].eval()

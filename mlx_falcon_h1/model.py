@@ -16,7 +16,9 @@ config can never disagree about what has been folded (folder_format.py).
 
 With a cache, each layer's mixer and attention read their state from it and
 write the new state into it; the cache (cache.py) keeps the books. One-token
-calls may run as one compiled step over the same layer code (decode.py).
+calls may run as one compiled step over the same layer code (decode.py). For
+generation, load() fuses each layer's projections (fused_projections.py); a
+layer runs either layout.
 """
 
 from typing import Dict, List, Optional
@@ -31,6 +33,7 @@ from . import parallel
 from .cache import MAX_ROLLBACK_TOKENS, FalconH1Cache, LayerCache, check_fits, mixer_sizes
 from .config import ModelArgs  # noqa: F401  (mlx-lm reads a model module's ModelArgs)
 from .decode import decode_step
+from .fused_projections import add_linear, unfuse_projections
 from .kernels.attention import causal_attention
 from .kernels.conv1d import causal_conv1d
 from .kernels.elementwise import silu, silu_gate
@@ -116,15 +119,23 @@ class Attention(nn.Module):
             self.rope = RoPE(self.rope.dims, self.rope.base, self.rope.scale)
 
     def __call__(self, x: mx.array, mask, cache: Optional[LayerCache]) -> mx.array:
-        b, l, _ = x.shape
-        q = linear(self.q_proj, x).reshape(b, l, self.n_heads, -1).transpose(0, 2, 1, 3)
+        return linear(self.o_proj, self.attend(*self.project(x), mask, cache))
+
+    def project(self, x: mx.array):
+        """q and k side by side (B, L, (Hq + Hkv) * head_dim), and v (B, L, Hkv * head_dim)."""
         k = _scaled(linear(self.k_proj, x), self.key_multiplier)
-        k = k.reshape(b, l, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
-        v = linear(self.v_proj, x).reshape(b, l, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        return mx.concatenate([linear(self.q_proj, x), k], axis=-1), linear(self.v_proj, x)
+
+    def attend(self, qk: mx.array, v: mx.array, mask, cache: Optional[LayerCache]) -> mx.array:
+        """Attention over project()'s outputs (or the fused projection's, fused_projections.py):
+        (B, L, Hq * head_dim), before o_proj."""
+        b, l, _ = qk.shape
+        qk = qk.reshape(b, l, -1, self.head_dim).transpose(0, 2, 1, 3)
+        v = v.reshape(b, l, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
         offset = cache.offset if cache is not None else 0
         # One RoPE call for q and k (heads are independent): on the CPU RoPE is a
         # chain of ~20 small ops, which a decode step pays per call.
-        q, k = mx.split(self.rope(mx.concatenate([q, k], axis=1), offset=offset), [self.n_heads], axis=1)
+        q, k = mx.split(self.rope(qk, offset=offset), [self.n_heads], axis=1)
         real = None  # reading whole K/V buffers: which positions hold keys (cache.py)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
@@ -141,7 +152,7 @@ class Attention(nn.Module):
             else:
                 out = quantized_scaled_dot_product_attention(
                     q, k, v, scale=self.scale, mask=mask, group_size=cache.group_size, bits=bits)
-        return linear(self.o_proj, out.transpose(0, 2, 1, 3).reshape(b, l, -1))
+        return out.transpose(0, 2, 1, 3).reshape(b, l, -1)
 
 
 class Mixer(nn.Module):
@@ -186,10 +197,17 @@ class Mixer(nn.Module):
         self.out_proj = nn.Linear(self.d_ssm, args.hidden_size, bias=args.projectors_bias)
 
     def __call__(self, u: mx.array, cache: Optional[LayerCache]) -> mx.array:
-        b, l, _ = u.shape
+        return linear(self.out_proj, self.mix(self.project(u), cache, u.dtype))
+
+    def project(self, u: mx.array) -> mx.array:
+        """in_proj's output with the muP multipliers: z | x | B | C | dt, (B, L, 2 d_ssm + 2GN + H)."""
         zxbcdt = linear(self.in_proj, _scaled(u, self.ssm_in_multiplier))
-        if self._mup is not None:
-            zxbcdt = zxbcdt * self._mup.astype(zxbcdt.dtype)
+        return zxbcdt if self._mup is None else zxbcdt * self._mup.astype(zxbcdt.dtype)
+
+    def mix(self, zxbcdt: mx.array, cache: Optional[LayerCache], dtype) -> mx.array:
+        """Conv, SSM, gate and norm over project()'s output (or the fused projection's
+        part of it): (B, L, d_ssm) in `dtype`, before out_proj."""
+        b, l, _ = zxbcdt.shape
         z, xBC_dt = mx.split(zxbcdt, [self.d_ssm], axis=-1)
         xBC, dt = mx.split(xBC_dt, [xBC_dt.shape[-1] - self.n_heads], axis=-1)
 
@@ -202,7 +220,7 @@ class Mixer(nn.Module):
             y = self.norm(y, z)
         else:
             y = silu_gate(z.astype(mx.float32), y)
-        return linear(self.out_proj, y.astype(u.dtype))
+        return y.astype(dtype)
 
     def _conv_and_scan_cached(self, xBC, dt, rows, cache: LayerCache) -> mx.array:
         """conv_and_scan from the cache's state, which gets the new state; the cache
@@ -311,9 +329,15 @@ class MLP(nn.Module):
         self.gate_multiplier, self.down_multiplier = args.mlp_multipliers
 
     def __call__(self, x: mx.array) -> mx.array:
-        up = linear(self.up_proj, x)
-        h = silu_gate(_scaled(linear(self.gate_proj, x), self.gate_multiplier), up)
-        return _scaled(linear(self.down_proj, h), self.down_multiplier)
+        return _scaled(linear(self.down_proj, self.hidden(x)), self.down_multiplier)
+
+    def hidden(self, x: mx.array) -> mx.array:
+        """down_proj's input: up(x) * SiLU(gate(x) * m0)."""
+        if "gate_up" in self:  # one matmul for both (fused_projections.py)
+            gate, up = mx.split(self.gate_up(x), 2, axis=-1)
+        else:
+            gate, up = linear(self.gate_proj, x), linear(self.up_proj, x)
+        return silu_gate(_scaled(gate, self.gate_multiplier), up)
 
 
 class DecoderLayer(nn.Module):
@@ -330,10 +354,37 @@ class DecoderLayer(nn.Module):
 
     def __call__(self, h: mx.array, mask, cache: Optional[LayerCache]) -> mx.array:
         n = self.input_layernorm(h)  # one norm feeds both branches
+        if "fused_in" in self or "fused_out" in self:
+            return self._fused(h, n, mask, cache)
         m = _scaled(self.mamba(n, cache), self.ssm_out_multiplier)
         a = self.self_attn(_scaled(n, self.attention_in_multiplier), mask, cache)
         h = h + (m + _scaled(a, self.attention_out_multiplier))
         return h + self.feed_forward(self.pre_ff_layernorm(h))
+
+    def _fused(self, h: mx.array, n: mx.array, mask, cache: Optional[LayerCache]) -> mx.array:
+        """The same layer with fused projections (fused_projections.py): fused_in is
+        [q | k | v] or [q | k | v | in_proj] of n, multipliers included; fused_out is
+        [o_proj | out_proj] over [a * attention_out ; m * ssm_out] (its bias scaled alike).
+        The residual adds ride on the matmuls where they can (add_linear)."""
+        attn, mixer = self.self_attn, self.mamba
+        if "fused_in" in self:
+            qk, v, *zxbcdt = mx.split(self.fused_in(n), self.fused_in.offsets, axis=-1)
+            zxbcdt = zxbcdt[0] if zxbcdt else mixer.project(n)
+        else:
+            qk, v = attn.project(_scaled(n, self.attention_in_multiplier))
+            zxbcdt = mixer.project(n)
+        m = mixer.mix(zxbcdt, cache, n.dtype)
+        a = attn.attend(qk, v, mask, cache)
+        if "fused_out" in self:
+            am = [_scaled(a, self.attention_out_multiplier), _scaled(m, self.ssm_out_multiplier)]
+            h = add_linear(h, self.fused_out, mx.concatenate(am, axis=-1))
+        else:
+            m = _scaled(linear(mixer.out_proj, m), self.ssm_out_multiplier)
+            h = h + (m + _scaled(linear(attn.o_proj, a), self.attention_out_multiplier))
+        mlp, x = self.feed_forward, self.pre_ff_layernorm(h)
+        if mlp.down_multiplier != 1.0:
+            return h + mlp(x)
+        return add_linear(h, mlp.down_proj, mlp.hidden(x))
 
 
 class FalconH1Model(nn.Module):
@@ -424,7 +475,7 @@ class Model(nn.Module):
 
     def shard(self, group=None):
         """Tensor parallelism over `group` (mlx-lm's interface); see parallel.py."""
-        return parallel.shard(self, group)
+        return parallel.shard(unfuse_projections(self), group)  # it splits the plain layout
 
     def pipeline(self, group=None, split=None):
         """Keep only this rank's layers of a pipeline over `group`; see parallel.py."""
