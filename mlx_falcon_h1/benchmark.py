@@ -34,6 +34,7 @@ from mlx_lm.utils import save_config
 from . import allocator, blas, decode, folder_format, mac_speed_model
 from .launch_count import decode_step_launches, our_decode_step
 from .mac_speed_model import TINY_90M, weight_bytes, weight_bytes_read_per_token
+from .fused_projections import fuse_projections, fusion_summary
 from .loading import load_model
 from .released_shapes import RELEASED
 from .model import Model, ModelArgs, castable
@@ -173,6 +174,14 @@ def run_once(model, prompt: mx.array, generation_tokens: int, prefill_step_size:
     }
 
 
+def load_ours(folder) -> Model:
+    """Our model as load() gives it to generation: the projections fused
+    (fused_projections.py), without the tokenizer."""
+    model = load_model(folder)[0]
+    fuse_projections(model)
+    return model
+
+
 def benchmark(
     model_path: Path,
     prompt_tokens=(512, 2048, 8192),
@@ -180,11 +189,16 @@ def benchmark(
     num_trials: int = 1,
     prefill_step_size: int = 2048,
     stock: bool = True,
+    unfused: bool = False,
 ) -> dict:
+    """unfused: also measure ours with the projections as stored ("ours-unfused"),
+    alternating with the fused model that load() gives generation."""
     import mlx_lm.utils
 
     load_before = os.getloadavg()  # other work on the machine skews both columns
-    loaders = {"ours": lambda: load_model(model_path)[0]}
+    loaders = {"ours": lambda: load_ours(model_path)}
+    if unfused:
+        loaders["ours-unfused"] = lambda: load_model(model_path)[0]
     if stock:
         loaders["mlx-lm"] = lambda: mlx_lm.utils.load_model(Path(model_path))[0]
     for file in Path(model_path).glob("*.safetensors"):  # page cache warm for both loaders
@@ -206,7 +220,7 @@ def benchmark(
         run_once(model, mx.arange(min(WARMUP_TOKENS, prefill_step_size)) % vocab, 2, prefill_step_size)
     decoding = generation_tokens > 0  # else prefill only: nothing decode-related is measured
     launches = {
-        name: decode_step_launches(model, our_decode_step if name == "ours" else None)
+        name: decode_step_launches(model, our_decode_step if name.startswith("ours") else None)
         for name, model in models.items()
     } if decoding else {}  # fmt: skip
     bandwidth, matvec = (memory_bandwidth(), matvec_bandwidth()) if decoding else (None, None)
@@ -245,6 +259,7 @@ def benchmark(
         "decode_launches_per_layer": {name: r["per_layer"] for name, r in launches.items()} or None,
         "decode_launches_per_token": {name: r["total"] for name, r in launches.items()} or None,
         "decode_launches_by_primitive": {name: r["by_primitive"] for name, r in launches.items()} or None,
+        "fused_projections": fusion_summary(models["ours"]),
         "compiled_decode": decode.compiled_decode(models["ours"]) is not None,
         "compiled_decode_traces": getattr(models["ours"].__dict__.get("_compiled_decode"), "traces", 0),
         "rows": rows,
@@ -272,7 +287,7 @@ def _shape_launches(shape: str, bits: Optional[int], cache_dir: Path) -> dict:
         if not (folder / "config.json").exists():
             shutil.rmtree(folder, ignore_errors=True)
             make_random_model(shape, folder, "bfloat16", layers, dict(vocab_size=COUNT_VOCAB), bits)
-        models = {"ours": load_model(folder)[0], "mlx-lm": mlx_lm.utils.load_model(folder)[0]}
+        models = {"ours": load_ours(folder), "mlx-lm": mlx_lm.utils.load_model(folder)[0]}
         # mlx-lm as its converter leaves a bf16 checkpoint (every float weight cast, the
         # published mlx-community one included); our folder keeps the SSM parameters and
         # norms in float32, which would add casts to mlx-lm's step that its users never run.
@@ -392,7 +407,8 @@ def print_table(result: dict) -> None:
           f"mlx {result['mlx']}  device {result['device']}")  # fmt: skip
     print(f"BLAS: {result['blas']}; malloc: {result['malloc']}; prefill step {result['prefill_step_size']}")
     stock = any(k.startswith("mlx-lm") for k in result["rows"][0])
-    names = ["ours"] + (["mlx-lm"] if stock else [])
+    names = [n for n in ("ours", "ours-unfused") if f"{n}_prompt_tps" in result["rows"][0]]
+    names += ["mlx-lm"] if stock else []
     decode = result["generation_tokens"] > 0
     measures = [m for m in MEASURES if decode or m != "generation_tps"]
     header = "| prompt | " + " | ".join(f"{MEASURES[m][0]} {n}" for m in measures for n in names)
@@ -447,6 +463,8 @@ def main(argv=None):
     p.add_argument("--num-trials", "-n", type=int, default=1)
     p.add_argument("--prefill-step-size", type=int, default=2048)
     p.add_argument("--no-stock", action="store_true", help="Measure ours only.")
+    p.add_argument("--unfused-too", action="store_true",
+                   help="Also measure ours with the projections unfused, as stored (alternating).")
     p.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "mlx_falcon_h1"),
                    help="Where built random models are kept.")  # fmt: skip
     p.add_argument("--json", default="benchmark.json", help="Where to write the results.")
@@ -479,7 +497,7 @@ def main(argv=None):
             make_random_model(args.shape, model_path, args.dtype, args.layers)
     result = benchmark(
         Path(model_path), prompt_tokens, generation_tokens, args.num_trials,
-        args.prefill_step_size, stock=not args.no_stock,
+        args.prefill_step_size, stock=not args.no_stock, unfused=args.unfused_too,
     )  # fmt: skip
     result["shape"] = None if args.model else args.shape
     result["command"] = "python -m mlx_falcon_h1.benchmark " + " ".join(argv or __import__("sys").argv[1:])
