@@ -111,7 +111,8 @@ def main(argv=None):
         "rows": rows,
         "evaluation": evaluation,
     }
-    print(f"\n{args.shape}, {args.layers} layers, {args.mode} {args.bits if affine else ''}-bit; BLAS {blas.in_use}")
+    label = f"affine {args.bits}-bit" if affine else args.mode
+    print(f"\n{args.shape}, {args.layers} layers, {label}; BLAS {blas.in_use}")
     print("| prompt | prefill tok/s, MLX quantized matmul | dequantize + BLAS | x | transient peak GB (qmm / ours) |")
     print("|---|---|---|---|---|")
     for r in rows:
