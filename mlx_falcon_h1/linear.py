@@ -16,7 +16,8 @@ about one mat-vec per row beyond it (2048 x 1024, 4-bit affine, 2-core machine
 under load: 1 row 1.5 ms, 16 rows 24-48 ms, 1024 rows 2.3 s; dequantize + BLAS:
 4.8, 4.8 and 42 ms). The dequantized matrix lives for that one product: no
 float copy of the weights is kept. MLX_FALCON_H1_DEQUANTIZE_MATMUL=0 (read at
-each call) keeps MLX's quantized matmul for every row count.
+each call; a compiled decode step keeps what it was traced with) keeps MLX's
+quantized matmul for every row count.
 """
 
 import os

@@ -8,6 +8,7 @@ import pytest
 
 from mlx_falcon_h1 import linear as linear_module
 from mlx_falcon_h1.benchmark import make_random_model
+from mlx_falcon_h1.decode import compiled_decode
 from mlx_falcon_h1.linear import _DEQUANTIZE_ROWS, linear
 from mlx_falcon_h1.loading import load_model
 
@@ -118,11 +119,19 @@ def test_other_devices_keep_the_quantized_matmul(monkeypatch, count_quantized_ma
 
 
 @pytest.fixture(scope="module")
-def quantized_tiny(tmp_path_factory):
-    folder = make_random_model("tiny", tmp_path_factory.mktemp("tiny"), "float32")
+def tiny_folder(tmp_path_factory):
+    return make_random_model("tiny", tmp_path_factory.mktemp("tiny"), "float32")
+
+
+def quantized_model(folder):
     model = load_model(folder)[0]
     nn.quantize(model, group_size=64, bits=4)
     return model
+
+
+@pytest.fixture(scope="module")
+def quantized_tiny(tiny_folder):
+    return quantized_model(tiny_folder)
 
 
 def test_quantized_model_logits_with_and_without_the_fast_path(quantized_tiny, monkeypatch):
@@ -164,3 +173,27 @@ def test_no_dequantized_weights_stay_in_memory(quantized_tiny):
     logits = model(prompt)
     mx.eval(logits)
     assert mx.get_active_memory() - before - logits.nbytes < 64 * 1024
+
+
+def test_batched_compiled_decode_takes_the_path(tiny_folder, monkeypatch):
+    """Four sequences decoding: four rows per projection, inside the compiled
+    step (traced once per model, so each switch setting gets its own model)."""
+    dense_calls = []
+    original = linear_module.dequantized_matmul
+    monkeypatch.setattr(linear_module, "dequantized_matmul", lambda l, x: dense_calls.append(1) or original(l, x))
+    prompts = mx.random.randint(0, 512, (4, 20), key=mx.random.key(9))
+    steps = [mx.array([[5], [6], [7], [8]]), mx.array([[50], [60], [70], [80]])]
+    runs = {}
+    for switch in ("1", "0"):
+        monkeypatch.setenv("MLX_FALCON_H1_DEQUANTIZE_MATMUL", switch)
+        model = quantized_model(tiny_folder)
+        cache = model.make_cache()
+        mx.eval(model(prompts, cache))
+        dense_calls.clear()
+        logits = [model(token, cache) for token in steps]
+        mx.eval(logits)
+        assert (len(dense_calls) > 0) == (switch == "1")
+        assert compiled_decode(model).traces == 1  # the second step replayed the trace
+        runs[switch] = [f64(l) for l in logits]
+    for on, off in zip(runs["1"], runs["0"]):
+        assert rel(on, off) <= 1e-5
