@@ -32,15 +32,16 @@ _MATVEC_BLOCK_BYTES = 1 << 21
 _SECOND_STREAM = mx.new_thread_local_stream(mx.cpu)  # each thread (server) gets its own
 
 # Fewest rows for which dequantize + BLAS beats MLX's CPU quantized matmul, per
-# mode; measured on a 2048 x 1024 matrix (2-core machine, load ~4, medians of 7,
-# quantized matmul / dequantize + BLAS). Affine and mxfp8 dequantize fast: 2 rows
-# 0.75x (4-bit) to 1.37x (mxfp8), 4 rows 1.4-2.4x, 16 rows 5-11x. MLX's fp4
-# dequantize is 4-8x slower (12-24 ms) while its fp4 quantized matmul is faster:
-# 32 rows 0.97-1.24x, 64 rows 2.0-2.35x, 128 rows 4.1-4.3x. One row (decode)
-# stays on the quantized matmul in every mode: 0.02-0.33x. With mlx[cpu]'s bundled
-# reference BLAS (MLX_FALCON_H1_BLAS=0) the path is still taken and still pays
-# for prefill: 4-bit, 8 rows 1.0x, 64 rows 1.25x, 256 rows 1.5x.
-_DEQUANTIZE_ROWS = {"affine": 4, "mxfp8": 4, "mxfp4": 64, "nvfp4": 64}
+# mode; measured on a 2048 x 1024 matrix (2-core machine, medians of 7, quantized
+# matmul time / dequantize + BLAS time, at load average ~1.4, then ~4). Affine and
+# mxfp8 dequantize fast: 2 rows 0.89x (4-bit) to 1.56x (mxfp8), 3 rows 1.26-1.72x
+# (under load 1.15-1.19x), 4 rows 1.6-2.9x, 8 rows 3.2x. MLX's fp4 dequantize is
+# ~4x slower (12 ms) while its fp4 quantized matmul is faster: 16 rows 0.70-0.74x,
+# 24 rows 1.04-1.08x, 32 rows 1.38-1.48x (under load 0.97-1.24x), 64 rows 2.8x.
+# One row (decode) stays on the quantized matmul in every mode: 0.05-0.46x. With
+# mlx[cpu]'s bundled reference BLAS (MLX_FALCON_H1_BLAS=0) the path is still taken
+# and still pays for prefill: 4-bit, 8 rows 1.0x, 64 rows 1.25x, 256 rows 1.5x.
+_DEQUANTIZE_ROWS = {"affine": 4, "mxfp8": 4, "mxfp4": 32, "nvfp4": 32}
 
 
 def dequantize_matmul_enabled() -> bool:
