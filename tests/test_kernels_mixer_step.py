@@ -168,3 +168,35 @@ def test_bug_output_written_out_of_range():
 
 def test_kernel_source_is_lint_clean():
     assert msl_emu.lint(mod._SOURCE, mod.KERNEL_SPEC["header"]) == []
+
+
+@pytest.mark.parametrize("norm", ["none", "gate_first", "norm_first"])
+def test_model_decode_through_the_kernels_matches_the_reference_path(norm, tmp_path, monkeypatch):
+    """The model's decode (model.py's calls: mixer_step, and rope_qk) with every kernel
+    emulated, against the same model with the kernels off: float32 logits within 2e-6."""
+    from conftest import make_checkpoint
+
+    from mlx_falcon_h1 import load_model
+    from mlx_falcon_h1.kernels import conv1d, rope, ssd_scan
+
+    # Emulated kernels are Python callables: they cannot run inside mx.compile's trace.
+    monkeypatch.setenv("MLX_FALCON_H1_COMPILE", "0")
+    make_checkpoint(tmp_path, mamba_n_groups=2, mamba_rms_norm=norm != "none",
+                    mamba_norm_before_gate=norm == "norm_first")
+    model = load_model(tmp_path)[0]
+    ids = np.random.default_rng(7).integers(0, 96, size=(2, 12))
+
+    def run():
+        cache = model.make_cache()
+        pieces = [model(mx.array(ids[:, :9]), cache=cache)]
+        pieces += [model(mx.array(ids[:, t:t + 1]), cache=cache) for t in range(9, 12)]
+        return np.array(mx.concatenate(pieces, axis=1))
+
+    with emulated(conv1d, ssd_scan, mod, rope, schedules=("forward",)) as kernels:
+        ours = run()
+        assert kernels[2].last and kernels[3].last, "the decode did not take the fused kernels"
+    monkeypatch.setenv("MLX_FALCON_H1_KERNELS", "0")
+    ref = run()
+    # The issue's bar is 1e-5; measured ~3e-7. Bound at 2e-6: in this small model the
+    # mixer's share of the logits is small, and the gate's output 0.1% off moves them 9e-6.
+    assert np.abs(ours - ref).max() <= 2e-6 * np.abs(ref).max()
