@@ -208,11 +208,13 @@ class Mixer(nn.Module):
         """One token from a cache with state: conv, SSM, gate and norm as one step
         (mixer_step), out_proj's input in `dtype`; None for any other call (what
         _conv_and_scan_cached does for one such token, keeping its rollback inputs)."""
+        norm = self.get("norm")
         if (xBC.shape[1] != 1 or cache.lengths is not None or cache.conv_state is None
                 or cache.ssm_state is None or cache.rollback_split(1)):
             return None
+        if norm is not None and (type(norm) is not GatedRMSNorm or norm.groups != self.n_groups):
+            return None  # a tensor-parallel rank's norm (parallel.py): statistics across ranks
         cache.keep_rollback_inputs(rows)
-        norm = self.get("norm")
         out, cache.conv_state, cache.ssm_state = mixer_step(
             xBC[:, 0], dt[:, 0], z[:, 0], cache.conv_state, self.conv1d.weight[:, :, 0],
             self.conv1d.get("bias"), self.dt_bias, self.A_log, self.D, cache.ssm_state,

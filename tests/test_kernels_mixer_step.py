@@ -200,3 +200,37 @@ def test_model_decode_through_the_kernels_matches_the_reference_path(norm, tmp_p
     # The issue's bar is 1e-5; measured ~3e-7. Bound at 2e-6: in this small model the
     # mixer's share of the logits is small, and the gate's output 0.1% off moves them 9e-6.
     assert np.abs(ours - ref).max() <= 2e-6 * np.abs(ref).max()
+
+
+def test_model_leaves_a_tensor_parallel_norm_to_its_own_path(tmp_path, monkeypatch):
+    """A rank's ShardedGatedRMSNorm (parallel.py) all-reduces its statistics: the
+    decode must call it, not mixer_step's local norm."""
+    from conftest import make_checkpoint
+
+    from mlx_falcon_h1 import load_model
+    from mlx_falcon_h1 import model as model_module
+
+    make_checkpoint(tmp_path, mamba_rms_norm=True)
+    model = load_model(tmp_path)[0]
+    calls = []
+
+    import mlx.nn as nn
+
+    class OtherNorm(nn.Module):  # stands in for parallel.ShardedGatedRMSNorm
+        def __init__(self, norm):
+            super().__init__()
+            self.inner = norm
+
+        def __call__(self, y, gate):
+            calls.append(y.shape)
+            return self.inner(y, gate)
+
+    for layer in model.layers:
+        layer.mamba.norm = OtherNorm(layer.mamba.norm)
+    monkeypatch.setattr(model_module, "mixer_step", lambda *a: (_ for _ in ()).throw(
+        AssertionError("mixer_step called with a rank's norm")))
+    cache = model.make_cache()
+    model(mx.array([[1, 2, 3]]), cache=cache)
+    calls.clear()
+    mx.eval(model(mx.array([[4]]), cache=cache))
+    assert len(calls) == len(model.layers)
