@@ -36,7 +36,9 @@ from .decode import decode_step
 from .fused_projections import add_linear, unfuse_projections
 from .kernels.attention import causal_attention
 from .kernels.conv1d import causal_conv1d
-from .kernels.elementwise import silu, silu_gate
+from .kernels.elementwise import silu_gate
+from .kernels.mixer_step import gated_rms_norm, mixer_step
+from .kernels.rope import rope_qk
 from .kernels.ssd_scan import ssd_scan
 from .kernels.ssm_step import discretize, ssm_step
 from .linear import linear
@@ -63,14 +65,7 @@ class GatedRMSNorm(nn.Module):
 
     def __call__(self, y: mx.array, gate: mx.array) -> mx.array:
         # y, gate: (B, L, d_ssm); computed in float32 like the reference.
-        gate = silu(gate.astype(mx.float32))
-        y = y.astype(mx.float32)
-        if not self.norm_before_gate:
-            y = y * gate
-        shape = y.shape
-        y = mx.fast.rms_norm(y.reshape(*shape[:-1], self.groups, -1), None, self.eps)
-        y = (self.weight.astype(mx.float32).reshape(self.groups, -1) * y).reshape(shape)
-        return y * gate if self.norm_before_gate else y
+        return gated_rms_norm(y, gate, self.weight, self.groups, self.eps, self.norm_before_gate)
 
 
 class RoPE(nn.Module):
@@ -135,7 +130,10 @@ class Attention(nn.Module):
         offset = cache.offset if cache is not None else 0
         # One RoPE call for q and k (heads are independent): on the CPU RoPE is a
         # chain of ~20 small ops, which a decode step pays per call.
-        q, k = mx.split(self.rope(qk, offset=offset), [self.n_heads], axis=1)
+        if type(self.rope) is RoPE and self.rope.dims == self.head_dim:  # one kernel on Metal
+            q, k = rope_qk(qk[:, : self.n_heads], qk[:, self.n_heads :], offset, self.rope._freqs, self.rope.scale)
+        else:
+            q, k = mx.split(self.rope(qk, offset=offset), [self.n_heads], axis=1)
         real = None  # reading whole K/V buffers: which positions hold keys (cache.py)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
@@ -213,6 +211,8 @@ class Mixer(nn.Module):
 
         if cache is None:
             y, _, _ = self.conv_and_scan(xBC, dt, None, None)
+        elif (out := self._decode_step(xBC, dt, z, xBC_dt, cache, dtype)) is not None:
+            return out
         else:
             y = self._conv_and_scan_cached(xBC, dt, xBC_dt, cache)
         y = y.reshape(b, l, self.d_ssm)  # float32
@@ -221,6 +221,24 @@ class Mixer(nn.Module):
         else:
             y = silu_gate(z.astype(mx.float32), y)
         return y.astype(dtype)
+
+    def _decode_step(self, xBC, dt, z, rows, cache: LayerCache, dtype) -> Optional[mx.array]:
+        """One token from a cache with state: conv, SSM, gate and norm as one step
+        (mixer_step), out_proj's input in `dtype`; None for any other call (what
+        _conv_and_scan_cached does for one such token, keeping its rollback inputs)."""
+        norm = self.get("norm")
+        if (xBC.shape[1] != 1 or cache.lengths is not None or cache.conv_state is None
+                or cache.ssm_state is None or cache.rollback_split(1)):
+            return None
+        if norm is not None and (type(norm) is not GatedRMSNorm or norm.groups != self.n_groups):
+            return None  # a tensor-parallel rank's norm (parallel.py): statistics across ranks
+        cache.keep_rollback_inputs(rows)
+        out, cache.conv_state, cache.ssm_state = mixer_step(
+            xBC[:, 0], dt[:, 0], z[:, 0], cache.conv_state, self.conv1d.weight[:, :, 0],
+            self.conv1d.get("bias"), self.dt_bias, self.A_log, self.D, cache.ssm_state,
+            None if norm is None else norm.weight, self.time_step_limit, self.n_groups,
+            0.0 if norm is None else norm.eps, norm is not None and norm.norm_before_gate, dtype)
+        return out[:, None]
 
     def _conv_and_scan_cached(self, xBC, dt, rows, cache: LayerCache) -> mx.array:
         """conv_and_scan from the cache's state, which gets the new state; the cache

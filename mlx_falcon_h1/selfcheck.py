@@ -3,7 +3,8 @@
     python -m mlx_falcon_h1.selfcheck            # on a Mac: GPU errors and timings
     python -m mlx_falcon_h1.selfcheck --emulate  # also (or elsewhere: only) the emulator
 
-On Apple Silicon, runs each custom kernel (ssd_scan, causal_conv1d, ssm_step)
+On Apple Silicon, runs each custom kernel (ssd_scan, causal_conv1d, ssm_step,
+mixer_step, rope_qk)
 and its reference on the GPU at Falcon-H1-7B sizes, in float32 and bfloat16,
 and prints the largest error and the time per call of each. Elsewhere there is
 no Metal: it says what it could not check and, if g++ is there, runs each
@@ -18,10 +19,12 @@ import time
 
 import mlx.core as mx
 
-from .kernels import conv1d, kernels_enabled, metal_available, runtime_check, ssd_scan, ssm_step
+from .kernels import (conv1d, kernels_enabled, metal_available, mixer_step, rope, runtime_check,
+                      ssd_scan, ssm_step)
 from .kernels.descriptor import KernelOp, output_errors
 
-OPS = (ssd_scan.KERNEL_OP, conv1d.KERNEL_OP, ssm_step.KERNEL_OP)
+OPS = (ssd_scan.KERNEL_OP, conv1d.KERNEL_OP, ssm_step.KERNEL_OP, mixer_step.KERNEL_OP,
+       rope.KERNEL_OP)
 # Falcon-H1-7B's mixer: 24 heads of 128, state 256, one group, conv width 4.
 GPU_SIZES = dict(batch=1, length=2048, heads=24, head_dim=128, groups=1, n=256, width=4)
 EMULATOR_SIZES = dict(batch=2, length=37, heads=2, head_dim=32, groups=1, n=32, width=4)
@@ -50,8 +53,10 @@ def _timed(fn, reps):
 
 def _describe(sizes, op: KernelOp):
     s = sizes
-    if op.name == "ssm_step":
+    if op.name in ("ssm_step", "mixer_step"):
         return f"B{s['batch']} H{s['heads']} P{s['head_dim']} G{s['groups']} N{s['n']}"
+    if op.name == "rope_qk":  # the attention's heads, taken as many as the mixer's here
+        return f"B{s['batch']} L{s['length']} H{s['heads']} D{s['head_dim']}"
     if op.name == "causal_conv1d":
         return f"B{s['batch']} L{s['length']} C{s['heads'] * s['head_dim'] + 2 * s['groups'] * s['n']}"
     return f"B{s['batch']} L{s['length']} H{s['heads']} P{s['head_dim']} G{s['groups']} N{s['n']}"

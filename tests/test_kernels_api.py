@@ -6,9 +6,10 @@ import pytest
 
 mx = pytest.importorskip("mlx.core")
 from mlx_falcon_h1 import kernels  # noqa: E402
-from mlx_falcon_h1.kernels import conv1d, ssd_scan, ssm_step  # noqa: E402
+from mlx_falcon_h1.kernels import conv1d, mixer_step, rope, ssd_scan, ssm_step  # noqa: E402
 
-OPS = [(conv1d, "causal_conv1d"), (ssd_scan, "ssd_scan"), (ssm_step, "ssm_step")]
+OPS = [(conv1d, "causal_conv1d"), (ssd_scan, "ssd_scan"), (ssm_step, "ssm_step"),
+       (mixer_step, "mixer_step"), (rope, "rope_qk")]
 
 
 @pytest.mark.parametrize("module,op", OPS, ids=[op for _, op in OPS])

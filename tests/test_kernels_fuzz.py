@@ -19,14 +19,15 @@ import mlx.core as mx
 import pytest
 
 from mlx_falcon_h1 import msl_emu
-from mlx_falcon_h1.kernels import conv1d, runtime_check, ssd_scan, ssm_step
+from mlx_falcon_h1.kernels import conv1d, mixer_step, rope, runtime_check, ssd_scan, ssm_step
 from mlx_falcon_h1.msl_emu.testing import emulated
 
 pytestmark = pytest.mark.skipif(not msl_emu.available(), reason="the emulator needs g++")
 
 BUDGET_S = float(os.environ.get("MLX_FALCON_H1_FUZZ_SECONDS", "15"))
 SEED = int(os.environ.get("MLX_FALCON_H1_FUZZ_SEED", "0"))
-MODULES = {"ssd_scan": ssd_scan, "causal_conv1d": conv1d, "ssm_step": ssm_step}
+MODULES = {"ssd_scan": ssd_scan, "causal_conv1d": conv1d, "ssm_step": ssm_step,
+           "mixer_step": mixer_step, "rope_qk": rope}
 DTYPES = [mx.float32, mx.float16, mx.bfloat16]
 
 
@@ -41,12 +42,21 @@ def draw(rng):
     width = rng.choice([4, 4, 2, 3, rng.randint(2, 8)])
     dtype, wdtype = rng.choice(DTYPES), rng.choice(DTYPES)
     sizes = dict(heads=heads, head_dim=head_dim, groups=groups, n=n, width=width, dtype=dtype,
-                 wdtype=wdtype, channels=heads * head_dim + 2 * groups * n)
+                 wdtype=wdtype, channels=heads * head_dim + 2 * groups * n,
+                 norm=rng.choice(mixer_step.NORMS), out_dtype=rng.choice([dtype, mx.float32]))
+    if op == "rope_qk":  # attention heads: query heads a multiple of the key heads; D even
+        kv_heads = rng.choice([1, 2, 4])
+        sizes.update(heads=kv_heads * rng.randint(1, 6), kv_heads=kv_heads,
+                     head_dim=rng.choice([16, 64, 128, 2 * rng.randint(1, 80)]))
     keep = {"ssd_scan": ("heads", "head_dim", "groups", "n", "dtype"),
             "causal_conv1d": ("channels", "width", "dtype", "wdtype"),
-            "ssm_step": ("heads", "head_dim", "groups", "n", "width", "dtype", "wdtype")}[op]
+            "ssm_step": ("heads", "head_dim", "groups", "n", "width", "dtype", "wdtype"),
+            "mixer_step": ("heads", "head_dim", "groups", "n", "width", "dtype", "wdtype", "norm",
+                           "out_dtype"),
+            "rope_qk": ("heads", "kv_heads", "head_dim", "dtype")}[op]
     sizes = {k: sizes[k] for k in keep}
-    length = 1 if op == "ssm_step" else rng.choice([1, 2, 7, 16, 31, 32, 33, rng.randint(1, 70)])
+    one_token = op in ("ssm_step", "mixer_step")
+    length = 1 if one_token else rng.choice([1, 2, 7, 16, 31, 32, 33, rng.randint(1, 70)])
     return op, sizes, rng.randint(1, 3), length, rng.choice(["given", "contiguous", "padded"])
 
 
@@ -62,6 +72,10 @@ def run_case(op, sizes, batch, length, layout, seed):
     # The scan's tolerance does not depend on the dtype (float32 outputs from
     # exactly representable inputs); the others' follow the activation dtype.
     assert rel <= runtime_check.TOLERANCE[(op, sizes["dtype"])], rel
+    if op == "mixer_step":  # its output on its own scale too (the state's can hide it)
+        out_rel = runtime_check.relative_error(ours[:1], ref[:1])
+        tolerance = max(runtime_check.TOLERANCE[(op, d)] for d in (sizes["dtype"], sizes["out_dtype"]))
+        assert out_rel <= tolerance, out_rel
     return took_kernel
 
 

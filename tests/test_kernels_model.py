@@ -12,12 +12,12 @@ import pytest
 
 from conftest import assert_close_logits, make_checkpoint, reference_logits
 from mlx_falcon_h1 import load_model, msl_emu
-from mlx_falcon_h1.kernels import conv1d, ssd_scan, ssm_step
+from mlx_falcon_h1.kernels import conv1d, mixer_step, rope, ssd_scan
 from mlx_falcon_h1.msl_emu.testing import emulated
 
 pytestmark = pytest.mark.skipif(not msl_emu.available(), reason="the emulator needs g++")
 
-MODULES = (conv1d, ssd_scan, ssm_step)
+MODULES = (conv1d, ssd_scan, mixer_step, rope)  # mixer_step: the decode step
 
 
 @pytest.fixture(autouse=True)

@@ -21,6 +21,11 @@ remainder, so the state is carried between chunks in registers at each N),
 except 1.5B and 3B: 9 tokens, as they share P, N and G with 1.5B-Deep and 7B
 (only more heads), whose 33 tokens cover the carry; the conv 33 tokens (two
 16-token blocks and a remainder); decode one token.
+mixer_step runs each model's norm: 1.5B-Deep, 7B and 34B have the gated RMSNorm
+(mamba_rms_norm, released_shapes.py) with mamba_norm_before_gate's default
+(True); the others none. rope_qk runs each model's attention heads (query and
+key heads, head dim: released_shapes.py; Tiny's a stand-in likewise) over the
+33 tokens, at positions up to 200,000.
 One thread schedule, race tracking off for the scan (the per-kernel grids check
 races and schedules at these P and N; this file checks the exact sizes).
 """
@@ -29,7 +34,7 @@ import mlx.core as mx
 import pytest
 
 from mlx_falcon_h1 import msl_emu
-from mlx_falcon_h1.kernels import conv1d, runtime_check, ssd_scan, ssm_step
+from mlx_falcon_h1.kernels import conv1d, mixer_step, rope, runtime_check, ssd_scan, ssm_step
 from mlx_falcon_h1.msl_emu.testing import emulated
 
 pytestmark = pytest.mark.skipif(not msl_emu.available(), reason="the emulator needs g++")
@@ -46,13 +51,26 @@ RELEASED = {
 }
 SHORT_PREFILL = ("1.5B", "3B")  # see above: the emulator spends ~6 s per chunk at these sizes
 DTYPE = mx.bfloat16  # every released checkpoint's torch_dtype
-MODULES = {"ssd_scan": ssd_scan, "causal_conv1d": conv1d, "ssm_step": ssm_step}
+# name: (query heads, key heads, head dim) of the attention
+ATTENTION = {"0.5B": (8, 2, 64), "1.5B": (8, 2, 128), "1.5B-Deep": (6, 2, 128), "3B": (10, 2, 128),
+             "7B+H1R-7B": (12, 2, 128), "34B": (20, 4, 128), "Tiny-standin": (4, 2, 64)}
+NORMED = ("1.5B-Deep", "7B+H1R-7B", "34B")
+MODULES = {"ssd_scan": ssd_scan, "causal_conv1d": conv1d, "ssm_step": ssm_step,
+           "mixer_step": mixer_step, "rope_qk": rope}
 OPTIONS = {"ssd_scan": dict(schedules=("forward",), track_races=False),
            "causal_conv1d": dict(schedules=("forward",)),
-           "ssm_step": dict(schedules=("forward",))}
+           "ssm_step": dict(schedules=("forward",)),
+           "mixer_step": dict(schedules=("forward",)),
+           "rope_qk": dict(schedules=("forward",))}
 
 
-def sizes_for(op, h, p, n, g, k):
+def sizes_for(op, model, h, p, n, g, k):
+    if op == "rope_qk":
+        heads, kv_heads, head_dim = ATTENTION[model]
+        return dict(heads=heads, kv_heads=kv_heads, head_dim=head_dim, dtype=DTYPE)
+    if op == "mixer_step":
+        return dict(heads=h, head_dim=p, groups=g, n=n, width=k, dtype=DTYPE, wdtype=mx.float32,
+                    norm="norm_first" if model in NORMED else "none")
     if op == "causal_conv1d":
         return dict(channels=h * p + 2 * g * n, width=k, dtype=DTYPE, wdtype=mx.float32)
     if op == "ssd_scan":
@@ -65,7 +83,7 @@ def sizes_for(op, h, p, n, g, k):
 def test_released_shape(model, op):
     module = MODULES[op]
     length = 9 if op == "ssd_scan" and model in SHORT_PREFILL else 33
-    inputs = runtime_check.check_inputs(op, sizes_for(op, *RELEASED[model]), length=length)
+    inputs = runtime_check.check_inputs(op, sizes_for(op, model, *RELEASED[model]), length=length)
     with emulated(module, **OPTIONS[op]) as (kernel,):
         ours = getattr(module, op)(**inputs)  # the dispatcher, as the model calls it
         mx.eval(ours)
@@ -73,5 +91,5 @@ def test_released_shape(model, op):
     ref = getattr(module, op + "_reference")(**inputs)
     rel = runtime_check.relative_error(ours, ref)
     assert rel <= runtime_check.TOLERANCE[(op, DTYPE)], (model, op, rel)
-    if op != "ssd_scan":  # the new conv state is data movement: exact
+    if op in ("causal_conv1d", "ssm_step", "mixer_step"):  # the new conv state: data movement, exact
         assert mx.array_equal(ours[1], ref[1]).item()

@@ -16,20 +16,20 @@ import pytest
 
 from conftest import assert_close_logits, make_checkpoint
 from mlx_falcon_h1 import load_model, msl_emu, selfcheck
-from mlx_falcon_h1.kernels import conv1d, runtime_check, ssd_scan, ssm_step
+from mlx_falcon_h1.kernels import conv1d, runtime_check, ssd_scan, mixer_step
 from mlx_falcon_h1.msl_emu import metal_kernel
 from mlx_falcon_h1.msl_emu.testing import emulated
 
 pytestmark = pytest.mark.skipif(not msl_emu.available(), reason="the emulator needs g++")
 
-MODULES = (conv1d, ssd_scan, ssm_step)
+MODULES = (conv1d, ssd_scan, mixer_step)
 FAST = dict(schedules=("forward",), track_races=False)
 # The decode kernel with its output scaled by 1.01: a plausible wrong-layout bug,
 # small enough that only a comparison with the reference catches it.
-_Y_LINE = "y[int64_t(bh) * P + p] = acc + xv * static_cast<float>(D[h * D_strides[0]]);"
-assert _Y_LINE in ssm_step.KERNEL_SPEC["source"]
-WRONG_STEP_SPEC = dict(ssm_step.KERNEL_SPEC, name="planted_wrong_ssm_step",
-                       source=ssm_step.KERNEL_SPEC["source"].replace(
+_Y_LINE = "const float yv = acc + xv * static_cast<float>(D[h * D_strides[0]]);"
+assert _Y_LINE in mixer_step.KERNEL_SPEC["source"]
+WRONG_STEP_SPEC = dict(mixer_step.KERNEL_SPEC, name="planted_wrong_mixer_step",
+                       source=mixer_step.KERNEL_SPEC["source"].replace(
                            _Y_LINE, _Y_LINE.replace("acc +", "1.01f * acc +")))
 
 
@@ -121,9 +121,9 @@ def test_real_kernels_pass_and_stay_on(on_gpu, model, reference):
         logits = run(model)
     assert not kernel_warnings(record)
     entries = cached(on_gpu)
-    assert sorted(k.split()[0] for k in entries) == ["causal_conv1d", "ssd_scan", "ssm_step"]
+    assert sorted(k.split()[0] for k in entries) == ["causal_conv1d", "mixer_step", "ssd_scan"]
     assert all(e["ok"] and e["max_rel_err"] <= e["tolerance"] for e in entries.values()), entries
-    assert "ssm_step H6 P16 G2 N8 K4 float32/float32" in entries
+    assert "mixer_step H6 P16 G2 N8 K4 float32/float32" in entries
     # Each kernel: one check launch, then the model's own launches (2 layers).
     conv, scan, step = (c.calls for c in counters)
     assert (conv, scan, step) == (1 + 2, 1 + 2, 1 + 2 * 3), (conv, scan, step)
@@ -136,7 +136,7 @@ def test_wrong_kernel_is_turned_off_with_one_warning_and_cached(on_gpu, model, r
     # Negative control: unchecked, the planted kernel really changes the logits.
     monkeypatch.setenv("MLX_FALCON_H1_KERNEL_CHECK", "0")
     with emulated(conv1d, ssd_scan, **FAST):
-        monkeypatch.setattr(ssm_step, "_KERNEL", wrong)
+        monkeypatch.setattr(mixer_step, "_KERNEL", wrong)
         unchecked = run(model)
     with pytest.raises(AssertionError):
         assert_close_logits(unchecked, reference)
@@ -146,29 +146,29 @@ def test_wrong_kernel_is_turned_off_with_one_warning_and_cached(on_gpu, model, r
     wrong.calls = 0
     with emulated(conv1d, ssd_scan, **FAST), warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        monkeypatch.setattr(ssm_step, "_KERNEL", wrong)
+        monkeypatch.setattr(mixer_step, "_KERNEL", wrong)
         logits = run(model)
         run(model)  # a second generation: no second warning
     assert_close_logits(logits, reference)
     assert wrong.calls == 1  # the check's launch; the model never used it
     (w,) = kernel_warnings(record)
     text = str(w.message)
-    assert "ssm_step" in text and "max relative error" in text
+    assert "mixer_step" in text and "max relative error" in text
     assert "python -m mlx_falcon_h1.selfcheck" in text
     entries = cached(on_gpu)
-    bad = entries["ssm_step H6 P16 G2 N8 K4 float32/float32"]
+    bad = entries["mixer_step H6 P16 G2 N8 K4 float32/float32"]
     assert bad["ok"] is False and bad["max_rel_err"] > bad["tolerance"]
     assert entries["causal_conv1d C128 K4 float32/float32"]["ok"]
     lines = []  # what `python -m mlx_falcon_h1.selfcheck` prints about it on a Mac
     assert selfcheck.report_runtime_checks(out=lines.append) is False
-    assert any("ssm_step" in line and "FAILED, turned off" in line for line in lines), lines
+    assert any("mixer_step" in line and "FAILED, turned off" in line for line in lines), lines
 
     # A later process: the cached verdict, no new check, one warning again.
     runtime_check.reset()
     wrong.calls = 0
     with emulated(conv1d, ssd_scan, **FAST), warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        monkeypatch.setattr(ssm_step, "_KERNEL", wrong)
+        monkeypatch.setattr(mixer_step, "_KERNEL", wrong)
         assert_close_logits(run(model), reference)
     assert wrong.calls == 0
     (w,) = kernel_warnings(record)
@@ -177,7 +177,7 @@ def test_wrong_kernel_is_turned_off_with_one_warning_and_cached(on_gpu, model, r
 
 def test_kernel_that_fails_to_build_is_turned_off(on_gpu, model, reference, monkeypatch):
     broken = FailsToBuild()
-    with emulated(conv1d, ssm_step, **FAST), warnings.catch_warnings(record=True) as record:
+    with emulated(conv1d, mixer_step, **FAST), warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         monkeypatch.setattr(ssd_scan, "_KERNEL", broken)
         logits = run(model)
@@ -194,7 +194,7 @@ def test_never_on_the_cpu(model, monkeypatch, tmp_path):
     monkeypatch.setenv("MLX_FALCON_H1_CACHE_DIR", str(tmp_path))
     runtime_check.reset()
     assert runtime_check.gpu_name() is None
-    assert runtime_check.kernel_allowed("ssm_step", {})  # no GPU: nothing to veto
+    assert runtime_check.kernel_allowed("mixer_step", {})  # no GPU: nothing to veto
     assert not list(tmp_path.iterdir())
     # A Mac whose default device is the CPU (as here): still nothing to check.
     monkeypatch.setattr(runtime_check, "metal_available", lambda: True)

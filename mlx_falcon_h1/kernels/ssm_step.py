@@ -157,7 +157,9 @@ inline float falcon_conv_silu(PX xBC, const constant int64_t* xBC_st, PS cs,
 }
 """
 
-_SOURCE = """
+# The step up to each row's S . C, summed into `acc` on every lane: shared with
+# mixer_step, whose kernel ends each row with the gate instead of _SOURCE's write.
+_STEP_SOURCE = """
     // xBC: [B, C], dt: [B, H], conv_state: [B, K-1, C] in T; conv_weight: [C, K],
     // conv_bias: [C], dt_bias, A_log, D: [H] in W; state: [B, H, P, N] float;
     // all read through their strides. C = H*P + 2*G*N, channels [x | B | C].
@@ -211,6 +213,8 @@ _SOURCE = """
         acc += s * bc[N + n];
     }
     acc = simd_sum(acc);
+"""
+_SOURCE = _STEP_SOURCE + """\
     if (lane == 0) {
         y[int64_t(bh) * P + p] = acc + xv * static_cast<float>(D[h * D_strides[0]]);
     }
@@ -234,10 +238,15 @@ _KERNEL = build_metal_kernel(KERNEL_SPEC)
 
 def _fits_kernel(xBC, dt, conv_state, conv_weight, conv_bias, state, n_groups) -> bool:
     """Whether ssm_step can take the Metal kernel for this call."""
+    return _KERNEL is not None and fits_step_source(xBC, dt, conv_state, conv_weight, conv_bias,
+                                                    state, n_groups)
+
+
+def fits_step_source(xBC, dt, conv_state, conv_weight, conv_bias, state, n_groups) -> bool:
+    """Whether _STEP_SOURCE (this kernel's, and mixer_step's) takes these inputs."""
     batch, heads, head_dim, n = state.shape
     return (
-        _KERNEL is not None
-        and kernels_enabled()
+        kernels_enabled()
         and xBC.dtype in _FLOATS
         and dt.dtype == xBC.dtype
         and conv_state.dtype == xBC.dtype

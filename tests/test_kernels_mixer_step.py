@@ -1,0 +1,236 @@
+"""mixer_step's fused decode kernel against mixer_step_reference, in the Metal emulator."""
+
+import math
+
+import numpy as np
+import pytest
+
+mx = pytest.importorskip("mlx.core")
+from mlx_falcon_h1 import msl_emu  # noqa: E402
+from mlx_falcon_h1.kernels import mixer_step as mod  # noqa: E402
+from mlx_falcon_h1.kernels import runtime_check, ssm_step  # noqa: E402
+from mlx_falcon_h1.msl_emu import MSLEmuError  # noqa: E402
+from mlx_falcon_h1.msl_emu.testing import emulated  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not msl_emu.available(), reason="the emulator needs g++")
+
+F32, F16, BF16 = mx.float32, mx.float16, mx.bfloat16
+TOL = {F32: 2e-5, F16: 2e-3, BF16: 1e-2}  # x max |reference|, as ssm_step's
+
+
+def rel_err(ours, ref):
+    return float(mx.abs(ours.astype(F32) - ref.astype(F32)).max() / mx.abs(ref.astype(F32)).max())
+
+
+def make_inputs(seed, batch, heads, head_dim, groups, n, width, dtype, wdtype, norm,
+                out_dtype=None, limit=(0.0, math.inf), with_bias=True):
+    sizes = dict(heads=heads, head_dim=head_dim, groups=groups, n=n, width=width, dtype=dtype,
+                 wdtype=wdtype, norm=norm, out_dtype=out_dtype or dtype)
+    inp = runtime_check.check_inputs("mixer_step", sizes, batch=batch, seed=seed)
+    return dict(inp, time_step_limit=limit, conv_bias=inp["conv_bias"] if with_bias else None)
+
+
+def check(inp, **options):
+    with emulated(mod, **options) as (kernel,):
+        out, conv_state, state = mod.mixer_step(**inp)
+        mx.eval(out, conv_state, state)
+        assert kernel.last, "the dispatcher did not take the kernel"
+    out_ref, conv_ref, state_ref = mod.mixer_step_reference(**inp)
+    assert (out.dtype, conv_state.dtype, state.dtype) == (out_ref.dtype, conv_ref.dtype, state_ref.dtype)
+    assert out.shape == out_ref.shape and state.shape == state_ref.shape
+    assert out.dtype == inp["out_dtype"]
+    tol = TOL[inp["xBC"].dtype]
+    # The output on its own scale (a relative error over all outputs would let the
+    # state's larger values hide an error in it), then the state.
+    assert rel_err(out, out_ref) <= max(tol, TOL[out.dtype]), rel_err(out, out_ref)
+    assert rel_err(state, state_ref) <= tol, rel_err(state, state_ref)
+    assert mx.array_equal(conv_state, conv_ref).item()  # data movement: exact
+    return out, conv_state, state
+
+
+# (batch, heads, head_dim, groups, n, width, dtype, param dtype, norm, out dtype, layout)
+CASES = {
+    "no_norm_f32": (1, 2, 32, 1, 16, 4, F32, F32, "none", F32, "padded"),
+    "no_norm_bf16_out_bf16": (2, 4, 64, 2, 64, 4, BF16, F32, "none", BF16, "contiguous"),
+    "gate_first_groups3": (3, 6, 16, 3, 8, 4, BF16, BF16, "gate_first", BF16, "contiguous"),
+    "norm_first_groups2_f16": (2, 4, 32, 2, 32, 4, F16, F16, "norm_first", F16, "padded"),
+    "norm_first_n256_p128": (1, 2, 128, 1, 256, 4, F32, F32, "norm_first", F32, "padded"),
+    "gate_first_p40_width3_f32_out": (1, 2, 40, 2, 32, 3, F16, F32, "gate_first", F32, "padded"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_kernel_matches_reference(case):
+    *dims, norm, out_dtype, layout = CASES[case]
+    check(make_inputs(0, *dims, norm, out_dtype), layout=layout)
+
+
+def test_clipped_dt_and_no_conv_bias():
+    check(make_inputs(1, 2, 2, 32, 1, 16, 4, F32, F32, "none", limit=(0.01, 0.5),
+                      with_bias=False), schedules=("forward", "random:3"))
+
+
+def test_steps_continue_like_the_reference():
+    inp = make_inputs(2, 2, 2, 32, 2, 16, 4, F32, F32, "gate_first")
+    rng = np.random.default_rng(2)
+    ours = ref = (inp["conv_state"], inp["state"])
+    for _ in range(3):
+        token = mx.array(rng.standard_normal(inp["xBC"].shape).astype(np.float32))
+        step = {**inp, "xBC": token}
+        _, *ours = check({**step, "conv_state": ours[0], "state": ours[1]}, schedules=("forward",))
+        _, *ref = mod.mixer_step_reference(**{**step, "conv_state": ref[0], "state": ref[1]})
+    assert mx.array_equal(ours[0], ref[0]).item()
+    assert rel_err(ours[1], ref[1]) <= 2e-5
+
+
+def test_reference_is_ssm_step_then_the_gate():
+    """The reference's output is ssm_step's y gated (or normed), on any backend."""
+    inp = make_inputs(3, 2, 2, 16, 1, 8, 4, F32, F32, "none")
+    y, conv, state = ssm_step.ssm_step_reference(
+        *[inp[k] for k in ("xBC", "dt", "conv_state", "conv_weight", "conv_bias", "dt_bias",
+                           "A_log", "D", "state", "time_step_limit", "n_groups")])
+    z = inp["z"].astype(F32)
+    out, conv_ref, state_ref = mod.mixer_step_reference(**inp)
+    expected = y.reshape(2, -1) * z * mx.sigmoid(z)
+    assert mx.allclose(out, expected, rtol=1e-6, atol=1e-6).item()
+    assert mx.array_equal(conv, conv_ref).item() and mx.array_equal(state, state_ref).item()
+
+
+def test_gradients_are_the_references():
+    inp = make_inputs(4, 1, 2, 16, 1, 8, 4, F32, F32, "norm_first")
+    keys = ["xBC", "dt", "z", "conv_state", "state", "norm_weight"]
+
+    def grads(fn):
+        def f(*a):
+            out, _, s = fn(**{**inp, **dict(zip(keys, a))})
+            return (out * out).sum() + s.sum()
+
+        return mx.grad(f, argnums=tuple(range(len(keys))))(*[inp[k] for k in keys])
+
+    with emulated(mod, schedules=("forward",)) as (kernel,):
+        got = grads(mod.mixer_step)
+        assert kernel.last
+    for g, g_ref in zip(got, grads(mod.mixer_step_reference)):
+        assert mx.allclose(g, g_ref, rtol=1e-5, atol=1e-5).item()
+
+
+def test_dispatcher_takes_the_reference_outside_the_kernel(monkeypatch):
+    class Refuse:
+        def __call__(self, **kwargs):
+            raise AssertionError("kernel called")
+
+    monkeypatch.setattr(mod, "_KERNEL", Refuse())
+    ok = make_inputs(5, 1, 2, 16, 1, 16, 4, F32, F32, "none")
+    unfit = {
+        "state_over_256": make_inputs(5, 1, 1, 8, 1, 264, 4, F32, F32, "none"),
+        "z_dtype_differs": {**ok, "z": ok["z"].astype(F16)},
+        "z_wrong_width": {**ok, "z": ok["z"][:, :-1]},
+        "norm_weight_wrong_size": {**ok, "norm_weight": mx.ones((7,))},
+        "integer_out_dtype": {**ok, "out_dtype": mx.int32},
+        "width_9": make_inputs(5, 1, 2, 16, 1, 16, 9, F32, F32, "none"),
+    }
+    for name, inp in unfit.items():
+        try:
+            mod.mixer_step(**inp)  # no AssertionError: the reference ran
+        except AssertionError:
+            raise AssertionError(f"{name}: the kernel was called") from None
+        except ValueError:
+            pass  # the reference's own shape error (norm weight, z): not the kernel's business
+    monkeypatch.setenv("MLX_FALCON_H1_KERNELS", "0")
+    mod.mixer_step(**ok)
+
+
+def test_bad_norm_name_is_refused():
+    with pytest.raises(ValueError, match="norm 'pre'"):
+        runtime_check.check_inputs("mixer_step", dict(heads=2, head_dim=8, groups=1, n=8, width=4,
+                                                      dtype=F32, norm="pre"))
+
+
+def run_mutant(old, new, **options):
+    assert mod._SOURCE.count(old) == 1, old
+    kernel = msl_emu.metal_kernel(**{**mod.KERNEL_SPEC, "source": mod._SOURCE.replace(old, new)},
+                                  schedules=("forward",), **options)
+    inp = make_inputs(6, 2, 4, 32, 2, 32, 4, F32, F32, "none")
+    with emulated(mod, schedules=("forward",)):
+        mod._KERNEL = kernel
+        return mod.mixer_step(**inp), mod.mixer_step_reference(**inp)
+
+
+def test_bug_gate_reads_the_wrong_batch_row_is_caught():
+    (out, *_), (ref, *_) = run_mutant("z[b * z_strides[0]", "z[0 * z_strides[0]")
+    assert rel_err(out, ref) > 1e-2  # the comparison the tests make would fail
+
+
+def test_bug_output_written_out_of_range():
+    with pytest.raises(MSLEmuError, match="out-of-bounds|race"):
+        run_mutant("out[int64_t(b) * H * P + ch]", "out[int64_t(b + 1) * H * P + ch]")
+
+
+def test_kernel_source_is_lint_clean():
+    assert msl_emu.lint(mod._SOURCE, mod.KERNEL_SPEC["header"]) == []
+
+
+@pytest.mark.parametrize("norm", ["none", "gate_first", "norm_first"])
+def test_model_decode_through_the_kernels_matches_the_reference_path(norm, tmp_path, monkeypatch):
+    """The model's decode (model.py's calls: mixer_step, and rope_qk) with every kernel
+    emulated, against the same model with the kernels off: float32 logits within 2e-6."""
+    from conftest import make_checkpoint
+
+    from mlx_falcon_h1 import load_model
+    from mlx_falcon_h1.kernels import conv1d, rope, ssd_scan
+
+    # Emulated kernels are Python callables: they cannot run inside mx.compile's trace.
+    monkeypatch.setenv("MLX_FALCON_H1_COMPILE", "0")
+    make_checkpoint(tmp_path, mamba_n_groups=2, mamba_rms_norm=norm != "none",
+                    mamba_norm_before_gate=norm == "norm_first")
+    model = load_model(tmp_path)[0]
+    ids = np.random.default_rng(7).integers(0, 96, size=(2, 12))
+
+    def run():
+        cache = model.make_cache()
+        pieces = [model(mx.array(ids[:, :9]), cache=cache)]
+        pieces += [model(mx.array(ids[:, t:t + 1]), cache=cache) for t in range(9, 12)]
+        return np.array(mx.concatenate(pieces, axis=1))
+
+    with emulated(conv1d, ssd_scan, mod, rope, schedules=("forward",)) as kernels:
+        ours = run()
+        assert kernels[2].last and kernels[3].last, "the decode did not take the fused kernels"
+    monkeypatch.setenv("MLX_FALCON_H1_KERNELS", "0")
+    ref = run()
+    # The issue's bar is 1e-5; measured ~3e-7. Bound at 2e-6: in this small model the
+    # mixer's share of the logits is small, and the gate's output 0.1% off moves them 9e-6.
+    assert np.abs(ours - ref).max() <= 2e-6 * np.abs(ref).max()
+
+
+def test_model_leaves_a_tensor_parallel_norm_to_its_own_path(tmp_path, monkeypatch):
+    """A rank's ShardedGatedRMSNorm (parallel.py) all-reduces its statistics: the
+    decode must call it, not mixer_step's local norm."""
+    from conftest import make_checkpoint
+
+    from mlx_falcon_h1 import load_model
+    from mlx_falcon_h1 import model as model_module
+
+    make_checkpoint(tmp_path, mamba_rms_norm=True)
+    model = load_model(tmp_path)[0]
+    calls = []
+
+    import mlx.nn as nn
+
+    class OtherNorm(nn.Module):  # stands in for parallel.ShardedGatedRMSNorm
+        def __init__(self, norm):
+            super().__init__()
+            self.inner = norm
+
+        def __call__(self, y, gate):
+            calls.append(y.shape)
+            return self.inner(y, gate)
+
+    for layer in model.layers:
+        layer.mamba.norm = OtherNorm(layer.mamba.norm)
+    monkeypatch.setattr(model_module, "mixer_step", lambda *a: (_ for _ in ()).throw(
+        AssertionError("mixer_step called with a rank's norm")))
+    cache = model.make_cache()
+    model(mx.array([[1, 2, 3]]), cache=cache)
+    calls.clear()
+    mx.eval(model(mx.array([[4]]), cache=cache))
+    assert len(calls) == len(model.layers)
