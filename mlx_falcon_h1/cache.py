@@ -476,3 +476,11 @@ def check_fits(cache: "FalconH1Cache", want: dict, where: str, layer: Optional[i
     cache.unverified_mixer = False
     if "kv_heads" in want:
         cache.unverified_kv = False
+
+
+def check_cache_length(cache, layers: int) -> None:
+    if cache is not None and len(cache) != layers:  # zip would run the first layers only
+        raise ValueError(
+            f"a cache of {len(cache)} layers for a model of {layers}: "
+            "it was made for another model (a prompt-cache file?)"
+        )

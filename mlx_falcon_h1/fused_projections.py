@@ -278,3 +278,35 @@ def fusion_summary(model) -> Dict[str, int]:
             matmuls += whole - 1 if fused else whole
         summary["matmuls"] += matmuls
     return summary
+
+
+def fused_layer(layer, h: mx.array, n: mx.array, mask, cache) -> mx.array:
+    """model.DecoderLayer's forward with fused projections, from its normed input n:
+    fused_in is [q | k | v] or [q | k | v | in_proj] of n, multipliers included;
+    fused_out is [o_proj | out_proj] over [a * attention_out ; m * ssm_out] (its
+    bias scaled alike). The residual adds ride on the matmuls where they can
+    (add_linear). Takes the layer rather than importing the model, which imports
+    this module."""
+    attn, mixer = layer.self_attn, layer.mamba
+    if "fused_in" in layer:
+        qk, v, *zxbcdt = mx.split(layer.fused_in(n), layer.fused_in.offsets, axis=-1)
+        zxbcdt = zxbcdt[0] if zxbcdt else mixer.project(n)
+    else:
+        qk, v = attn.project(_times(n, layer.attention_in_multiplier))
+        zxbcdt = mixer.project(n)
+    m = mixer.mix(zxbcdt, cache, n.dtype)
+    a = attn.attend(qk, v, mask, cache)
+    if "fused_out" in layer:
+        am = [_times(a, layer.attention_out_multiplier), _times(m, layer.ssm_out_multiplier)]
+        h = add_linear(h, layer.fused_out, mx.concatenate(am, axis=-1))
+    else:
+        m = _times(linear(mixer.out_proj, m), layer.ssm_out_multiplier)
+        h = h + (m + _times(linear(attn.o_proj, a), layer.attention_out_multiplier))
+    mlp, x = layer.feed_forward, layer.pre_ff_layernorm(h)
+    if mlp.down_multiplier != 1.0:
+        return h + mlp(x)
+    return add_linear(h, mlp.down_proj, mlp.hidden(x))
+
+
+def _times(x: mx.array, multiplier: float) -> mx.array:
+    return x if multiplier == 1.0 else x * multiplier

@@ -30,10 +30,10 @@ from mlx_lm.models.base import create_attention_mask, quantized_scaled_dot_produ
 from mlx_lm.models.rope_utils import initialize_rope
 
 from . import parallel
-from .cache import MAX_ROLLBACK_TOKENS, FalconH1Cache, LayerCache, check_fits, mixer_sizes
+from .cache import MAX_ROLLBACK_TOKENS, FalconH1Cache, LayerCache, check_cache_length, check_fits, mixer_sizes
 from .config import ModelArgs  # noqa: F401  (mlx-lm reads a model module's ModelArgs)
 from .decode import decode_step
-from .fused_projections import add_linear, unfuse_projections
+from .fused_projections import fused_layer, unfuse_projections
 from .kernels.attention import causal_attention
 from .kernels.conv1d import causal_conv1d
 from .kernels.elementwise import silu_gate
@@ -373,36 +373,11 @@ class DecoderLayer(nn.Module):
     def __call__(self, h: mx.array, mask, cache: Optional[LayerCache]) -> mx.array:
         n = self.input_layernorm(h)  # one norm feeds both branches
         if "fused_in" in self or "fused_out" in self:
-            return self._fused(h, n, mask, cache)
+            return fused_layer(self, h, n, mask, cache)  # the same layer, 4 matmuls
         m = _scaled(self.mamba(n, cache), self.ssm_out_multiplier)
         a = self.self_attn(_scaled(n, self.attention_in_multiplier), mask, cache)
         h = h + (m + _scaled(a, self.attention_out_multiplier))
         return h + self.feed_forward(self.pre_ff_layernorm(h))
-
-    def _fused(self, h: mx.array, n: mx.array, mask, cache: Optional[LayerCache]) -> mx.array:
-        """The same layer with fused projections (fused_projections.py): fused_in is
-        [q | k | v] or [q | k | v | in_proj] of n, multipliers included; fused_out is
-        [o_proj | out_proj] over [a * attention_out ; m * ssm_out] (its bias scaled alike).
-        The residual adds ride on the matmuls where they can (add_linear)."""
-        attn, mixer = self.self_attn, self.mamba
-        if "fused_in" in self:
-            qk, v, *zxbcdt = mx.split(self.fused_in(n), self.fused_in.offsets, axis=-1)
-            zxbcdt = zxbcdt[0] if zxbcdt else mixer.project(n)
-        else:
-            qk, v = attn.project(_scaled(n, self.attention_in_multiplier))
-            zxbcdt = mixer.project(n)
-        m = mixer.mix(zxbcdt, cache, n.dtype)
-        a = attn.attend(qk, v, mask, cache)
-        if "fused_out" in self:
-            am = [_scaled(a, self.attention_out_multiplier), _scaled(m, self.ssm_out_multiplier)]
-            h = add_linear(h, self.fused_out, mx.concatenate(am, axis=-1))
-        else:
-            m = _scaled(linear(mixer.out_proj, m), self.ssm_out_multiplier)
-            h = h + (m + _scaled(linear(attn.o_proj, a), self.attention_out_multiplier))
-        mlp, x = self.feed_forward, self.pre_ff_layernorm(h)
-        if mlp.down_multiplier != 1.0:
-            return h + mlp(x)
-        return add_linear(h, mlp.down_proj, mlp.hidden(x))
 
 
 class FalconH1Model(nn.Module):
@@ -429,14 +404,6 @@ class FalconH1Model(nn.Module):
         if self.stage is not None:
             h = self.stage.send(h, cache)
         return self.final_layernorm(h)
-
-
-def check_cache_length(cache, layers: int) -> None:
-    if cache is not None and len(cache) != layers:  # zip would run the first layers only
-        raise ValueError(
-            f"a cache of {len(cache)} layers for a model of {layers}: "
-            "it was made for another model (a prompt-cache file?)"
-        )
 
 
 # SSM parameters, conv and norms stay in float32 when weights are cast (and are
