@@ -32,7 +32,8 @@ from .descriptor import KernelOp, RandomInputs, register
 from .elementwise import silu, silu_gate
 from .runtime_check import kernel_allowed
 from .ssm_step import (_FLOATS, _HEADER, _MAX_N, _ROWS, _STEP_SOURCE, fits_step_source,
-                       _param_dtype, _random_inputs as _step_inputs, ssm_step_reference)
+                       _param_dtype, _random_inputs as _step_inputs, ssm_step_reference,
+                       step_parameters)
 
 NORMS = ("none", "gate_first", "norm_first")  # the op sizes' "norm": no norm, or norm_before_gate
 
@@ -191,11 +192,7 @@ def mixer_step_kernel(
     # docstring: mixer_step_reference's (assigned below)
     if _KERNEL is None:
         raise RuntimeError("mixer_step_kernel needs Metal; use mixer_step")
-    params = [conv_weight, conv_bias, dt_bias, A_log, D]
-    if conv_bias is None:
-        params[1] = mx.zeros((conv_weight.shape[0],), dtype=conv_weight.dtype)
-    if any(a.dtype != conv_weight.dtype for a in params):  # one template type W: widen, exactly
-        params = [a.astype(mx.float32) for a in params]
+    params = step_parameters(conv_weight, conv_bias, dt_bias, A_log, D)
     limit = tuple(time_step_limit)
     normed = norm_weight is not None
     gate = not (normed and norm_before_gate)  # norm first: the gate follows the norm, below

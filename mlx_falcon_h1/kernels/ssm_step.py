@@ -260,6 +260,18 @@ def fits_step_source(xBC, dt, conv_state, conv_weight, conv_bias, state, n_group
     )
 
 
+def step_parameters(conv_weight, conv_bias, dt_bias, A_log, D) -> list:
+    """The step kernels' parameter inputs: a zero conv bias where there is none,
+    all widened to float32 unless they share conv_weight's dtype (one template
+    type W; widening is exact)."""
+    params = [conv_weight, conv_bias, dt_bias, A_log, D]
+    if conv_bias is None:
+        params[1] = mx.zeros((conv_weight.shape[0],), dtype=conv_weight.dtype)
+    if any(a.dtype != conv_weight.dtype for a in params):
+        params = [a.astype(mx.float32) for a in params]
+    return params
+
+
 def _param_dtype(*params) -> mx.Dtype:
     """The kernel's W: the parameters' dtype, or float32 when they differ (the
     wrapper widens them), so the run-time check tests the instantiation that runs."""
@@ -301,11 +313,7 @@ def ssm_step_kernel(
     # docstring: ssm_step_reference's (assigned below)
     if _KERNEL is None:
         raise RuntimeError("ssm_step_kernel needs Metal; use ssm_step")
-    params = [conv_weight, conv_bias, dt_bias, A_log, D]
-    if conv_bias is None:
-        params[1] = mx.zeros((conv_weight.shape[0],), dtype=conv_weight.dtype)
-    if any(a.dtype != conv_weight.dtype for a in params):  # one template type W: widen, exactly
-        params = [a.astype(mx.float32) for a in params]
+    params = step_parameters(conv_weight, conv_bias, dt_bias, A_log, D)
     limit = tuple(time_step_limit)
 
     def kernel_fn(*a):
