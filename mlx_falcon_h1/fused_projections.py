@@ -201,9 +201,8 @@ def _column_scale(parts: Sequence[Tuple[int, object]]) -> Optional[mx.array]:
     return None if np.all(scale == 1.0) else mx.array(scale.astype(np.float32))
 
 
-def _fuse_layer(layer) -> Dict[str, int]:
+def _fuse_layer(layer) -> None:
     attn, mixer, mlp = layer.self_attn, layer.mamba, layer.feed_forward
-    fused = {"in": 0, "qkv": 0, "mlp": 0, "out": 0}
     if "fused_in" not in layer:
         qkv = [(attn, "q_proj"), (attn, "k_proj"), (attn, "v_proj")]
         whole = qkv + [(mixer, "in_proj")]
@@ -220,19 +219,15 @@ def _fuse_layer(layer) -> Dict[str, int]:
             layer.fused_in = _fuse(members, 0, _column_scale(pre), _column_scale(post))
             offsets = [nq + nk, nq + nk + nv] if members is whole else [nq + nk]  # qk | v | zxbcdt
             object.__setattr__(layer.fused_in, "_offsets", offsets)
-            fused["in" if members is whole else "qkv"] = 1
     if "gate_up" not in mlp:
         members = [(mlp, "gate_proj"), (mlp, "up_proj")]
         if _fusable([getattr(o, n) for o, n in members]):
             mlp.gate_up = _fuse(members, 0)
-            fused["mlp"] = 1
     if "fused_out" not in layer:
         members = [(attn, "o_proj"), (mixer, "out_proj")]
         if _fusable([getattr(o, n) for o, n in members], along_input=True):
             scales = [layer.attention_out_multiplier, layer.ssm_out_multiplier]
             layer.fused_out = _fuse(members, 1, bias_scales=scales)
-            fused["out"] = 1
-    return fused
 
 
 def fuse_projections(model, evaluate: bool = True) -> Dict[str, int]:

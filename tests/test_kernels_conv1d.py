@@ -7,7 +7,7 @@ mx = pytest.importorskip("mlx.core")
 from mlx_falcon_h1 import msl_emu  # noqa: E402
 from mlx_falcon_h1.kernels import conv1d as mod  # noqa: E402
 from mlx_falcon_h1.msl_emu import MSLEmuError  # noqa: E402
-from mlx_falcon_h1.msl_emu.testing import emulated  # noqa: E402
+from mlx_falcon_h1.msl_emu.testing import emulated, gradients_through_kernel, refuse_kernel  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not msl_emu.available(), reason="the emulator needs g++")
 
@@ -80,24 +80,13 @@ def test_split_calls_continue_the_state():
 def test_gradients_are_the_references():
     inp = make_inputs(3, 1, 6, 8, 4, F32, F32, True, True)
     keys = ["x", "weight", "bias", "state"]
-
-    def grads(fn):
-        f = lambda *a: (fn(**dict(zip(keys, a)))[0] ** 2).sum()
-        return mx.grad(f, argnums=(0, 1, 2, 3))(*[inp[k] for k in keys])
-
-    with emulated(mod, schedules=("forward",)) as (kernel,):
-        got = grads(mod.causal_conv1d)
-        assert kernel.last
-    for g, g_ref in zip(got, grads(mod.causal_conv1d_reference)):
+    loss = lambda out: (out[0] ** 2).sum()  # noqa: E731
+    for g, g_ref in zip(*gradients_through_kernel(mod, "causal_conv1d", inp, keys, loss)):
         assert mx.allclose(g, g_ref, rtol=1e-5, atol=1e-5).item()
 
 
 def test_dispatcher_takes_the_reference_outside_the_kernel(monkeypatch):
-    class Refuse:
-        def __call__(self, **kwargs):
-            raise AssertionError("kernel called")
-
-    monkeypatch.setattr(mod, "_KERNEL", Refuse())
+    refuse_kernel(monkeypatch, mod)
     ok = make_inputs(4, 1, 3, 8, 4, F32, F32, True, True)
     unfit = {
         "width_1": make_inputs(4, 1, 3, 8, 1, F32, F32, True, True),

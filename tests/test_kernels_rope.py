@@ -8,7 +8,7 @@ from mlx_falcon_h1 import msl_emu  # noqa: E402
 from mlx_falcon_h1.kernels import rope as mod  # noqa: E402
 from mlx_falcon_h1.kernels import runtime_check  # noqa: E402
 from mlx_falcon_h1.msl_emu import MSLEmuError  # noqa: E402
-from mlx_falcon_h1.msl_emu.testing import emulated  # noqa: E402
+from mlx_falcon_h1.msl_emu.testing import emulated, gradients_through_kernel, refuse_kernel  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not msl_emu.available(), reason="the emulator needs g++")
 
@@ -70,27 +70,13 @@ def test_scaled_positions():
 
 def test_gradients_are_the_references():
     inp = make_inputs(2, 1, 2, 1, 16, 1, F32)
-
-    def grads(fn):
-        def f(q, k):
-            q, k = fn(**dict(inp, q=q, k=k))
-            return (q * q).sum() + (k * mx.arange(16)).sum()
-
-        return mx.grad(f, argnums=(0, 1))(inp["q"], inp["k"])
-
-    with emulated(mod, schedules=("forward",)) as (kernel,):
-        got = grads(mod.rope_qk)
-        assert kernel.last
-    for g, g_ref in zip(got, grads(mod.rope_qk_reference)):
+    loss = lambda out: (out[0] * out[0]).sum() + (out[1] * mx.arange(16)).sum()  # noqa: E731
+    for g, g_ref in zip(*gradients_through_kernel(mod, "rope_qk", inp, ["q", "k"], loss)):
         assert mx.allclose(g, g_ref, rtol=1e-5, atol=1e-5).item()
 
 
 def test_dispatcher_takes_the_reference_outside_the_kernel(monkeypatch):
-    class Refuse:
-        def __call__(self, **kwargs):
-            raise AssertionError("kernel called")
-
-    monkeypatch.setattr(mod, "_KERNEL", Refuse())
+    refuse_kernel(monkeypatch, mod)
     ok = make_inputs(3, 1, 2, 2, 16, 1, F32)
     unfit = {
         "k_dtype_differs": {**ok, "k": ok["k"].astype(F16)},

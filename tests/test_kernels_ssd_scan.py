@@ -15,7 +15,12 @@ from mlx_falcon_h1 import msl_emu  # noqa: E402
 from mlx_falcon_h1.kernels import ssd_scan as mod  # noqa: E402
 from mlx_falcon_h1.kernels.ssm_step import discretize  # noqa: E402
 from mlx_falcon_h1.msl_emu import MSLEmuError  # noqa: E402
-from mlx_falcon_h1.msl_emu.testing import emulated, emulator_kernel  # noqa: E402
+from mlx_falcon_h1.msl_emu.testing import (  # noqa: E402
+    emulated,
+    emulator_kernel,
+    gradients_through_kernel,
+    refuse_kernel,
+)
 
 pytestmark = pytest.mark.skipif(not msl_emu.available(), reason="the emulator needs g++")
 
@@ -97,30 +102,16 @@ def test_split_calls_continue_the_state():
 def test_gradients_are_the_references():
     inp = make_inputs(3, 1, 9, 2, 16, 1, 8, F32, True)
     keys = ["x", "dt", "B", "C", "state"]
-
-    def loss(fn):
-        def f(*arrays):
-            y, s = fn(**{**inp, **dict(zip(keys, arrays))}, chunk_size=4)
-            return (y * y).sum() + s.sum()
-
-        return mx.grad(f, argnums=tuple(range(len(keys))))(*[inp[k] for k in keys])
-
-    with emulated(mod, schedules=("forward",)) as (kernel,):
-        grads = loss(mod.ssd_scan)
-        assert kernel.last
+    loss = lambda out: (out[0] * out[0]).sum() + out[1].sum()  # noqa: E731
     # The cotangents differ by the kernel's rounding (2y), so the bound is the
     # file's: max |diff| <= TOL x max |reference| (elementwise 1e-5 failed on
     # a 1.79 entry of a gradient whose largest entry is 9e3).
-    for g, g_ref in zip(grads, loss(mod.ssd_scan_reference)):
+    for g, g_ref in zip(*gradients_through_kernel(mod, "ssd_scan", {**inp, "chunk_size": 4}, keys, loss)):
         assert rel_err(g, g_ref) <= TOL, rel_err(g, g_ref)
 
 
 def test_dispatcher_takes_the_reference_outside_the_kernel(monkeypatch):
-    class Refuse:
-        def __call__(self, **kwargs):
-            raise AssertionError("kernel called")
-
-    monkeypatch.setattr(mod, "_KERNEL", Refuse())
+    refuse_kernel(monkeypatch, mod)
     ok = make_inputs(4, 1, 5, 2, 16, 1, 16, F32, True)
     unfit = {
         "head_dim_not_multiple_of_8": make_inputs(4, 1, 5, 2, 12, 1, 16, F32, True),

@@ -9,7 +9,7 @@ mx = pytest.importorskip("mlx.core")
 from mlx_falcon_h1 import msl_emu  # noqa: E402
 from mlx_falcon_h1.kernels import ssm_step as mod  # noqa: E402
 from mlx_falcon_h1.msl_emu import MSLEmuError  # noqa: E402
-from mlx_falcon_h1.msl_emu.testing import emulated  # noqa: E402
+from mlx_falcon_h1.msl_emu.testing import emulated, gradients_through_kernel, refuse_kernel  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not msl_emu.available(), reason="the emulator needs g++")
 
@@ -100,27 +100,13 @@ def test_steps_continue_like_the_reference():
 def test_gradients_are_the_references():
     inp = make_inputs(3, 1, 2, 16, 1, 8, 4, F32, F32, True)
     keys = ["xBC", "dt", "conv_state", "conv_weight", "state"]
-
-    def grads(fn):
-        def f(*a):
-            y, _, s = fn(**{**inp, **dict(zip(keys, a))})
-            return (y * y).sum() + s.sum()
-
-        return mx.grad(f, argnums=tuple(range(len(keys))))(*[inp[k] for k in keys])
-
-    with emulated(mod, schedules=("forward",)) as (kernel,):
-        got = grads(mod.ssm_step)
-        assert kernel.last
-    for g, g_ref in zip(got, grads(mod.ssm_step_reference)):
+    loss = lambda out: (out[0] * out[0]).sum() + out[2].sum()  # noqa: E731
+    for g, g_ref in zip(*gradients_through_kernel(mod, "ssm_step", inp, keys, loss)):
         assert mx.allclose(g, g_ref, rtol=1e-5, atol=1e-5).item()
 
 
 def test_dispatcher_takes_the_reference_outside_the_kernel(monkeypatch):
-    class Refuse:
-        def __call__(self, **kwargs):
-            raise AssertionError("kernel called")
-
-    monkeypatch.setattr(mod, "_KERNEL", Refuse())
+    refuse_kernel(monkeypatch, mod)
     ok = make_inputs(4, 1, 2, 16, 1, 16, 4, F32, F32, True)
     unfit = {
         "state_over_256": make_inputs(4, 1, 1, 8, 1, 264, 4, F32, F32, True),

@@ -30,3 +30,32 @@ def emulated(*modules, **options):
     finally:
         for m, k in zip(modules, saved):
             m._KERNEL = k
+
+
+def gradients_through_kernel(module, op: str, inputs: dict, keys, loss):
+    """(kernel's, reference's) gradients of loss(outputs) with respect to
+    inputs[k] for k in keys: `op`, the dispatcher, run with the emulated kernel
+    (which must be taken), and `op + "_reference"`. The kernels' gradients are
+    their references' (with_reference_vjp), so the two must agree."""
+    import mlx.core as mx
+
+    def grads(fn):
+        def f(*arrays):
+            return loss(fn(**{**inputs, **dict(zip(keys, arrays))}))
+
+        return mx.grad(f, argnums=tuple(range(len(keys))))(*[inputs[k] for k in keys])
+
+    with emulated(module, schedules=("forward",)) as (kernel,):
+        got = grads(getattr(module, op))
+        assert kernel.last, f"{op} did not take the kernel"
+    return got, grads(getattr(module, op + "_reference"))
+
+
+def refuse_kernel(monkeypatch, module) -> None:
+    """Make `module`'s kernel fail if called: for inputs its dispatcher must send
+    to the reference."""
+
+    def refuse(**kwargs):
+        raise AssertionError("kernel called")
+
+    monkeypatch.setattr(module, "_KERNEL", refuse)
