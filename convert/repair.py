@@ -19,7 +19,6 @@ import dataclasses
 import json
 import os
 import shutil
-import struct
 import tempfile
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -51,12 +50,6 @@ def refuse_foreign(path: Path, config: Dict[str, Any]) -> None:
             f"{path}: an MLX folder made by another tool (mlx-lm's converter?), not a Hugging "
             f"Face checkpoint; repair it in place with: mlx-falcon-h1-convert --upgrade {path}"
         )
-
-
-def _metadata(file: Path) -> Dict[str, str]:
-    with open(file, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        return json.loads(f.read(n)).get("__metadata__") or {}
 
 
 def repaired_config(config: Dict[str, Any], finding, tied: bool) -> Dict[str, Any]:
@@ -113,7 +106,7 @@ def upgrade_foreign(mlx_path: str, source_format: Optional[str] = None, dry_run:
             shard = mx.load(str(file))
             shard = foreign_folders.apply_factors(shard, factors, config, keep_dtype=True)
             shard = foreign_folders.with_float32_parameters(shard)
-            mx.save_safetensors(str(tmp / file.name), shard, metadata=_metadata(file))
+            mx.save_safetensors(str(tmp / file.name), shard, metadata=foreign_folders.safetensors_metadata(file))
             total += sum(w.nbytes for w in shard.values())
             del shard
         index = tmp / "model.safetensors.index.json"

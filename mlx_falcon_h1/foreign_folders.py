@@ -123,13 +123,16 @@ def is_foreign(config: Dict[str, Any], conv_shape) -> bool:
     return any(v != 1.0 for v in values)
 
 
+def safetensors_metadata(file: Path) -> Dict[str, str]:
+    """A safetensors file's `__metadata__` (the loader has checked the file by now)."""
+    with open(file, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        return json.loads(f.read(n)).get("__metadata__") or {}
+
+
 def _swift_scaled(path: Path) -> bool:
-    for file in sorted(path.glob("*.safetensors"))[:1]:
-        with open(file, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            metadata = json.loads(f.read(n)).get("__metadata__") or {}
-        return SWIFT_METADATA in metadata
-    return False
+    files = sorted(path.glob("*.safetensors"))
+    return bool(files) and SWIFT_METADATA in safetensors_metadata(files[0])
 
 
 def _card_version(path: Path) -> Optional[Tuple[int, ...]]:
