@@ -17,7 +17,10 @@ inputs from the window's start state to the next forward call, where the mixer
 runs it. The window holds between `max_rollback` and 2 * `max_rollback` tokens
 once that many have been seen; it costs (conv_dim + H) values per token and one
 SSM state per layer, about 1/60 of the rollback a stored state per token would
-cost.
+cost. Decoding adds one row per token: the rows are kept as a list of parts and
+joined when read or every ROLLBACK_JOIN_PARTS parts, since joining them at each
+token is one more kernel launch per layer per token on a Mac (a decode step is
+bound by launches there).
 
 Bounded attention (--max-kv-size N, the attention window). The attention K/V is
 then mlx-lm's RotatingKVCache(max_size=N, keep=4), as mlx-lm gives every model
@@ -36,6 +39,7 @@ from typing import List, Optional, Protocol, Tuple, Union
 
 import mlx.core as mx
 import mlx_lm.models.cache as mlx_lm_cache
+from mlx.utils import tree_flatten
 from mlx_lm.models.cache import (
     BatchKVCache,
     BatchRotatingKVCache,
@@ -54,6 +58,12 @@ class PromptCacheError(ValueError):
 # Speculative decoding trims at most --num-draft-tokens; chat templates that
 # re-render a reply trim a few tokens. Larger windows cost memory (see above).
 MAX_ROLLBACK_TOKENS = 32
+
+# Rollback-input rows kept apart before they are joined into one array: one
+# concatenate per layer every this many decoded tokens instead of every token.
+# Each part is a view of its step's in_proj output, which it keeps alive until
+# the join: a few kB per token per layer.
+ROLLBACK_JOIN_PARTS = 32
 
 # --max-kv-size keeps the first tokens too, as mlx-lm's make_prompt_cache does:
 # attention sinks, which models lean on (the BOS token takes much attention).
@@ -121,7 +131,8 @@ class FalconH1Cache(BaseCache):
         self.max_rollback = max_rollback
         self.rollback_window = 0  # tokens in the rollback window
         self.rollback_start_state: Optional[mx.array] = None  # SSM state at the window start
-        self.rollback_inputs: Optional[mx.array] = None  # (B, K-1 + window, C + H) raw [xBC | dt]
+        # (B, K-1 + window, C + H) raw [xBC | dt], in parts along the tokens (rollback_inputs)
+        self._rollback_parts: List[mx.array] = []
         self.replay_to: Optional[int] = None  # after a trim: the window tokens to replay the state to
         # Loaded from a file (from_state): its sizes are checked against the layer
         # at the first call, so that a cache made for another model or
@@ -183,7 +194,7 @@ class FalconH1Cache(BaseCache):
 
     @property
     def nbytes(self):
-        arrays = [self.conv_state, self.ssm_state, self.rollback_start_state, self.rollback_inputs]
+        arrays = [self.conv_state, self.ssm_state, self.rollback_start_state, *self._rollback_parts]
         return self.kv.nbytes + sum(a.nbytes for a in arrays if a is not None)
 
     # --- mixer side: the layer's Mixer writes the states; this keeps the books ---
@@ -193,13 +204,30 @@ class FalconH1Cache(BaseCache):
         # starts; padded prompts keep no window.
         return max(0, length - self.max_rollback) if self.lengths is None else 0
 
+    @property
+    def rollback_inputs(self) -> Optional[mx.array]:
+        """(B, K-1 + window, C + H): the rollback window's raw [xBC | dt] rows after
+        its K-1 rows of conv context; None before the window has any."""
+        self._join_rollback_parts()
+        return self._rollback_parts[0] if self._rollback_parts else None
+
+    def _join_rollback_parts(self) -> None:
+        if len(self._rollback_parts) > 1:
+            self._rollback_parts = [mx.concatenate(self._rollback_parts, axis=1)]
+
+    @rollback_inputs.setter
+    def rollback_inputs(self, value: Optional[mx.array]) -> None:
+        self._rollback_parts = [] if value is None else [value]
+
     def keep_rollback_inputs(self, rows: mx.array) -> None:
-        if self.rollback_inputs is None:
+        if not self._rollback_parts:
             # The K-1 conv-context rows before the window; their dt columns are unused.
             heads = rows.shape[-1] - self.conv_state.shape[-1]
             pad = mx.zeros(self.conv_state.shape[:2] + (heads,), dtype=self.conv_state.dtype)
-            self.rollback_inputs = mx.concatenate([self.conv_state, pad], axis=-1)
-        self.rollback_inputs = mx.concatenate([self.rollback_inputs, rows], axis=1)
+            self._rollback_parts = [mx.concatenate([self.conv_state, pad], axis=-1)]
+        self._rollback_parts.append(rows)
+        if len(self._rollback_parts) > ROLLBACK_JOIN_PARTS:
+            self._join_rollback_parts()  # bounds what the parts keep alive
         self.rollback_window += rows.shape[1]
 
     def restart_rollback_window(self) -> None:
@@ -256,7 +284,7 @@ class FalconH1Cache(BaseCache):
             or self.lengths is not None
             or self.conv_state is None
             or self.ssm_state is None
-            or self.rollback_inputs is None
+            or not self._rollback_parts
             or self.unverified_mixer
             or self.unverified_kv
         ):
@@ -313,6 +341,14 @@ class FalconH1Cache(BaseCache):
         return n
 
     # --- prompt-cache files -----------------------------------------------------
+
+    def arrays(self) -> List[mx.array]:
+        """Every array the cache holds, the rollback rows as their parts: what a
+        decode step leaves behind, without the join that reading `state` does
+        (launch_count counts a step's launches from these)."""
+        kv = [a for _, a in tree_flatten(self.kv.state) if isinstance(a, mx.array)]
+        mixer = [self.conv_state, self.ssm_state, self.rollback_start_state, self.lengths]
+        return kv + [a for a in mixer if a is not None] + list(self._rollback_parts)
 
     @property
     def state(self):

@@ -13,7 +13,7 @@ from mlx_lm.models.cache import (
 
 from conftest import assert_close_logits, make_checkpoint, make_tokenizer
 from mlx_falcon_h1 import load
-from mlx_falcon_h1.cache import FalconH1Cache
+from mlx_falcon_h1.cache import ROLLBACK_JOIN_PARTS, FalconH1Cache
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +112,26 @@ def test_trim_and_refeed_matches_untrimmed(pair, rng, prefill, steps, back):
     assert cache[0].offset == len(ids) - back
     refed = np.array(model(mx.array([ids[len(ids) - back :]]), cache=cache))
     assert_close_logits(refed, full[:, len(ids) - back :])
+
+
+def test_decode_keeps_rollback_rows_apart(pair, rng):
+    """A decode step adds its rollback row as a part of the window (a concatenate
+    per layer per token would be a launch each on a Mac); the parts are joined every
+    ROLLBACK_JOIN_PARTS tokens and when read: the rows a prompt call keeps."""
+    model, _ = pair["main"]
+    ids = prompt(rng, 60)
+    stepped, prompted = model.make_cache(), model.make_cache()
+    model(mx.array([ids[:4]]), cache=stepped)
+    parts = []
+    for t in ids[4:]:
+        model(mx.array([[t]]), cache=stepped)
+        parts.append(len(stepped[0]._rollback_parts))
+    assert max(parts) == ROLLBACK_JOIN_PARTS and min(parts) == 1
+    model(mx.array([ids]), cache=prompted)
+    window = model.rollback_tokens
+    np.testing.assert_allclose(np.array(stepped[0].rollback_inputs[:, -window:]),
+                               np.array(prompted[0].rollback_inputs[:, -window:]), rtol=1e-5, atol=1e-5)
+    assert len(stepped[0]._rollback_parts) == 1  # read: joined
 
 
 def test_trim_beyond_the_window_is_refused(pair, rng):
