@@ -59,6 +59,10 @@ class _StandIns:
         return mx.depends(outs, arrays)
 
 
+def _promoted(*arrays) -> mx.Dtype:
+    return mx.result_type(*[a for a in arrays if a is not None])
+
+
 def _stand_ins(counter: _StandIns):
     """A stand-in for each mx.fast op (one Metal kernel each; on this machine's CPU
     stream MLX would run them as a chain of plain ops) and for mx.fast.metal_kernel."""
@@ -66,11 +70,13 @@ def _stand_ins(counter: _StandIns):
     def kernel(inputs, output_shapes, output_dtypes, **_):
         return counter.outputs(list(zip(output_shapes, output_dtypes)), inputs)
 
+    # The dtypes the real ops give: a norm's output is its input's promoted with its
+    # weight's (a float32 norm weight makes a bfloat16 model's activations float32).
     def rms_norm(x, weight, eps, **_):
-        return counter.outputs([(x.shape, x.dtype)], [x, weight])[0]
+        return counter.outputs([(x.shape, _promoted(x, weight))], [x, weight])[0]
 
     def layer_norm(x, weight, bias, eps, **_):
-        return counter.outputs([(x.shape, x.dtype)], [x, weight, bias])[0]
+        return counter.outputs([(x.shape, _promoted(x, weight, bias))], [x, weight, bias])[0]
 
     def rope(x, dims, *, traditional, base, scale, offset, freqs=None, **_):
         return counter.outputs([(x.shape, x.dtype)], [x, offset, freqs])[0]
@@ -157,11 +163,20 @@ def decode_step_launches(model, step: Callable = None, prompt_tokens: int = 8) -
         mx.eval(model(prompt, cache=cache), [c.state for c in cache])
         kernels.launches = 0
         logits = step(model, token, cache) if step else model(token, cache=cache)
-        outputs = [logits] + [a for c in cache for _, a in tree_flatten(c.state) if isinstance(a, mx.array)]
+        outputs = [logits] + [a for c in cache for a in _cache_arrays(c)]
         counts = count_launches(outputs)
     counts["custom kernels and mx.fast ops"] = kernels.launches
     total = sum(counts.values())
     return {"total": total, "per_layer": total / len(model.layers), "by_primitive": dict(counts)}
+
+
+def _cache_arrays(cache) -> List[mx.array]:
+    """A cache's arrays after a step: ours as the step leaves them (its rollback rows
+    unjoined: the join runs once per cache.ROLLBACK_JOIN_PARTS tokens, not per
+    step), any other's from its `state`."""
+    if hasattr(cache, "arrays"):
+        return cache.arrays()
+    return [a for _, a in tree_flatten(cache.state) if isinstance(a, mx.array)]
 
 
 def our_decode_step(model, token, cache):
