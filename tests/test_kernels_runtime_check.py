@@ -123,7 +123,7 @@ def test_real_kernels_pass_and_stay_on(on_gpu, model, reference):
     entries = cached(on_gpu)
     assert sorted(k.split()[0] for k in entries) == ["causal_conv1d", "mixer_step", "ssd_scan"]
     assert all(e["ok"] and e["max_rel_err"] <= e["tolerance"] for e in entries.values()), entries
-    assert "mixer_step H6 P16 G2 N8 K4 float32/float32" in entries
+    assert "mixer_step H6 P16 G2 N8 K4 float32/float32 norm_first out=float32" in entries
     # Each kernel: one check launch, then the model's own launches (2 layers).
     conv, scan, step = (c.calls for c in counters)
     assert (conv, scan, step) == (1 + 2, 1 + 2, 1 + 2 * 3), (conv, scan, step)
@@ -156,7 +156,7 @@ def test_wrong_kernel_is_turned_off_with_one_warning_and_cached(on_gpu, model, r
     assert "mixer_step" in text and "max relative error" in text
     assert "python -m mlx_falcon_h1.selfcheck" in text
     entries = cached(on_gpu)
-    bad = entries["mixer_step H6 P16 G2 N8 K4 float32/float32"]
+    bad = entries["mixer_step H6 P16 G2 N8 K4 float32/float32 norm_first out=float32"]
     assert bad["ok"] is False and bad["max_rel_err"] > bad["tolerance"]
     assert entries["causal_conv1d C128 K4 float32/float32"]["ok"]
     lines = []  # what `python -m mlx_falcon_h1.selfcheck` prints about it on a Mac
