@@ -23,7 +23,8 @@ except 1.5B and 3B: 9 tokens, as they share P, N and G with 1.5B-Deep and 7B
 16-token blocks and a remainder); decode one token.
 mixer_step runs each model's norm: 1.5B-Deep, 7B and 34B have the gated RMSNorm
 (mamba_rms_norm, released_shapes.py) with mamba_norm_before_gate's default
-(True); the others none. rope_qk runs each model's attention heads (query and
+(True); the others none; and again as the fused projections call it, with the
+attention's output (query heads x head dim) as its prefix and muP-like scales. rope_qk runs each model's attention heads (query and
 key heads, head dim: released_shapes.py; Tiny's a stand-in likewise) over the
 33 tokens, at positions up to 200,000.
 One thread schedule, race tracking off for the scan (the per-kernel grids check
@@ -93,3 +94,24 @@ def test_released_shape(model, op):
     assert rel <= runtime_check.TOLERANCE[(op, DTYPE)], (model, op, rel)
     if op in ("causal_conv1d", "ssm_step", "mixer_step"):  # the new conv state: data movement, exact
         assert mx.array_equal(ours[1], ref[1]).item()
+
+
+@pytest.mark.parametrize("model", list(RELEASED))
+def test_released_shape_mixer_step_with_prefix(model):
+    """out_proj's fused input [attention's output * s_a | mixer output * s_m]."""
+    heads, _, head_dim = ATTENTION[model]
+    n_prefix = heads * head_dim
+    sizes = dict(sizes_for("mixer_step", model, *RELEASED[model]), prefix=n_prefix)
+    inputs = runtime_check.check_inputs("mixer_step", sizes)
+    with emulated(mixer_step, **OPTIONS["mixer_step"]) as (kernel,):
+        ours = mixer_step.mixer_step(**inputs)
+        mx.eval(ours)
+        assert kernel.last, f"mixer_step did not take the kernel at {model}'s shape"
+    ref = mixer_step.mixer_step_reference(**inputs)
+    assert ours[0].shape == (1, n_prefix + RELEASED[model][0] * RELEASED[model][1])
+    assert mx.array_equal(ours[0][:, :n_prefix], ref[0][:, :n_prefix]).item()
+    tolerance = runtime_check.TOLERANCE[("mixer_step", DTYPE)]
+    rel = runtime_check.relative_error([ours[0][:, n_prefix:]], [ref[0][:, n_prefix:]])
+    assert rel <= tolerance, (model, rel)
+    assert runtime_check.relative_error(ours, ref) <= tolerance
+    assert mx.array_equal(ours[1], ref[1]).item()

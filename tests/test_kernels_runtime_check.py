@@ -123,7 +123,7 @@ def test_real_kernels_pass_and_stay_on(on_gpu, model, reference):
     entries = cached(on_gpu)
     assert sorted(k.split()[0] for k in entries) == ["causal_conv1d", "mixer_step", "ssd_scan"]
     assert all(e["ok"] and e["max_rel_err"] <= e["tolerance"] for e in entries.values()), entries
-    assert "mixer_step H6 P16 G2 N8 K4 float32/float32" in entries
+    assert "mixer_step H6 P16 G2 N8 K4 float32/float32 norm_first out=float32" in entries
     # Each kernel: one check launch, then the model's own launches (2 layers).
     conv, scan, step = (c.calls for c in counters)
     assert (conv, scan, step) == (1 + 2, 1 + 2, 1 + 2 * 3), (conv, scan, step)
@@ -156,7 +156,7 @@ def test_wrong_kernel_is_turned_off_with_one_warning_and_cached(on_gpu, model, r
     assert "mixer_step" in text and "max relative error" in text
     assert "python -m mlx_falcon_h1.selfcheck" in text
     entries = cached(on_gpu)
-    bad = entries["mixer_step H6 P16 G2 N8 K4 float32/float32"]
+    bad = entries["mixer_step H6 P16 G2 N8 K4 float32/float32 norm_first out=float32"]
     assert bad["ok"] is False and bad["max_rel_err"] > bad["tolerance"]
     assert entries["causal_conv1d C128 K4 float32/float32"]["ok"]
     lines = []  # what `python -m mlx_falcon_h1.selfcheck` prints about it on a Mac
@@ -208,3 +208,19 @@ def test_unreadable_cache_is_checked_again_and_rewritten(on_gpu):
         assert runtime_check.kernel_allowed("causal_conv1d", sizes)
     assert cached(on_gpu)["causal_conv1d C40 K4 float32/float32"]["ok"]
     assert not list(on_gpu.parent.glob(".kernel_check.*"))  # no temporary file left behind
+
+
+def test_mixer_step_calls_are_checked_apart(on_gpu):
+    """Norm mode, output dtype and prefix each change the kernel or its output: each
+    has its own check and cache entry (the key once named only the mixer sizes)."""
+    base = dict(heads=2, head_dim=16, groups=1, n=8, width=4, dtype=mx.bfloat16,
+                wdtype=mx.float32, norm="none", out_dtype=mx.bfloat16, prefix=0,
+                prefix_dtype=None)
+    calls = [base, dict(base, norm="norm_first"), dict(base, out_dtype=mx.float32),
+             dict(base, prefix=24, prefix_dtype=mx.bfloat16),
+             dict(base, prefix=24, prefix_dtype=mx.float32)]
+    with emulated(mixer_step, **FAST):
+        assert all(runtime_check.kernel_allowed("mixer_step", sizes) for sizes in calls)
+    entries = cached(on_gpu)
+    assert len(entries) == len(calls) and all(e["ok"] for e in entries.values()), entries
+    assert "mixer_step H2 P16 G1 N8 K4 bfloat16/float32 none out=bfloat16 prefix=24/float32" in entries

@@ -21,6 +21,20 @@ barrier, and one threadgroup per group would stream a whole group's state
 (3 MB per layer at 7B) through one GPU core. So the kernel writes the gated
 float32 y (norm_before_gate False) or y itself (True), and mx.fast.rms_norm
 and the weight (and gate) follow as in the reference.
+
+The prefix: out_proj's fused input
+----------------------------------
+With fused projections a layer computes [o_proj | out_proj] @ [a * s_a ; m * s_m]
+(a the attention's output, m the mixer's, s_a and s_m the muP multipliers). Given
+`prefix` (a), the kernel writes that whole input: row b of `out` is
+[prefix[b] * prefix_scale | m[b] * out_scale], so no concatenate follows. Lane 0 of
+row (b, h, p) writes m's channel h*P + p at column n_p + h*P + p; the other 31
+lanes of the batch row's H*P rows (31*H*P threads: 0.5B has 47616, its prefix 512)
+copy the prefix, lane l of row (h, p) its columns (h*P + p)*31 + l - 1, then
+every 31*H*P-th one after, read through its strides (attention's output is a
+transposed view). Both scales are kernel inputs (one compiled kernel for every
+multiplier). With the norm the prefix cannot join the kernel's write (the norm
+follows it in MLX), so the scales and the concatenate follow the norm there.
 """
 
 from typing import Optional, Sequence, Tuple
@@ -57,6 +71,27 @@ def gated_rms_norm(y: mx.array, gate: mx.array, weight: mx.array, groups: int, e
     return y * gate if norm_before_gate else y
 
 
+def _check_prefix(prefix: Optional[mx.array], batch: int) -> None:
+    if prefix is not None and (prefix.ndim != 2 or prefix.shape[0] != batch
+                               or prefix.shape[1] == 0
+                               or not mx.issubdtype(prefix.dtype, mx.floating)):
+        raise ValueError(f"mixer_step: prefix has shape {prefix.shape} and dtype {prefix.dtype}; "
+                         f"expected (B, n_p) = ({batch}, n_p > 0) of a float dtype")
+
+
+def with_prefix(out: mx.array, prefix: Optional[mx.array], prefix_scale: float,
+                out_scale: float) -> mx.array:
+    """[prefix * prefix_scale | out * out_scale] (out alone without a prefix), float32."""
+    if out_scale != 1.0:  # x * 1.0 is x: the multiply would be a launch for nothing
+        out = out * out_scale
+    if prefix is None:
+        return out
+    prefix = prefix.astype(mx.float32)
+    if prefix_scale != 1.0:
+        prefix = prefix * prefix_scale
+    return mx.concatenate([prefix, out], axis=-1)
+
+
 def mixer_step_reference(
     xBC: mx.array,
     dt: mx.array,
@@ -74,24 +109,34 @@ def mixer_step_reference(
     eps: float,
     norm_before_gate: bool,
     out_dtype: mx.Dtype,
+    *,
+    prefix: Optional[mx.array] = None,
+    prefix_scale: float = 1.0,
+    out_scale: float = 1.0,
 ) -> Tuple[mx.array, mx.array, mx.array]:
     """One token through the Mamba2 mixer between in_proj and out_proj.
 
         y, conv_state, state <- ssm_step(xBC, dt, conv_state, ..., state)
-        out = y * SiLU(z)                              without the norm
-              gated_rms_norm(y, z, norm_weight, G)     with it
-    in float32, then cast to out_dtype (out_proj's input).
+        m = y * SiLU(z)                              without the norm
+            gated_rms_norm(y, z, norm_weight, G)     with it
+        out = m * out_scale                          without a prefix
+              [prefix * prefix_scale | m * out_scale]   with one (out_proj's fused input)
+    in float32, then cast once to out_dtype (out_proj's input).
 
     Args: those of ssm_step (kernels/ssm_step.py), and
         z: (B, d) this token's gate (in_proj's z rows), d = H*P.
         norm_weight: (d,) the gated RMSNorm's weight, or None (no norm).
         eps, norm_before_gate: the norm's (unused without it).
         out_dtype: the dtype of `out`.
+        prefix: (B, n_p), n_p > 0, any float dtype (any strides), or None.
+        prefix_scale: the prefix's multiplier (unused without a prefix).
+        out_scale: the mixer output's multiplier.
 
     Returns:
-        out: (B, d) out_dtype; the new conv_state (B, K-1, C); the new state
-        (B, H, P, N) float32.
+        out: (B, d), or (B, n_p + d) with a prefix, in out_dtype; the new
+        conv_state (B, K-1, C); the new state (B, H, P, N) float32.
     """
+    _check_prefix(prefix, xBC.shape[0])
     y, conv_state, state = ssm_step_reference(xBC, dt, conv_state, conv_weight, conv_bias,
                                               dt_bias, A_log, D, state, time_step_limit, n_groups)
     y = y.reshape(y.shape[0], -1)
@@ -99,14 +144,18 @@ def mixer_step_reference(
         out = silu_gate(z.astype(mx.float32), y)
     else:
         out = gated_rms_norm(y, z, norm_weight, n_groups, eps, norm_before_gate)
-    return out.astype(out_dtype), conv_state, state
+    return with_prefix(out, prefix, prefix_scale, out_scale).astype(out_dtype), conv_state, state
 
 
 # ---------------------------------------------------------------------------
 # Metal kernel
 # ---------------------------------------------------------------------------
 _SOURCE = _STEP_SOURCE + """\
-    // z: [B, H*P] in T, read through its strides; out: [B, H*P] in O.
+    // z: [B, H*P] in T; prefix: [B, n_p] (PREFIX only; otherwise a placeholder never
+    // read), any float type; both read through their strides.
+    // out: [B, n_p + H*P] in O: [prefix * prefix_scale | gated * out_scale].
+    const int n_prefix = PREFIX ? int(prefix_shape[1]) : 0;
+    const int64_t out_row = int64_t(b) * (n_prefix + H * P);
     if (lane == 0) {
         const float yv = acc + xv * static_cast<float>(D[h * D_strides[0]]);
         const int ch = h * P + p;
@@ -115,7 +164,14 @@ _SOURCE = _STEP_SOURCE + """\
             const float zv = static_cast<float>(z[b * z_strides[0] + ch * z_strides[1]]);
             gated = yv * (zv * (1.0f / (1.0f + metal::exp(-zv))));
         }
-        out[int64_t(b) * H * P + ch] = static_cast<O>(gated);
+        out[out_row + n_prefix + ch] = static_cast<O>(gated * out_scale);
+    } else if (PREFIX) {
+        // Batch row b's prefix, over the 31 other lanes of each of its H*P rows.
+        const int copiers = 31 * H * P;
+        for (int i = (h * P + p) * 31 + lane - 1; i < n_prefix; i += copiers) {
+            const float v = static_cast<float>(prefix[b * prefix_strides[0] + i * prefix_strides[1]]);
+            out[out_row + i] = static_cast<O>(v * prefix_scale);
+        }
     }
 """
 
@@ -123,7 +179,7 @@ KERNEL_SPEC = dict(
     name="falcon_h1_mixer_step",
     input_names=[
         "xBC", "dt", "z", "conv_state", "conv_weight", "conv_bias", "dt_bias", "A_log", "D",
-        "state", "dt_min", "dt_max", "n_groups",
+        "state", "prefix", "dt_min", "dt_max", "n_groups", "prefix_scale", "out_scale",
     ],
     output_names=["out", "conv_state_out", "state_out"],
     source=_SOURCE,
@@ -140,7 +196,7 @@ def _norm_mode(norm_weight, norm_before_gate) -> str:
 
 
 def _fits_kernel(xBC, dt, z, conv_state, conv_weight, conv_bias, state, norm_weight, n_groups,
-                 out_dtype) -> bool:
+                 out_dtype, prefix) -> bool:
     """Whether mixer_step can take the Metal kernel for this call."""
     batch, heads, head_dim, _ = state.shape
     d = heads * head_dim
@@ -151,21 +207,28 @@ def _fits_kernel(xBC, dt, z, conv_state, conv_weight, conv_bias, state, norm_wei
         and z.shape == (batch, d)
         and out_dtype in _FLOATS
         and (norm_weight is None or (norm_weight.shape == (d,) and d % n_groups == 0))
+        and (prefix is None or (prefix.ndim == 2 and prefix.shape[0] == batch
+                                and prefix.shape[1] > 0 and prefix.dtype in _FLOATS))
     )
 
 
 def _launch(kernel, xBC, dt, z, conv_state, conv_weight, conv_bias, dt_bias, A_log, D, state,
-            time_step_limit, n_groups, gate, out_dtype):
+            prefix, time_step_limit, n_groups, gate, out_dtype, prefix_scale, out_scale):
     batch, heads, head_dim, _ = state.shape
+    width = heads * head_dim + (0 if prefix is None else prefix.shape[1])
     return tuple(
         kernel(
+            # Without a prefix, z stands in for it (PREFIX false: never read).
             inputs=[xBC, dt, z, conv_state, conv_weight, conv_bias, dt_bias, A_log, D, state,
-                    float(time_step_limit[0]), float(time_step_limit[1]), int(n_groups)],
+                    z if prefix is None else prefix, float(time_step_limit[0]),
+                    float(time_step_limit[1]), int(n_groups), float(prefix_scale),
+                    float(out_scale)],
             template=[("T", xBC.dtype), ("W", conv_weight.dtype), ("O", out_dtype),
-                      ("K", conv_weight.shape[1]), ("MAX_N", _MAX_N), ("GATE", bool(gate))],
+                      ("K", conv_weight.shape[1]), ("MAX_N", _MAX_N), ("GATE", bool(gate)),
+                      ("PREFIX", prefix is not None)],
             grid=(32, head_dim, batch * heads),
             threadgroup=(32, _ROWS, 1),
-            output_shapes=[(batch, heads * head_dim), conv_state.shape, state.shape],
+            output_shapes=[(batch, width), conv_state.shape, state.shape],
             output_dtypes=[out_dtype, xBC.dtype, mx.float32],
         )
     )
@@ -188,33 +251,47 @@ def mixer_step_kernel(
     eps: float,
     norm_before_gate: bool,
     out_dtype: mx.Dtype,
+    *,
+    prefix: Optional[mx.array] = None,
+    prefix_scale: float = 1.0,
+    out_scale: float = 1.0,
 ) -> Tuple[mx.array, mx.array, mx.array]:
     # docstring: mixer_step_reference's (assigned below)
     if _KERNEL is None:
         raise RuntimeError("mixer_step_kernel needs Metal; use mixer_step")
+    _check_prefix(prefix, xBC.shape[0])
     params = step_parameters(conv_weight, conv_bias, dt_bias, A_log, D)
     limit = tuple(time_step_limit)
     normed = norm_weight is not None
     gate = not (normed and norm_before_gate)  # norm first: the gate follows the norm, below
     kernel_dtype = mx.float32 if normed else out_dtype
+    # The differentiable arrays: the step's, then the norm weight and the prefix if given.
+    optional = {k: a for k, a in (("norm_weight", norm_weight), ("prefix", prefix)) if a is not None}
 
-    def kernel_fn(xBC, dt, z, *rest):
-        *arrays, weight = rest if normed else (*rest, None)
-        out, conv, ssm = _launch(_KERNEL, xBC, dt, z, *arrays, limit, n_groups, gate, kernel_dtype)
-        if normed:  # the statistics span threadgroups (module docstring)
-            out = group_rms_norm(out, weight, n_groups, eps)
-            if norm_before_gate:
-                out = out * silu(z.astype(mx.float32))
-            out = out.astype(out_dtype)
-        return out, conv, ssm
+    def kernel_fn(xBC, dt, z, conv_state, *rest):
+        arrays, extra = rest[:6], dict(zip(optional, rest[6:]))
+        if not normed:  # one dispatch writes the whole output
+            return _launch(_KERNEL, xBC, dt, z, conv_state, *arrays, extra.get("prefix"), limit,
+                           n_groups, gate, out_dtype, prefix_scale, out_scale)
+        # The norm's statistics span threadgroups (module docstring): it, the scales
+        # and the prefix follow the kernel in MLX.
+        out, conv, ssm = _launch(_KERNEL, xBC, dt, z, conv_state, *arrays, None, limit, n_groups,
+                                 gate, kernel_dtype, 1.0, 1.0)
+        out = group_rms_norm(out, extra["norm_weight"], n_groups, eps)
+        if norm_before_gate:
+            out = out * silu(z.astype(mx.float32))
+        out = with_prefix(out, extra.get("prefix"), prefix_scale, out_scale)
+        return out.astype(out_dtype), conv, ssm
 
-    def reference_fn(xBC, dt, z, *rest):
-        *arrays, weight = rest if normed else (*rest, None)
-        return mixer_step_reference(xBC, dt, z, *arrays, weight, limit, n_groups, eps,
-                                    norm_before_gate, out_dtype)
+    def reference_fn(xBC, dt, z, conv_state, *rest):
+        arrays, extra = rest[:6], dict(zip(optional, rest[6:]))
+        return mixer_step_reference(xBC, dt, z, conv_state, *arrays, extra.get("norm_weight"),
+                                    limit, n_groups, eps,
+                                    norm_before_gate, out_dtype, prefix=extra.get("prefix"),
+                                    prefix_scale=prefix_scale, out_scale=out_scale)
 
     fn = with_reference_vjp(kernel_fn, reference_fn)
-    return fn(xBC, dt, z, conv_state, *params, state, *([norm_weight] if normed else []))
+    return fn(xBC, dt, z, conv_state, *params, state, *optional.values())
 
 
 def mixer_step(
@@ -234,18 +311,26 @@ def mixer_step(
     eps: float,
     norm_before_gate: bool,
     out_dtype: mx.Dtype,
+    *,
+    prefix: Optional[mx.array] = None,
+    prefix_scale: float = 1.0,
+    out_scale: float = 1.0,
 ) -> Tuple[mx.array, mx.array, mx.array]:
     # docstring: mixer_step_reference's (assigned below)
     args = (xBC, dt, z, conv_state, conv_weight, conv_bias, dt_bias, A_log, D, state, norm_weight,
             time_step_limit, n_groups, eps, norm_before_gate, out_dtype)
+    options = dict(prefix=prefix, prefix_scale=prefix_scale, out_scale=out_scale)
     if _fits_kernel(xBC, dt, z, conv_state, conv_weight, conv_bias, state, norm_weight, n_groups,
-                    out_dtype) and kernel_allowed(
+                    out_dtype, prefix) and kernel_allowed(
             KERNEL_OP, dict(heads=state.shape[1], head_dim=state.shape[2], groups=n_groups,
                             n=state.shape[3], width=conv_weight.shape[1], dtype=xBC.dtype,
                             wdtype=_param_dtype(conv_weight, conv_bias, dt_bias, A_log, D),
-                            norm=_norm_mode(norm_weight, norm_before_gate), out_dtype=out_dtype)):
-        return mixer_step_kernel(*args)
-    return mixer_step_reference(*args)
+                            norm=_norm_mode(norm_weight, norm_before_gate), out_dtype=out_dtype,
+                            # the prefix's width and dtype: another instantiation and output
+                            prefix=0 if prefix is None else prefix.shape[1],
+                            prefix_dtype=None if prefix is None else prefix.dtype)):
+        return mixer_step_kernel(*args, **options)
+    return mixer_step_reference(*args, **options)
 
 
 mixer_step_kernel.__doc__ = mixer_step.__doc__ = mixer_step_reference.__doc__
@@ -253,17 +338,29 @@ mixer_step_kernel.__doc__ = mixer_step.__doc__ = mixer_step_reference.__doc__
 
 def _random_inputs(sizes, batch=1, length=None, seed=0):
     """Random mixer_step arguments (one token); sizes: those of ssm_step's inputs,
-    and norm (one of NORMS, default "none") and out_dtype (default dtype)."""
+    and norm (one of NORMS, default "none"), out_dtype (default dtype), prefix
+    (its width n_p, default 0: none), prefix_dtype (default dtype), prefix_scale and
+    out_scale (default 1.0 without a prefix, drawn with one). The prefix is a
+    transposed view, as attention's output is."""
     inputs = _step_inputs(sizes, batch=batch, seed=seed)
     h, p, dtype = sizes["heads"], sizes["head_dim"], sizes["dtype"]
     norm = sizes.get("norm", "none")
     if norm not in NORMS:
         raise ValueError(f"mixer_step sizes: norm {norm!r}; valid: {', '.join(NORMS)}")
     draw = RandomInputs(seed + 1)  # not ssm_step's draws again
-    return dict(
+    inputs = dict(
         inputs, z=draw.normal(batch, h * p, dtype=dtype, scale=2.0),
         norm_weight=None if norm == "none" else 1.0 + draw.normal(h * p, scale=0.5),
         eps=1e-5, norm_before_gate=norm == "norm_first", out_dtype=sizes.get("out_dtype", dtype))
+    n_prefix = sizes.get("prefix", 0)
+    draw = RandomInputs(seed + 2)  # the inputs above as without a prefix
+    prefix_dtype = sizes.get("prefix_dtype") or dtype
+    scales = draw.rng.uniform(0.25, 4.0, 2) if n_prefix else (1.0, 1.0)
+    return dict(
+        inputs,
+        prefix=draw.normal(n_prefix, batch, dtype=prefix_dtype, scale=3.0).T if n_prefix else None,
+        prefix_scale=float(sizes.get("prefix_scale", scales[0])),
+        out_scale=float(sizes.get("out_scale", scales[1])))
 
 
 KERNEL_OP = register(KernelOp(

@@ -80,7 +80,10 @@ def _dtype_name(dtype) -> str:
 
 
 def describe(op: Union[KernelOp, str], sizes: dict) -> str:
-    """'ssm_step H24 P128 G1 N256 K4 bfloat16/float32': the key of one check."""
+    """'ssm_step H24 P128 G1 N256 K4 bfloat16/float32': the key of one check; with
+    mixer_step's sizes also its norm mode, output dtype and prefix, as in
+    'mixer_step H24 P128 G1 N256 K4 bfloat16/float32 norm_first out=bfloat16
+    prefix=1536/bfloat16' (each a different kernel or output)."""
     parts = [_op(op).name]
     for field, letter in (("heads", "H"), ("head_dim", "P"), ("groups", "G"), ("n", "N"),
                           ("channels", "C"), ("width", "K")):
@@ -89,7 +92,15 @@ def describe(op: Union[KernelOp, str], sizes: dict) -> str:
     dtypes = _dtype_name(sizes["dtype"])
     if "wdtype" in sizes:
         dtypes += "/" + _dtype_name(sizes["wdtype"])
-    return " ".join(parts + [dtypes])
+    parts.append(dtypes)
+    if "norm" in sizes:
+        parts.append(sizes["norm"])
+    if "out_dtype" in sizes:
+        parts.append(f"out={_dtype_name(sizes['out_dtype'])}")
+    if sizes.get("prefix"):
+        parts.append(f"prefix={sizes['prefix']}/"
+                     f"{_dtype_name(sizes.get('prefix_dtype') or sizes['dtype'])}")
+    return " ".join(parts)
 
 
 def check_inputs(op: Union[KernelOp, str], sizes: dict, batch: int = 1,
