@@ -80,15 +80,21 @@ def _dtype_name(dtype) -> str:
 
 
 def describe(op: Union[KernelOp, str], sizes: dict) -> str:
-    """'ssm_step H24 P128 G1 N256 K4 bfloat16/float32': the key of one check."""
+    """'ssm_step H24 P128 G1 N256 K4 bfloat16/float32': the key of one check. The
+    dtypes: the activations' [+ a second input's (delta)] [/ the weights']
+    [-> the output's, where it is not the activations']."""
     parts = [_op(op).name]
     for field, letter in (("heads", "H"), ("head_dim", "P"), ("groups", "G"), ("n", "N"),
-                          ("channels", "C"), ("width", "K")):
+                          ("channels", "C"), ("width", "K"), ("dim", "D")):
         if field in sizes:
             parts.append(f"{letter}{sizes[field]}")
     dtypes = _dtype_name(sizes["dtype"])
+    if sizes.get("delta") is not None:
+        dtypes += "+" + _dtype_name(sizes["delta"])
     if "wdtype" in sizes:
         dtypes += "/" + _dtype_name(sizes["wdtype"])
+    if sizes.get("out_dtype", sizes["dtype"]) != sizes["dtype"]:
+        dtypes += "->" + _dtype_name(sizes["out_dtype"])
     return " ".join(parts + [dtypes])
 
 
@@ -103,7 +109,7 @@ def run_check(op: Union[KernelOp, str], sizes: dict) -> dict:
     for a kernel failure: a compile or launch error is the record's `error`)."""
     op = _op(op)
     inputs = op.make_inputs(sizes)
-    tolerance = op.tolerance[sizes["dtype"]]
+    tolerance = op.tolerance_at(sizes)
     start = time.perf_counter()
     try:
         ours = op.kernel(**inputs)
