@@ -16,7 +16,7 @@ import pytest
 
 from conftest import assert_close_logits, make_checkpoint
 from mlx_falcon_h1 import load_model, msl_emu, selfcheck
-from mlx_falcon_h1.kernels import conv1d, runtime_check, ssd_scan, mixer_step
+from mlx_falcon_h1.kernels import conv1d, residual_norm, runtime_check, ssd_scan, mixer_step
 from mlx_falcon_h1.msl_emu import metal_kernel
 from mlx_falcon_h1.msl_emu.testing import emulated
 
@@ -208,3 +208,13 @@ def test_unreadable_cache_is_checked_again_and_rewritten(on_gpu):
         assert runtime_check.kernel_allowed("causal_conv1d", sizes)
     assert cached(on_gpu)["causal_conv1d C40 K4 float32/float32"]["ok"]
     assert not list(on_gpu.parent.glob(".kernel_check.*"))  # no temporary file left behind
+
+
+def test_check_bounds_a_call_by_the_coarsest_dtype_it_rounds_to(on_gpu):
+    """float32 activations normed into bfloat16: the bfloat16 tolerance, under its own key."""
+    sizes = dict(dim=1000, dtype=mx.float32, delta=mx.float32, wdtype=mx.float32,
+                 out_dtype=mx.bfloat16)
+    with emulated(residual_norm, **FAST):
+        assert runtime_check.kernel_allowed("residual_rms_norm", sizes)
+    entry = cached(on_gpu)["residual_rms_norm D1000 float32+float32/float32->bfloat16"]
+    assert entry["ok"] and entry["tolerance"] == residual_norm.KERNEL_OP.tolerance[mx.bfloat16]
