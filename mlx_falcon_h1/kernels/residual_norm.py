@@ -22,14 +22,14 @@ about D / 4 of them (MLX's own rms_norm reads 4 elements per thread), at most
 in float32, rounded once to S, as MLX's add rounds), written out, and sums
 float(s_i)^2; simd_sum, one partial per simdgroup in threadgroup memory, one
 barrier, every thread adds the partials in the same order. r =
-precise::rsqrt(sum / D + eps). Pass 2 recomputes s_i (same rounding, from
-cache) and writes n_i = O(N(N(s_i r) w_i)), N = result_type(S, weight dtype): the
+precise::rsqrt(sum / D + eps). Pass 2 reads back the s_i it wrote (h_i without
+delta) and writes n_i = O(N(N(s_i r) w_i)), N = result_type(S, weight dtype): the
 roundings mx.fast.rms_norm makes (it casts x r to its output dtype before
 multiplying by the weight, on the CPU and on the GPU), so the kernel differs
 from the reference only through r. Without delta the s output is not written
 (s is h) and the kernel is the norm alone, already in out_dtype (no cast's launch).
-Memory: h, delta and w read twice (the second time from cache), s and n written
-once; a 7B decode row (D = 3072, bfloat16) is ~30 KB, nothing to a launch.
+Memory: h, delta and w read once, s written and read back (from cache), n
+written; a 7B decode row (D = 3072, bfloat16) is ~30 KB, nothing to a launch.
 """
 
 from typing import Optional, Tuple
@@ -103,9 +103,7 @@ _SOURCE = """
     const float r = metal::precise::rsqrt(total / static_cast<float>(D) + eps);
 
     for (int i = tid; i < D; i += threads) {
-        const S s = RESIDUAL ? static_cast<S>(static_cast<float>(h[row + i]) +
-                                              static_cast<float>(delta[row + i]))
-                             : static_cast<S>(h[row + i]);
+        const S s = RESIDUAL ? s_out[row + i] : static_cast<S>(h[row + i]);  // its own writes
         // mx.fast.rms_norm's roundings: x r in N, then the weight's product in N.
         const N xr = static_cast<N>(static_cast<float>(s) * r);
         const N wn = static_cast<N>(weight[i]);
