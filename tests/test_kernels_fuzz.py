@@ -1,7 +1,7 @@
 """Seeded random shapes for every kernel, for a fixed time budget, in the emulator.
 
 Each case draws a kernel, sizes (batch, length, heads, head dim, groups, state
-size, conv width), activation and weight dtypes and an input layout, runs the
+size, conv width, hidden size), activation and weight dtypes and an input layout, runs the
 dispatcher with the emulated kernel and compares with the reference. Shapes the
 kernel does not take (e.g. a head dim that is not a multiple of 8 for the scan)
 must go to the reference and still be right. The sequence of cases is fixed by
@@ -19,7 +19,8 @@ import mlx.core as mx
 import pytest
 
 from mlx_falcon_h1 import msl_emu
-from mlx_falcon_h1.kernels import conv1d, mixer_step, rope, runtime_check, ssd_scan, ssm_step
+from mlx_falcon_h1.kernels import (conv1d, mixer_step, residual_norm, rope, runtime_check, ssd_scan,
+                                   ssm_step)
 from mlx_falcon_h1.msl_emu.testing import emulated
 
 pytestmark = pytest.mark.skipif(not msl_emu.available(), reason="the emulator needs g++")
@@ -27,7 +28,7 @@ pytestmark = pytest.mark.skipif(not msl_emu.available(), reason="the emulator ne
 BUDGET_S = float(os.environ.get("MLX_FALCON_H1_FUZZ_SECONDS", "15"))
 SEED = int(os.environ.get("MLX_FALCON_H1_FUZZ_SEED", "0"))
 MODULES = {"ssd_scan": ssd_scan, "causal_conv1d": conv1d, "ssm_step": ssm_step,
-           "mixer_step": mixer_step, "rope_qk": rope}
+           "mixer_step": mixer_step, "rope_qk": rope, "residual_rms_norm": residual_norm}
 DTYPES = [mx.float32, mx.float16, mx.bfloat16]
 
 
@@ -51,12 +52,17 @@ def draw(rng):
         kv_heads = rng.choice([1, 2, 4])
         sizes.update(heads=kv_heads * rng.randint(1, 6), kv_heads=kv_heads,
                      head_dim=rng.choice([16, 64, 128, 2 * rng.randint(1, 80)]))
+    if op == "residual_rms_norm":  # the hidden size; a residual of h's dtype, another or none
+        sizes.update(dim=rng.choice([64, 1024, 1280, 3072, rng.randint(1, 4200)]),
+                     delta=rng.choice([dtype, dtype, None, rng.choice(DTYPES)]),
+                     out_dtype=rng.choice([dtype, mx.float32, mx.bfloat16]))
     keep = {"ssd_scan": ("heads", "head_dim", "groups", "n", "dtype"),
             "causal_conv1d": ("channels", "width", "dtype", "wdtype"),
             "ssm_step": ("heads", "head_dim", "groups", "n", "width", "dtype", "wdtype"),
             "mixer_step": ("heads", "head_dim", "groups", "n", "width", "dtype", "wdtype", "norm",
                            "out_dtype", "prefix", "prefix_dtype"),
-            "rope_qk": ("heads", "kv_heads", "head_dim", "dtype")}[op]
+            "rope_qk": ("heads", "kv_heads", "head_dim", "dtype"),
+            "residual_rms_norm": ("dim", "dtype", "delta", "wdtype", "out_dtype")}[op]
     sizes = {k: sizes[k] for k in keep}
     one_token = op in ("ssm_step", "mixer_step")
     length = 1 if one_token else rng.choice([1, 2, 7, 16, 31, 32, 33, rng.randint(1, 70)])
@@ -73,8 +79,9 @@ def run_case(op, sizes, batch, length, layout, seed):
     ref = getattr(module, op + "_reference")(**inputs)
     rel = runtime_check.relative_error(ours, ref)
     # The scan's tolerance does not depend on the dtype (float32 outputs from
-    # exactly representable inputs); the others' follow the activation dtype.
-    assert rel <= runtime_check.TOLERANCE[(op, sizes["dtype"])], rel
+    # exactly representable inputs); the others' follow the activation dtype
+    # (residual_rms_norm's: the coarser of its sum's and its output's).
+    assert rel <= module.KERNEL_OP.tolerance_at(sizes), rel
     if op == "mixer_step":  # its output on its own scale too (the state's can hide it)
         n_prefix = sizes["prefix"]  # the prefix: exact (one multiply, one rounding), then the rest
         assert mx.array_equal(ours[0][:, :n_prefix], ref[0][:, :n_prefix]).item()

@@ -26,7 +26,10 @@ mixer_step runs each model's norm: 1.5B-Deep, 7B and 34B have the gated RMSNorm
 (True); the others none; and again as the fused projections call it, with the
 attention's output (query heads x head dim) as its prefix and muP-like scales. rope_qk runs each model's attention heads (query and
 key heads, head dim: released_shapes.py; Tiny's a stand-in likewise) over the
-33 tokens, at positions up to 200,000.
+33 tokens, at positions up to 200,000. residual_rms_norm runs each model's
+hidden size D (released_shapes.py; Tiny's stand-in 256) over 33 rows, with a
+bfloat16 residual, float32 norm weights and a bfloat16 output, as a bfloat16
+model's layers call it.
 One thread schedule, race tracking off for the scan (the per-kernel grids check
 races and schedules at these P and N; this file checks the exact sizes).
 """
@@ -35,8 +38,10 @@ import mlx.core as mx
 import pytest
 
 from mlx_falcon_h1 import msl_emu
-from mlx_falcon_h1.kernels import conv1d, mixer_step, rope, runtime_check, ssd_scan, ssm_step
+from mlx_falcon_h1.kernels import (conv1d, mixer_step, residual_norm, rope, runtime_check, ssd_scan,
+                                   ssm_step)
 from mlx_falcon_h1.msl_emu.testing import emulated
+from mlx_falcon_h1.released_shapes import RELEASED as CONFIGS
 
 pytestmark = pytest.mark.skipif(not msl_emu.available(), reason="the emulator needs g++")
 
@@ -56,16 +61,23 @@ DTYPE = mx.bfloat16  # every released checkpoint's torch_dtype
 ATTENTION = {"0.5B": (8, 2, 64), "1.5B": (8, 2, 128), "1.5B-Deep": (6, 2, 128), "3B": (10, 2, 128),
              "7B+H1R-7B": (12, 2, 128), "34B": (20, 4, 128), "Tiny-standin": (4, 2, 64)}
 NORMED = ("1.5B-Deep", "7B+H1R-7B", "34B")
+# name: the hidden size D (H1R-7B's is 7B's)
+HIDDEN = {name: CONFIGS[name.split("+")[0]]["hidden_size"] for name in RELEASED
+          if name.split("+")[0] in CONFIGS} | {"Tiny-standin": 256}
 MODULES = {"ssd_scan": ssd_scan, "causal_conv1d": conv1d, "ssm_step": ssm_step,
-           "mixer_step": mixer_step, "rope_qk": rope}
+           "mixer_step": mixer_step, "rope_qk": rope, "residual_rms_norm": residual_norm}
 OPTIONS = {"ssd_scan": dict(schedules=("forward",), track_races=False),
            "causal_conv1d": dict(schedules=("forward",)),
            "ssm_step": dict(schedules=("forward",)),
            "mixer_step": dict(schedules=("forward",)),
-           "rope_qk": dict(schedules=("forward",))}
+           "rope_qk": dict(schedules=("forward",)),
+           "residual_rms_norm": dict(schedules=("forward",))}
 
 
 def sizes_for(op, model, h, p, n, g, k):
+    if op == "residual_rms_norm":
+        return dict(dim=HIDDEN[model], dtype=DTYPE, delta=DTYPE, wdtype=mx.float32,
+                    out_dtype=DTYPE)
     if op == "rope_qk":
         heads, kv_heads, head_dim = ATTENTION[model]
         return dict(heads=heads, kv_heads=kv_heads, head_dim=head_dim, dtype=DTYPE)
@@ -94,6 +106,8 @@ def test_released_shape(model, op):
     assert rel <= runtime_check.TOLERANCE[(op, DTYPE)], (model, op, rel)
     if op in ("causal_conv1d", "ssm_step", "mixer_step"):  # the new conv state: data movement, exact
         assert mx.array_equal(ours[1], ref[1]).item()
+    if op == "residual_rms_norm":  # the residual sum: one rounding in both, exact
+        assert mx.array_equal(ours[0], ref[0]).item()
 
 
 @pytest.mark.parametrize("model", list(RELEASED))

@@ -16,7 +16,7 @@ import pytest
 
 from conftest import assert_close_logits, make_checkpoint
 from mlx_falcon_h1 import load_model, msl_emu, selfcheck
-from mlx_falcon_h1.kernels import conv1d, runtime_check, ssd_scan, mixer_step
+from mlx_falcon_h1.kernels import conv1d, residual_norm, runtime_check, ssd_scan, mixer_step
 from mlx_falcon_h1.msl_emu import metal_kernel
 from mlx_falcon_h1.msl_emu.testing import emulated
 
@@ -224,3 +224,13 @@ def test_mixer_step_calls_are_checked_apart(on_gpu):
     entries = cached(on_gpu)
     assert len(entries) == len(calls) and all(e["ok"] for e in entries.values()), entries
     assert "mixer_step H2 P16 G1 N8 K4 bfloat16/float32 none out=bfloat16 prefix=24/float32" in entries
+
+
+def test_check_bounds_a_call_by_the_coarsest_dtype_it_rounds_to(on_gpu):
+    """float32 activations normed into bfloat16: the bfloat16 tolerance, under its own key."""
+    sizes = dict(dim=1000, dtype=mx.float32, delta=mx.float32, wdtype=mx.float32,
+                 out_dtype=mx.bfloat16)
+    with emulated(residual_norm, **FAST):
+        assert runtime_check.kernel_allowed("residual_rms_norm", sizes)
+    entry = cached(on_gpu)["residual_rms_norm D1000 float32+float32/float32 out=bfloat16"]
+    assert entry["ok"] and entry["tolerance"] == residual_norm.KERNEL_OP.tolerance[mx.bfloat16]

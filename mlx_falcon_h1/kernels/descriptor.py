@@ -29,6 +29,9 @@ class KernelOp:
         passes to runtime_check.kernel_allowed; extra keys are ignored), with
         `length` tokens (None: the op's check length).
     tolerance: activation dtype -> bound on `relative_error(kernel, reference)`.
+    tolerance_dtype(sizes): the dtype whose tolerance bounds a call at these op
+        sizes (default: sizes["dtype"], the activation dtype); an op whose
+        outputs may be rounded to a coarser dtype than that names it here.
     """
 
     name: str
@@ -37,6 +40,11 @@ class KernelOp:
     reference: Callable
     make_inputs: Callable[..., dict]
     tolerance: Mapping[mx.Dtype, float]
+    tolerance_dtype: Callable[[dict], mx.Dtype] = lambda sizes: sizes["dtype"]
+
+    def tolerance_at(self, sizes: dict) -> float:
+        """The bound on `relative_error(kernel, reference)` at these op sizes."""
+        return self.tolerance[self.tolerance_dtype(sizes)]
 
     @property
     def module(self):

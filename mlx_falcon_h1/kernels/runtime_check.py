@@ -83,13 +83,16 @@ def describe(op: Union[KernelOp, str], sizes: dict) -> str:
     """'ssm_step H24 P128 G1 N256 K4 bfloat16/float32': the key of one check; with
     mixer_step's sizes also its norm mode, output dtype and prefix, as in
     'mixer_step H24 P128 G1 N256 K4 bfloat16/float32 norm_first out=bfloat16
-    prefix=1536/bfloat16' (each a different kernel or output)."""
+    prefix=1536/bfloat16' (each a different kernel or output); a second input's dtype follows the
+    activations' after '+' (residual_rms_norm's delta)."""
     parts = [_op(op).name]
     for field, letter in (("heads", "H"), ("head_dim", "P"), ("groups", "G"), ("n", "N"),
-                          ("channels", "C"), ("width", "K")):
+                          ("channels", "C"), ("width", "K"), ("dim", "D")):
         if field in sizes:
             parts.append(f"{letter}{sizes[field]}")
     dtypes = _dtype_name(sizes["dtype"])
+    if sizes.get("delta") is not None:
+        dtypes += "+" + _dtype_name(sizes["delta"])
     if "wdtype" in sizes:
         dtypes += "/" + _dtype_name(sizes["wdtype"])
     parts.append(dtypes)
@@ -114,7 +117,7 @@ def run_check(op: Union[KernelOp, str], sizes: dict) -> dict:
     for a kernel failure: a compile or launch error is the record's `error`)."""
     op = _op(op)
     inputs = op.make_inputs(sizes)
-    tolerance = op.tolerance[sizes["dtype"]]
+    tolerance = op.tolerance_at(sizes)
     start = time.perf_counter()
     try:
         ours = op.kernel(**inputs)
