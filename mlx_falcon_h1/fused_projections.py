@@ -144,16 +144,6 @@ class FusedLinear(nn.Module):
             setattr(owner, name, member)
 
 
-def add_linear(h: mx.array, layer: nn.Module, x: mx.array) -> mx.array:
-    """h + layer(x). Where MLX runs a plain Linear as its own matmul (not the CPU's
-    mat-vec form, linear.py), as one addmm: on a GPU the add is a launch of its own."""
-    if type(layer) is FusedLinear and layer._pre is None and "bias" not in layer:
-        layer = layer.proj
-    if type(layer) is nn.Linear and "bias" not in layer and mx.default_device() != mx.cpu:
-        return mx.addmm(h, x, layer.weight.T)
-    return h + linear(layer, x)
-
-
 def _fuse(members: List[Tuple[nn.Module, str]], axis: int, pre=None, post=None, bias_scales=None) -> FusedLinear:
     """One FusedLinear for the (owner, attribute) Linear layers `members`, which it
     takes out of their owners (their arrays moved into the fused ones)."""
@@ -275,13 +265,13 @@ def fusion_summary(model) -> Dict[str, int]:
     return summary
 
 
-def fused_layer(layer, h: mx.array, n: mx.array, mask, cache) -> mx.array:
-    """model.DecoderLayer's forward with fused projections, from its normed input n:
-    fused_in is [q | k | v] or [q | k | v | in_proj] of n, multipliers included;
-    fused_out is [o_proj | out_proj] over [a * attention_out ; m * ssm_out] (its
-    bias scaled alike). The residual adds ride on the matmuls where they can
-    (add_linear). Takes the layer rather than importing the model, which imports
-    this module."""
+def fused_layer(layer, n: mx.array, mask, cache) -> mx.array:
+    """What model.DecoderLayer adds to the residual before its MLP, with fused
+    projections, from its normed input n: fused_in is [q | k | v] or [q | k | v |
+    in_proj] of n, multipliers included; fused_out is [o_proj | out_proj] over [a *
+    attention_out ; m * ssm_out] (its bias scaled alike), which the mixer writes
+    (Mixer.mix's prefix: the decode step's kernel writes it whole). Takes the layer
+    rather than importing the model, which imports this module."""
     attn, mixer = layer.self_attn, layer.mamba
     if "fused_in" in layer:
         qk, v, *zxbcdt = mx.split(layer.fused_in(n), layer.fused_in.offsets, axis=-1)
@@ -289,18 +279,13 @@ def fused_layer(layer, h: mx.array, n: mx.array, mask, cache) -> mx.array:
     else:
         qk, v = attn.project(_times(n, layer.attention_in_multiplier))
         zxbcdt = mixer.project(n)
-    m = mixer.mix(zxbcdt, cache, n.dtype)
     a = attn.attend(qk, v, mask, cache)
     if "fused_out" in layer:
-        am = [_times(a, layer.attention_out_multiplier), _times(m, layer.ssm_out_multiplier)]
-        h = add_linear(h, layer.fused_out, mx.concatenate(am, axis=-1))
-    else:
-        m = _times(linear(mixer.out_proj, m), layer.ssm_out_multiplier)
-        h = h + (m + _times(linear(attn.o_proj, a), layer.attention_out_multiplier))
-    mlp, x = layer.feed_forward, layer.pre_ff_layernorm(h)
-    if mlp.down_multiplier != 1.0:
-        return h + mlp(x)
-    return add_linear(h, mlp.down_proj, mlp.hidden(x))
+        return layer.fused_out(mixer.mix(zxbcdt, cache, n.dtype, prefix=a,
+                                         prefix_scale=layer.attention_out_multiplier,
+                                         out_scale=layer.ssm_out_multiplier))
+    m = _times(linear(mixer.out_proj, mixer.mix(zxbcdt, cache, n.dtype)), layer.ssm_out_multiplier)
+    return m + _times(linear(attn.o_proj, a), layer.attention_out_multiplier)
 
 
 def _times(x: mx.array, multiplier: float) -> mx.array:

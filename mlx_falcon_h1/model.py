@@ -38,6 +38,7 @@ from .kernels.attention import causal_attention
 from .kernels.conv1d import causal_conv1d
 from .kernels.elementwise import silu_gate
 from .kernels.mixer_step import gated_rms_norm, mixer_step
+from .kernels.residual_norm import residual_rms_norm
 from .kernels.rope import rope_qk
 from .kernels.ssd_scan import ssd_scan
 from .kernels.ssm_step import discretize, ssm_step
@@ -47,6 +48,22 @@ from .linear import linear
 def _scaled(x: mx.array, multiplier: float) -> mx.array:
     # Skip the op for the common 1.0 (and for checkpoints with folded multipliers).
     return x if multiplier == 1.0 else x * multiplier
+
+
+def activation_dtype(h: mx.array, norm_weight: mx.array) -> mx.Dtype:
+    """The dtype a norm hands the projections. On a GPU, the residual stream's (the
+    embedding's: bfloat16 in a bf16 model), as in mlx-lm: our norms keep float32
+    weights, and a float32 input would make every matmul cast its bfloat16 weights
+    (or quantized scales) to float32 at each call, a launch and several times the
+    bytes. On the CPU, the promoted dtype (float32 there): only float32 matmuls
+    reach BLAS, bfloat16 ones run ~10x slower."""
+    return mx.result_type(h, norm_weight) if mx.default_device() == mx.cpu else h.dtype
+
+
+def add_and_norm(norm: nn.RMSNorm, h: mx.array, delta: Optional[mx.array]):
+    """(h + delta, norm(h + delta)): a residual add and the next norm, one kernel on
+    a Mac (kernels/residual_norm.py); delta None: h and its norm."""
+    return residual_rms_norm(h, delta, norm.weight, norm.eps, activation_dtype(h, norm.weight))
 
 
 class GatedRMSNorm(nn.Module):
@@ -202,16 +219,20 @@ class Mixer(nn.Module):
         zxbcdt = linear(self.in_proj, _scaled(u, self.ssm_in_multiplier))
         return zxbcdt if self._mup is None else zxbcdt * self._mup.astype(zxbcdt.dtype)
 
-    def mix(self, zxbcdt: mx.array, cache: Optional[LayerCache], dtype) -> mx.array:
+    def mix(self, zxbcdt: mx.array, cache: Optional[LayerCache], dtype, prefix=None,
+            prefix_scale: float = 1.0, out_scale: float = 1.0) -> mx.array:
         """Conv, SSM, gate and norm over project()'s output (or the fused projection's
-        part of it): (B, L, d_ssm) in `dtype`, before out_proj."""
+        part of it): (B, L, d_ssm) in `dtype`, before out_proj. With a prefix (the
+        fused [o_proj | out_proj]'s input, fused_projections.py): [prefix *
+        prefix_scale ; out * out_scale], which the decode step's kernel writes itself."""
         b, l, _ = zxbcdt.shape
         z, xBC_dt = mx.split(zxbcdt, [self.d_ssm], axis=-1)
         xBC, dt = mx.split(xBC_dt, [xBC_dt.shape[-1] - self.n_heads], axis=-1)
-
+        scales = dict(prefix=None if prefix is None else prefix[:, 0], prefix_scale=prefix_scale,
+                      out_scale=out_scale)
         if cache is None:
             y, _, _ = self.conv_and_scan(xBC, dt, None, None)
-        elif (out := self._decode_step(xBC, dt, z, xBC_dt, cache, dtype)) is not None:
+        elif (out := self._decode_step(xBC, dt, z, xBC_dt, cache, dtype, scales)) is not None:
             return out
         else:
             y = self._conv_and_scan_cached(xBC, dt, xBC_dt, cache)
@@ -220,12 +241,16 @@ class Mixer(nn.Module):
             y = self.norm(y, z)
         else:
             y = silu_gate(z.astype(mx.float32), y)
-        return y.astype(dtype)
+        if prefix is None:
+            return y.astype(dtype)
+        # As mixer_step computes it: float32, one rounding.
+        return mx.concatenate([prefix.astype(mx.float32) * prefix_scale, y * out_scale], axis=-1).astype(dtype)
 
-    def _decode_step(self, xBC, dt, z, rows, cache: LayerCache, dtype) -> Optional[mx.array]:
+    def _decode_step(self, xBC, dt, z, rows, cache: LayerCache, dtype, scales) -> Optional[mx.array]:
         """One token from a cache with state: conv, SSM, gate and norm as one step
-        (mixer_step), out_proj's input in `dtype`; None for any other call (what
-        _conv_and_scan_cached does for one such token, keeping its rollback inputs)."""
+        (mixer_step), out_proj's input in `dtype` (with mix's prefix and scales); None
+        for any other call (what _conv_and_scan_cached does for one such token,
+        keeping its rollback inputs)."""
         norm = self.get("norm")
         if (xBC.shape[1] != 1 or cache.lengths is not None or cache.conv_state is None
                 or cache.ssm_state is None or cache.rollback_split(1)):
@@ -237,7 +262,8 @@ class Mixer(nn.Module):
             xBC[:, 0], dt[:, 0], z[:, 0], cache.conv_state, self.conv1d.weight[:, :, 0],
             self.conv1d.get("bias"), self.dt_bias, self.A_log, self.D, cache.ssm_state,
             None if norm is None else norm.weight, self.time_step_limit, self.n_groups,
-            0.0 if norm is None else norm.eps, norm is not None and norm.norm_before_gate, dtype)
+            0.0 if norm is None else norm.eps, norm is not None and norm.norm_before_gate, dtype,
+            **scales)
         return out[:, None]
 
     def _conv_and_scan_cached(self, xBC, dt, rows, cache: LayerCache) -> mx.array:
@@ -371,13 +397,22 @@ class DecoderLayer(nn.Module):
         self.ssm_out_multiplier = args.ssm_out_multiplier
 
     def __call__(self, h: mx.array, mask, cache: Optional[LayerCache]) -> mx.array:
-        n = self.input_layernorm(h)  # one norm feeds both branches
+        h, delta = self.forward(h, None, mask, cache)
+        return h + delta
+
+    def forward(self, h: mx.array, delta: Optional[mx.array], mask, cache: Optional[LayerCache]):
+        """The layer over the residual stream h + delta (delta: the previous layer's
+        MLP output, or None); returns the new (h, delta). Each residual add is done
+        by the norm that follows it (add_and_norm), the last by the final norm."""
+        h, n = add_and_norm(self.input_layernorm, h, delta)  # one norm feeds both branches
         if "fused_in" in self or "fused_out" in self:
-            return fused_layer(self, h, n, mask, cache)  # the same layer, 4 matmuls
-        m = _scaled(self.mamba(n, cache), self.ssm_out_multiplier)
-        a = self.self_attn(_scaled(n, self.attention_in_multiplier), mask, cache)
-        h = h + (m + _scaled(a, self.attention_out_multiplier))
-        return h + self.feed_forward(self.pre_ff_layernorm(h))
+            y = fused_layer(self, n, mask, cache)  # the same layer, 4 matmuls
+        else:
+            m = _scaled(self.mamba(n, cache), self.ssm_out_multiplier)
+            a = self.self_attn(_scaled(n, self.attention_in_multiplier), mask, cache)
+            y = m + _scaled(a, self.attention_out_multiplier)
+        h, x = add_and_norm(self.pre_ff_layernorm, h, y)
+        return h, self.feed_forward(x)
 
 
 class FalconH1Model(nn.Module):
@@ -399,11 +434,12 @@ class FalconH1Model(nn.Module):
         mask = create_attention_mask(h, cache[0])
         if self.stage is not None:
             h = self.stage.receive(h)
+        delta = None  # what the last layer adds to h: the next norm adds it
         for layer, c in zip(layers, cache):
-            h = layer(h, mask, c)
+            h, delta = layer.forward(h, delta, mask, c)
         if self.stage is not None:
-            h = self.stage.send(h, cache)
-        return self.final_layernorm(h)
+            h, delta = self.stage.send(h + delta, cache), None
+        return add_and_norm(self.final_layernorm, h, delta)[1]
 
 
 # SSM parameters, conv and norms stay in float32 when weights are cast (and are

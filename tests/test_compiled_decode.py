@@ -113,6 +113,28 @@ def test_launch_counter(tmp_path):
     assert compiled["per_layer"] < theirs["per_layer"]
 
 
+@pytest.mark.parametrize("bits", [None, 4])
+def test_launches_of_a_generation_layer(tmp_path, bits):
+    """A layer of the step as load() gives it for generation (projections fused),
+    bfloat16 or 4-bit weights, a mixer without the gated norm (the 0.5B's kind): 4
+    matmuls, 2 K/V writes, the MLP's gate and 5 kernels (residual add + norm twice,
+    RoPE, attention, the mixer's step writing out_proj's whole input): 12, with no
+    cast of a weight, no concatenate and no separate add."""
+    counts = []
+    for layers in (1, 2):
+        hf, mlx = tmp_path / f"hf{layers}", tmp_path / f"mlx{layers}"
+        make_checkpoint(hf, num_hidden_layers=layers, intermediate_size=128)
+        convert(str(hf), str(mlx), dtype="bfloat16", quantize=bits is not None, q_bits=bits,
+                q_group_size=32)
+        make_tokenizer(mlx)
+        counts.append(decode_step_launches(load(str(mlx))[0], our_decode_step)["by_primitive"])
+    layer = {k: counts[1].get(k, 0) - counts[0].get(k, 0) for k in counts[1]}
+    layer = {k: v for k, v in layer.items() if v}
+    matmul = "QuantizedMatmul" if bits else "Matmul"
+    assert layer == {matmul: 4, "DynamicSliceUpdate": 2, "CompiledSigmoidMultiplyMultiply": 1,
+                     "custom kernels and mx.fast ops": 5}
+
+
 def test_batch_generation_uses_it(tmp_path, monkeypatch):
     """mlx-lm's batch generation (the server's path): the compiled step serves its
     BatchKVCache-backed caches, with each prompt's own tokens and log-probabilities."""

@@ -10,8 +10,8 @@ from mlx_falcon_h1.kernels import conv1d, mixer_step, residual_norm, rope, ssd_s
 
 OPS = [(conv1d, "causal_conv1d"), (ssd_scan, "ssd_scan"), (ssm_step, "ssm_step"),
        (mixer_step, "mixer_step"), (rope, "rope_qk"), (residual_norm, "residual_rms_norm")]
-# The ops model.py calls (residual_rms_norm joins when the model is wired to it).
-MODEL_OPS = [op for _, op in OPS if op != "residual_rms_norm"]
+# The ops model.py calls.
+MODEL_OPS = [op for _, op in OPS]
 
 
 @pytest.mark.parametrize("module,op", OPS, ids=[op for _, op in OPS])
