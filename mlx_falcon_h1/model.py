@@ -37,7 +37,7 @@ from .fused_projections import fused_layer, unfuse_projections
 from .kernels.attention import causal_attention
 from .kernels.conv1d import causal_conv1d
 from .kernels.elementwise import silu_gate
-from .kernels.mixer_step import gated_rms_norm, mixer_step
+from .kernels.mixer_step import gated_rms_norm, mixer_step, with_prefix
 from .kernels.residual_norm import residual_rms_norm
 from .kernels.rope import rope_qk
 from .kernels.ssd_scan import ssd_scan
@@ -241,10 +241,7 @@ class Mixer(nn.Module):
             y = self.norm(y, z)
         else:
             y = silu_gate(z.astype(mx.float32), y)
-        if prefix is None:
-            return y.astype(dtype)
-        # As mixer_step computes it: float32, one rounding.
-        return mx.concatenate([prefix.astype(mx.float32) * prefix_scale, y * out_scale], axis=-1).astype(dtype)
+        return with_prefix(y, prefix, prefix_scale, out_scale).astype(dtype)  # as mixer_step joins them
 
     def _decode_step(self, xBC, dt, z, rows, cache: LayerCache, dtype, scales) -> Optional[mx.array]:
         """One token from a cache with state: conv, SSM, gate and norm as one step
