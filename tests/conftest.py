@@ -11,6 +11,7 @@ from mlx_falcon_h1 import mlx_lm_patches
 mlx_lm_patches.install()
 
 import json
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -72,21 +73,28 @@ TINY = dict(
 
 def randomize(model: torch.nn.Module, seed: int = 0) -> None:
     """Replace transformers' structured init (A_log = log(1..H), D = 1, norms = 1)
-    with random values, so a parameter used in the wrong place shows."""
-    g = torch.Generator().manual_seed(seed)
+    with random values, so a parameter used in the wrong place shows.
+
+    Each tensor is drawn from NumPy's legacy RandomState seeded by `seed` and the
+    parameter's name: NumPy freezes RandomState's streams, and a name stays put
+    when a transformers release registers its parameters in another order, so a
+    checkpoint (and the hashes tests/fixtures/published/manifest.json records of
+    its conversions) is the same under any torch, NumPy or transformers release.
+    """
     with torch.no_grad():
         for name, p in model.named_parameters():
-            r = torch.randn(p.shape, generator=g)
+            rs = np.random.RandomState([seed, zlib.crc32(name.encode())])
             if name.endswith("A_log"):
                 # A = -exp(A_log) from -4.5 to -0.007: fast-forgetting heads and heads
                 # whose state survives many chunks (strong decay alone hides carry bugs).
-                p.copy_(torch.rand(p.shape, generator=g) * 6.5 - 5.0)
+                values = rs.uniform(-5.0, 1.5, p.shape)
             elif name.endswith(("dt_bias", ".D")):
-                p.copy_(r)
+                values = rs.standard_normal(p.shape)
             elif "norm" in name:
-                p.copy_(1.0 + 0.3 * r)
+                values = 1.0 + 0.3 * rs.standard_normal(p.shape)
             else:
-                p.copy_(0.15 * r)
+                values = 0.15 * rs.standard_normal(p.shape)
+            p.copy_(torch.from_numpy(values.astype(np.float32)))
 
 
 def make_checkpoint(path: Path, seed: int = 0, max_shard_size=None, **overrides):

@@ -39,6 +39,47 @@ RELEASES = ("0.28.1", "0.30.4", "0.32.2")
 TIED_RELEASES = ("0.30.4", "0.32.2")
 
 
+# config.json fields that only name the software installed when a folder was
+# written, never a choice its maker made: transformers' save_pretrained stamps
+# its own version into every config it saves and mlx-lm copies the source's
+# config through. The manifest check leaves them out, so a dependency release
+# that only moves a stamp cannot fail it.
+VERSION_STAMPS = frozenset({"transformers_version"})
+
+
+def config_changes(source: dict, written: dict) -> dict:
+    """What a converter decided about config.json: the keys it set (added or
+    changed) and removed, against the Hugging Face config it read. The rest is
+    copied through, in whatever form the transformers that saved the source
+    chose (rope_theta or rope_parameters, torch_dtype or dtype), so it is not
+    the converter's to be compared on."""
+    return {
+        "set": {k: v for k, v in sorted(written.items()) if k not in VERSION_STAMPS and source.get(k, ...) != v},
+        "removed": sorted(k for k in source if k not in written and k not in VERSION_STAMPS),
+    }
+
+
+def manifest_mismatches(entry: dict, hashes: dict, changes: dict, installed: str) -> list:
+    """How a folder that mlx-lm `installed` wrote (its tensor hashes and its
+    config_changes) differs from what each release in a manifest entry wrote:
+    one line per difference, naming both versions; [] when it is the published kind."""
+    out = []
+    for release, written in entry["releases"].items():
+        recorded = entry["tensors"][written["tensors"]]
+        for name in sorted(recorded.keys() | hashes.keys()):
+            if recorded.get(name) != hashes.get(name):
+                what = "missing" if name not in hashes else "extra" if name not in recorded else "other values"
+                out.append(f"mlx-lm {installed} writes tensor {name} unlike {release} ({what})")
+        mine, theirs = changes["set"], written["config_changes"]["set"]
+        for key in sorted(mine.keys() | theirs.keys()):
+            if mine.get(key, "<unset>") != theirs.get(key, "<unset>"):
+                out.append(f"mlx-lm {installed} sets config.json {key}={mine.get(key, '<unset>')!r}, "
+                           f"{release} set {theirs.get(key, '<unset>')!r}")  # fmt: skip
+        for key in sorted(set(changes["removed"]) ^ set(written["config_changes"]["removed"])):
+            out.append(f"mlx-lm {installed} and {release} differ in removing config.json {key}")
+    return out
+
+
 def bf16_checkpoint(path: Path, **overrides) -> Path:
     """A random Falcon-H1 (conftest.TINY, seed 0) saved in bfloat16, as TII's are,
     with a small tokenizer."""

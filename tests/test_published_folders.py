@@ -71,19 +71,55 @@ MANIFEST = json.loads(P.MANIFEST.read_text())
 
 @pytest.mark.parametrize("case", sorted(MANIFEST))
 def test_installed_mlx_lm_writes_what_every_release_wrote(work, case):
+    """Tensors, and what the converter set in config.json, as every recorded
+    release wrote them. What it copied through from the source's config, and
+    fields that only stamp an installed version (published.VERSION_STAMPS), are
+    transformers' to write, so not compared."""
     entry = MANIFEST[case]
     name = case.rsplit("-", 1)[0]
     source = P.FIXTURE if name == "trained" else P.bf16_checkpoint(work / f"hf-{name}", **P.RANDOM_CASES[name])
     folder = build(work, "mlx-lm", entry["bits"], source, name)
-    hashes = P.tensor_hashes(folder)
-    config = json.loads((folder / "config.json").read_text())
+    changes = P.config_changes(*(json.loads((f / "config.json").read_text()) for f in (source, folder)))
     assert len(entry["releases"]) >= 2
-    for release, written in entry["releases"].items():
-        assert entry["tensors"][written["tensors"]] == hashes, (
-            f"the installed mlx-lm {mlx_lm.__version__} writes other tensors than {release} did: "
-            "the folders these tests build are no longer the published kind"
-        )
-        assert written["config"] == config, f"mlx-lm {release} wrote another config.json"
+    mismatches = P.manifest_mismatches(entry, P.tensor_hashes(folder), changes, mlx_lm.__version__)
+    assert not mismatches, "the folders these tests build are no longer the published kind:\n" + "\n".join(
+        mismatches
+    )
+
+
+def test_manifest_check_fails_on_what_a_maker_changes():
+    """The check above can fail: another key, value or tensor is named with the
+    installed mlx-lm's version; a version stamp, or the form transformers gave
+    the source's config, passes."""
+    entry = MANIFEST["trained-4"]
+    written = entry["releases"]["0.32.2"]
+    hashes = dict(entry["tensors"][written["tensors"]])
+    source = json.loads((P.FIXTURE / "config.json").read_text())
+    folder = {k: v for k, v in source.items() if k not in written["config_changes"]["removed"]}
+    folder.update(written["config_changes"]["set"])
+
+    def found(source, folder, hashes=hashes):
+        return P.manifest_mismatches(entry, hashes, P.config_changes(source, folder), "9.9")
+
+    assert found(source, folder) == []
+    restamped = {"transformers_version": "99.0"}
+    assert found({**source, **restamped}, {**folder, **restamped}) == []
+    assert found(source, {**folder, **restamped}) == []
+    reworded = {"rope_theta": 1e11, "torch_dtype": "bfloat16"}  # another transformers' form, copied through
+    assert found({**source, **reworded}, {**folder, **reworded}) == []
+
+    def fails(lines, *words):
+        assert lines and all("mlx-lm 9.9" in line for line in lines), lines
+        assert all(any(w in line for line in lines) for w in words), lines
+
+    fails(found(source, {**folder, "rope_scaling": None}), "rope_scaling")  # another key
+    quantization = {**folder["quantization"], "group_size": 32}
+    fails(found(source, {**folder, "quantization": quantization}), "quantization")  # another value
+    fails(found(source, {k: v for k, v in folder.items() if k != "vocab_size"}), "vocab_size")  # one dropped
+    tensor = sorted(hashes)[0]
+    fails(found(source, folder, {**hashes, tensor: "float32:0"}), tensor, "other values")  # another tensor
+    fails(found(source, folder, {**hashes, "model.extra.weight": "float32:0"}), "model.extra.weight", "extra")
+    fails(found(source, folder, {k: v for k, v in hashes.items() if k != tensor}), tensor, "missing")
 
 
 @pytest.mark.parametrize("name", ["trained", "attention_in"])

@@ -8,8 +8,9 @@ package registry, ~1 min each on a fast link):
 For every case of tests/published.py (the trained fixture in bf16, 4-bit and
 8-bit; the random checkpoints in bf16 and 4-bit) it converts the Hugging Face
 folder with `mlx_lm.convert` of each release that can (0.28.1 with mlx 0.29,
-0.30.4, 0.32.2; 0.28.1 cannot convert a tied checkpoint) and records config.json
-and every tensor's hash. The tests rebuild each folder with the installed
+0.30.4, 0.32.2; 0.28.1 cannot convert a tied checkpoint) and records what the
+converter set and removed in config.json (published.config_changes) and every
+tensor's hash. The tests rebuild each folder with the installed
 mlx-lm and check it against every release recorded here, so the committed
 fixture is a few hundred kB rather than the folders themselves.
 """
@@ -74,10 +75,8 @@ def main():
                 hashes = P.tensor_hashes(out)
                 digest = P.digest(hashes)
                 entry["tensors"].setdefault(digest, hashes)
-                entry["releases"][release] = {
-                    "tensors": digest,
-                    "config": json.loads((out / "config.json").read_text()),
-                }
+                written, read = (json.loads((f / "config.json").read_text()) for f in (out, source))
+                entry["releases"][release] = {"tensors": digest, "config_changes": P.config_changes(read, written)}
                 print(f"{name} {release}: {digest}")
             manifest[name] = entry
     P.MANIFEST.parent.mkdir(parents=True, exist_ok=True)
