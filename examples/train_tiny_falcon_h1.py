@@ -356,7 +356,8 @@ def main(argv=None):
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
-        "stdlib": str(stdlib),
+        # which standard library, not where it lay on the machine that trained
+        "stdlib": f"the standard library of {platform.python_implementation()} {platform.python_version()} (sysconfig stdlib)",
         "files": {"train": len(train_files), "heldout": len(heldout_files)},
         "train_stream_tokens": int(len(stream)),
         "heldout_text_bytes": len(text.encode()),

@@ -1,8 +1,10 @@
 """The released Falcon-H1 shapes: the memory planner plans them, the benchmark
 builds random models of them.
 
-Sources: /work/shared/design/falcon_h1_spec.md ("Released configurations") and
-transformers' FalconH1 docs table (layers, D, heads, KV heads, H, P, N, context).
+Sources: the table in transformers' FalconH1 docs (layers, D, heads, KV heads,
+H, P, N, context: https://huggingface.co/docs/transformers/model_doc/falcon_h1)
+and each model's config.json on the Hub (groups, intermediate size, vocabulary,
+the gated norm: https://huggingface.co/tiiuae/Falcon-H1-<size>-Instruct/blob/main/config.json).
 Where neither gives a field, the value is an assumption, listed in ASSUMED: it
 changes only the weights (never the K/V or the SSM state).
 """
@@ -10,7 +12,7 @@ changes only the weights (never the K/V or the SSM state).
 from typing import Dict
 
 # Falcon-H1R-7B has the 7B's shape (README, tests/test_kernels_released_shapes.py).
-# Falcon-H1-Tiny is left out: the spec gives no shape for it.
+# Falcon-H1-Tiny is left out: neither source above gives its shape.
 _COMMON = dict(model_type="falcon_h1", mamba_d_conv=4, mamba_chunk_size=128, rope_theta=1e11)
 RELEASED: Dict[str, dict] = {
     "0.5B": dict(num_hidden_layers=36, hidden_size=1024, num_attention_heads=8, num_key_value_heads=2,
@@ -39,8 +41,8 @@ RELEASED: Dict[str, dict] = {
                 max_position_embeddings=262144),
 }  # fmt: skip
 ASSUMED = {
-    "1.5B": "intermediate_size 4096 (2 x D) and vocab 65537 assumed (spec: '?', '~65537')",
-    "3B": "intermediate_size 5120 (2 x D), vocab 65537 and mamba_n_groups 1 assumed (spec: '?')",
+    "1.5B": "intermediate_size 4096 (2 x D) and vocab 65537 assumed (not in the docs table)",
+    "3B": "intermediate_size 5120 (2 x D), vocab 65537 and mamba_n_groups 1 assumed (not in the docs table)",
 }
 for _config in RELEASED.values():
     for _key, _value in _COMMON.items():

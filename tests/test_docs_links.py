@@ -55,3 +55,23 @@ def test_readme_is_short_and_links_every_page():
     assert len(readme.splitlines()) < 250
     linked = {(ROOT / t.partition("#")[0]).resolve() for t in LINK.findall(readme)}
     assert set(PAGES[1:]) <= linked, "docs pages not linked from README"
+
+
+# Absolute paths of a developer's machine (a checkout, a home folder) and the
+# design notes kept beside the checkout: a reader of the package has none of them.
+MACHINE_PATH = re.compile("(?<![\\w.~])/(?:" + "|".join(["work", "root", "home", "Users"]) + r")/|\.\./shared/")
+
+
+def test_no_file_cites_a_path_outside_the_project():
+    """Code, docs, config and records cite what a reader can open: a path in the
+    repository, a URL; never a path on one developer's machine."""
+    tracked = [p for p in ROOT.rglob("*") if p.suffix in {".py", ".md", ".toml", ".json", ".jinja"} or p.name == "run"]
+    found = []
+    for path in tracked:
+        rel = path.relative_to(ROOT)
+        if rel.parts[0].startswith(".") and rel.parts[0] != ".ci" or "egg-info" in str(rel) or not path.is_file():
+            continue  # virtual environments, caches, build records
+        for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+            if MACHINE_PATH.search(line):
+                found.append(f"{rel}:{n}: {line.strip()[:100]}")
+    assert not found, "\n".join(found)

@@ -6,9 +6,10 @@ checkpoints ship. Sources (read, not downloaded):
   (huggingface.co/docs/transformers/model_doc/falcon_h1: "Mamba Heads",
   "d_head" second value, "d_state"); G and K from config.json where found:
   0.5B's (mamba_n_groups 1, mamba_d_conv 4, via a published derivative's
-  config.json), 34B's G = 2 as reported in /work/shared/design/falcon_h1_spec.md.
-  G = 1 and K = 4 for 1.5B, 1.5B-Deep, 3B and 7B follow the same spec (3B's G
-  is marked unknown there: assumed 1).
+  config.json), 34B's G = 2 from its config.json on the Hub
+  (huggingface.co/tiiuae/Falcon-H1-34B-Instruct/blob/main/config.json).
+  G = 1 and K = 4 for 1.5B, 1.5B-Deep, 3B and 7B from their config.json on the
+  Hub likewise (3B's G was not confirmed: assumed 1).
 - Falcon-H1R-7B: 44 layers, 12/2 attention heads of 128 and Falcon-H1-7B's
   config keys (a third-party import report of its config.json); its mixer is
   taken as 7B's.
