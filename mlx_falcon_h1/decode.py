@@ -24,7 +24,8 @@ replay (Model.__call__ has the mixers run it first), the rollback inputs'
 bookkeeping and growing the K/V buffers (cache.py, mlx_lm_private.py), and every
 cache the step cannot express (another cache class, a batch still taking
 right-padded prompts, a cache loaded from a file and not yet checked); those
-calls take the uncompiled path, which computes the same thing.
+calls take the uncompiled path, which computes the same thing. A copied or
+pickled model does not take the step along; it makes its own.
 
 MLX_FALCON_H1_COMPILE=0 turns it off.
 """
@@ -130,6 +131,13 @@ class CompiledDecode:
         # first trace (weights may be replaced, e.g. by adapters).
         self._fn = mx.compile(traced, inputs=model, outputs=None)
 
+    def __reduce__(self):
+        # copy.deepcopy and pickle reach the step through the model's __dict__.
+        # A copy gets none and makes its own at its first decode (compiled_decode):
+        # this one's trace reads this model's weights, and MLX's compiled function
+        # cannot be copied or pickled anyway (mlx-lm's model tests deep-copy models).
+        return _no_step, ()
+
     @staticmethod
     def eligible(cache, layers: Optional[int] = None) -> bool:
         """Whether every layer's cache is one the compiled step expresses, alike."""
@@ -177,6 +185,10 @@ class CompiledDecode:
         for c, arrays in zip(cache, new):
             c.take_step_state(*arrays)
         return logits
+
+
+def _no_step() -> None:
+    return None  # what a copied CompiledDecode becomes (CompiledDecode.__reduce__)
 
 
 def compiled_decode(model) -> Optional[CompiledDecode]:
