@@ -248,9 +248,12 @@ def kv_bytes_per_position(args: ModelArgs, act: int, kv_bits: Optional[int], gro
 
 # Calibration of the prefill transient (measured with measure_prefill_peak on this
 # project's CPU machine: the 0.5B shape in float32 with 2-36 layers and 256-2048
-# token steps; see examples/memory_planner_check.py). Each is a count of values
-# kept per token (or per context position) of the named size; the derivation
-# is in prefill_transient().
+# token steps; see examples/memory_planner_check.py), with mlx 0.32.4 and
+# mlx-lm 0.32.2 on an AMD EPYC (2026-12): they describe those releases' allocator
+# and attention. tests/test_memory.py holds the planner to the measured peak, so
+# a release that allocates differently fails it: recalibrate then, since the
+# planner would mislead users. Each is a count of values kept per token (or per
+# context position) of the named size; the derivation is in prefill_transient().
 KEPT_LAYERS = 2.5  # layers whose mixer inputs are alive at once (36-layer 0.5B, 2048-token step)
 PER_D = 6.5  # hidden-size activations of the working layers (norms, residuals, projections)
 PER_F = 6.7  # MLP activations (gate, up, gated product; two layers' at once)

@@ -65,13 +65,14 @@ def test_gptq_is_round_to_nearest_for_independent_inputs():
 
 
 def test_group_grid_beats_min_max():
-    w = np.random.default_rng(0).standard_t(3, size=(64, 32))  # heavy tails: clipping pays
+    # heavy tails: clipping pays. RandomState: NumPy keeps its streams frozen
+    w = np.random.RandomState(0).standard_t(3, size=(64, 32))
     s, b = Q.group_grid(w, np.ones(32), 3, mx.float32)
     err = lambda dq: ((w - dq) ** 2).sum()  # noqa: E731
     wq = mx.array(w, dtype=mx.float32)
     rtn = np.array(mx.dequantize(*mx.quantize(wq, group_size=32, bits=3), group_size=32, bits=3))
-    # 0.83 here; the ratio is not host-dependent: the weights come from numpy's
-    # seeded generator and both grids from float32 arithmetic, where another
+    # 0.82 here; the ratio is not host-dependent: the weights come from numpy's
+    # frozen RandomState stream and both grids from float32 arithmetic, where another
     # host's summation order can only swap near-tied candidates (a change of the
     # order of float32 rounding). 0.9 asks for a clear gain: a search that found
     # nothing better than min-max would give 1.0.
