@@ -18,6 +18,9 @@ differ:
   layers; `lora_parameters.trainable` lists any parameters by their path in a
   layer (e.g. ["mamba.A_log", "mamba.conv1d.weight"]). They are saved in
   adapters.safetensors and restored by `load_adapters` (adapters.py; and the fuse).
+- A --num-layers above the model's layer count (mlx-lm's default is 16; the
+  shipped model has 4) trains every layer, with a line saying so, where mlx-lm
+  would refuse after loading the model and the data.
 - A fused model is saved so that our loader reloads it to the same logits:
   weights keep the base's folding state (a LoRA delta is added inside the
   Linear, before any multiplier), and config.json records that state under
@@ -30,6 +33,7 @@ from typing import Optional
 
 from mlx_lm import lora as mlx_lm_lora
 from mlx_lm import utils as mlx_lm_utils
+from mlx_lm.cli_ui import rprint
 
 from .adapters import linear_to_lora_layers, load_adapters
 from .commands import run_mlx_lm_command
@@ -89,8 +93,23 @@ def _run(args, training_callback=None):
     return mlx_lm_lora_run(args, training_callback)
 
 
+def _train_model(args, model, *rest, **kwargs):
+    """mlx-lm's train_model, with --num-layers capped at the model's layer count.
+
+    mlx-lm's default (16) is more than a small Falcon-H1 has, and it refuses
+    that; all layers is what such a request can only mean (-1 already says it).
+    The cap is what adapter_config.json records, so the fuse and load_adapters
+    rebuild the same layers."""
+    layers = len(model.layers)
+    if args.num_layers > layers:
+        rprint(f"the model has {layers} layers: training all {layers} (--num-layers {args.num_layers})")
+        args.num_layers = layers
+    return mlx_lm_lora_train_model(args, model, *rest, **kwargs)
+
+
 mlx_lm_lora_build_parser = mlx_lm_lora.build_parser
 mlx_lm_lora_run = mlx_lm_lora.run
+mlx_lm_lora_train_model = mlx_lm_lora.train_model
 
 
 def main() -> None:
@@ -105,6 +124,7 @@ def main() -> None:
         linear_to_lora_layers=linear_to_lora_layers,
         build_parser=_build_parser,
         run=_run,
+        train_model=_train_model,
     )
 
 

@@ -384,3 +384,23 @@ def test_lora_run_lowers_heldout_loss(tmp_path):
     layers = json.loads((base / "config.json").read_text())["num_hidden_layers"]
     trained = mx.load(str(adapters / "adapters.safetensors"))
     assert sum(k.endswith(SSM_PARAMETERS) for k in trained) == 3 * layers
+
+
+def test_more_layers_than_the_model_has_trains_them_all(capsys, monkeypatch):
+    """mlx-lm's default --num-layers (16) on a 2-layer model: every layer is tuned,
+    a line says so, and the cap is what adapter_config.json records (the fuse
+    and load_adapters rebuild from it); -1 keeps meaning all."""
+    import types
+
+    from mlx_lm.lora import CONFIG_DEFAULTS
+
+    from mlx_falcon_h1 import lora
+
+    seen = []
+    monkeypatch.setattr(lora, "mlx_lm_lora_train_model", lambda args, *_: seen.append(args.num_layers))
+    for requested in (CONFIG_DEFAULTS["num_layers"], 2, 1, -1):
+        lora._train_model(types.SimpleNamespace(num_layers=requested), tiny_model(), None, None)
+    assert seen == [2, 2, 1, -1]
+    assert capsys.readouterr().out.strip().splitlines() == [
+        "the model has 2 layers: training all 2 (--num-layers 16)"
+    ]
