@@ -33,7 +33,7 @@ from mlx_falcon_h1 import cli, folder_format
 from mlx_falcon_h1.folder_format import FORMAT_KEY
 from mlx_falcon_h1.loading import make_args, read_config, resolve_path
 from mlx_falcon_h1.model import Model
-from mlx_falcon_h1.quantize import METHODS, CalibrationSettings, calibrated_quantize
+from mlx_falcon_h1.quantize import METHODS, CalibrationSettings, calibrated_quantize, check_target_bpw, dynamic_settings
 from mlx_falcon_h1.quantize import add_arguments as add_calibration_arguments
 from mlx_falcon_h1.quantize import settings_from as calibration_settings
 
@@ -53,7 +53,19 @@ from .writing import (
 )
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
-Q_MODES = ("affine", "mxfp4", "nvfp4", "mxfp8")
+
+# What mx.quantize takes in each mode: (bits, group sizes, (default bits, default
+# group size)), from the table in its docstring (MLX 0.32); the defaults are
+# also mlx-lm's quantize_model's. Checked here, a setting it would refuse ends
+# the command before any weights are read rather than after (minutes for a 34B).
+# tests/test_convert.py probes mx.quantize against this table, so an MLX that
+# adds a mode or a width shows up there.
+Q_MODES = {
+    "affine": ((1, 2, 3, 4, 5, 6, 8), (32, 64, 128), (4, 64)),
+    "mxfp4": ((4,), (32,), (4, 32)),
+    "nvfp4": ((4,), (16,), (4, 16)),
+    "mxfp8": ((8,), (32,), (8, 32)),
+}
 
 
 def convert(
@@ -85,6 +97,8 @@ def convert(
     """
     calibrated = _checked_flags(quantize, dequantize, q_mode, dtype, ssm_dtype, quant_predicate,
                                 dict(calibration, method=method))  # fmt: skip
+    if quantize:
+        _check_quantization(q_mode, q_bits, q_group_size, quant_predicate, calibrated)
     source_path = resolve_path(hf_path)
     mlx_path = Path(mlx_path)
     if mlx_path.resolve() == source_path.resolve():
@@ -100,7 +114,7 @@ def convert(
         settings = {"dtype": str(target).removeprefix("mlx.core."), "ssm_dtype": ssm_dtype}
         record = None
         if quantize and calibrated is not None:
-            bits, group_size = q_bits or 4, q_group_size or 64
+            bits, group_size = _quant_setting("affine", q_bits, q_group_size)
             q, record = _calibrate(model, source.path, bits, group_size, calibrated, target)
             config = {**config, "quantization": q, "quantization_config": q}
             settings.update(q_mode="affine", q_bits=bits, q_group_size=group_size, **record)
@@ -163,6 +177,43 @@ def _checked_flags(quantize, dequantize, q_mode, dtype, ssm_dtype, quant_predica
         if quant_predicate is not None:
             raise ValueError("--method and --quant-predicate are exclusive (--method dynamic mixes bits itself)")
     return calibrated
+
+
+def _quant_setting(q_mode: str, q_bits: Optional[int], q_group_size: Optional[int]):
+    """(bits, group size) of a mode, its defaults filling what is not given."""
+    default_bits, default_group_size = Q_MODES[q_mode][2]
+    return q_bits or default_bits, q_group_size or default_group_size
+
+
+def _check_quantization(q_mode, q_bits, q_group_size, quant_predicate,
+                        calibrated: Optional[CalibrationSettings]) -> None:  # fmt: skip
+    """Refuse, before anything is read, a quantization that mx.quantize would
+    refuse once the weights are in memory, naming the settings that work."""
+    if isinstance(quant_predicate, str) and q_mode != "affine":
+        raise ValueError(f"--quant-predicate {quant_predicate} mixes affine bit widths; use --q-mode affine")
+    bits, group_size = _quant_setting(q_mode, q_bits, q_group_size)
+    allowed_bits, allowed_group_sizes, _ = Q_MODES[q_mode]
+    wrong = [f"--q-bits {bits}"] if bits not in allowed_bits else []
+    wrong += [f"--q-group-size {group_size}"] if group_size not in allowed_group_sizes else []
+    if wrong:
+        raise ValueError(
+            f"--q-mode {q_mode} takes --q-bits {_one_of(allowed_bits)} and --q-group-size "
+            f"{_one_of(allowed_group_sizes)}, not {' and '.join(wrong)}"
+        )
+    if calibrated is not None and calibrated.method == "dynamic":
+        low, high, target = dynamic_settings(bits, group_size, calibrated)
+        for name, (b, g) in (("low", low), ("high", high)):
+            if b not in allowed_bits or g not in allowed_group_sizes:
+                raise ValueError(
+                    f"--method dynamic: its {name} setting would be {b}-bit g{g}; set --{name}-bits "
+                    f"{_one_of(allowed_bits)} and --{name}-group-size {_one_of(allowed_group_sizes)}"
+                )
+        check_target_bpw(low, high, target)
+
+
+def _one_of(values) -> str:
+    values = [str(v) for v in values]
+    return values[0] if len(values) == 1 else f"{', '.join(values[:-1])} or {values[-1]}"
 
 
 def _output_model(source: Source, weights: Dict[str, mx.array], target: mx.Dtype, ssm_dtype: str,
@@ -283,7 +334,7 @@ def configure_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quantize", action="store_true", help="Quantize the weights.")
     p.add_argument("--q-group-size", type=int, default=None, help="Group size (mode default).")
     p.add_argument("--q-bits", type=int, default=None, help="Bits per weight (mode default).")
-    p.add_argument("--q-mode", default="affine", choices=Q_MODES, help="Quantization mode.")
+    p.add_argument("--q-mode", default="affine", choices=list(Q_MODES), help="Quantization mode.")
     p.add_argument("--dtype", choices=list(DTYPES), default=None,
                    help="Dtype of the non-quantized weights (default: the checkpoint's).")  # fmt: skip
     p.add_argument("--quant-predicate", choices=RECIPES, default=None,

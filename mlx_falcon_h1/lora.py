@@ -18,18 +18,26 @@ differ:
   layers; `lora_parameters.trainable` lists any parameters by their path in a
   layer (e.g. ["mamba.A_log", "mamba.conv1d.weight"]). They are saved in
   adapters.safetensors and restored by `load_adapters` (adapters.py; and the fuse).
+- A --num-layers above the model's layer count (mlx-lm's default is 16; the
+  shipped model has 4) trains every layer, with a line saying so, where mlx-lm
+  would refuse after loading the model and the data. Likewise refused before
+  the model loads, in one line: neither --train nor --test, and a --data folder
+  that is missing or lacks the split a flag reads (mlx-lm: tracebacks).
 - A fused model is saved so that our loader reloads it to the same logits:
   weights keep the base's folding state (a LoRA delta is added inside the
   Linear, before any multiplier), and config.json records that state under
   "mlx_falcon_h1" (see `save`).
 """
 
+import importlib.util
 import os
 import sys
+from pathlib import Path
 from typing import Optional
 
 from mlx_lm import lora as mlx_lm_lora
 from mlx_lm import utils as mlx_lm_utils
+from mlx_lm.cli_ui import rprint
 
 from .adapters import linear_to_lora_layers, load_adapters
 from .commands import run_mlx_lm_command
@@ -81,6 +89,7 @@ def _build_parser():
 def _run(args, training_callback=None):
     if args.model == mlx_lm_lora.CONFIG_DEFAULTS["model"]:  # mlx-lm's default: not a Falcon-H1
         sys.exit("python -m mlx_falcon_h1.lora: --model is required (a Falcon-H1 folder or Hub repo)")
+    _check_data(args)
     extra = list((args.lora_parameters or {}).get("trainable") or [])
     if getattr(args, "train_ssm", None):
         extra += [name for name in SSM_PARAMETERS if name not in extra]
@@ -89,8 +98,54 @@ def _run(args, training_callback=None):
     return mlx_lm_lora_run(args, training_callback)
 
 
+def _check_data(args) -> None:
+    """Refuse, before the model loads, what mlx-lm finds wrong only after (with a
+    traceback): neither --train nor --test, a --data folder that is missing (mlx-lm
+    then takes the name for a Hub dataset, which needs the datasets package; the
+    default is data/) or without the split a flag reads."""
+    if not args.train and not args.test:
+        raise ValueError("nothing to do: add --train (fine-tune), --test (evaluate), or both")
+    if getattr(args, "hf_dataset", None):  # the YAML config's Hub data
+        return
+    folder = Path(args.data)
+    expected = "a folder with train.jsonl (and valid.jsonl, test.jsonl)"
+    if folder.is_file():
+        raise ValueError(f"--data {args.data}: a file; --data takes {expected}")
+    if not folder.exists():
+        if importlib.util.find_spec("datasets") is not None:
+            return  # a Hub dataset: mlx-lm fetches it
+        if args.data == mlx_lm_lora.CONFIG_DEFAULTS["data"]:
+            raise ValueError(
+                f"--data: mlx-lm's default is the Hugging Face dataset {args.data}, which needs "
+                f"the datasets package (pip install datasets); or give --data {expected}"
+            )
+        raise ValueError(
+            f"--data {args.data}: no such folder; give {expected}, or a Hugging Face dataset "
+            "id with the datasets package installed (pip install datasets)"
+        )
+    for split in [s for s, wanted in (("train", args.train), ("test", args.test)) if wanted]:
+        file = folder / f"{split}.jsonl"
+        if not file.is_file() or file.stat().st_size == 0:
+            raise ValueError(f"{file}: {'empty' if file.is_file() else 'missing'}; --{split} reads it")
+
+
+def _train_model(args, model, *rest, **kwargs):
+    """mlx-lm's train_model, with --num-layers capped at the model's layer count.
+
+    mlx-lm's default (16) is more than a small Falcon-H1 has, and it refuses
+    that; all layers is what such a request can only mean (-1 already says it).
+    The cap is what adapter_config.json records, so the fuse and load_adapters
+    rebuild the same layers."""
+    layers = len(model.layers)
+    if args.num_layers > layers:
+        rprint(f"the model has {layers} layers: training all {layers} (--num-layers {args.num_layers})")
+        args.num_layers = layers
+    return mlx_lm_lora_train_model(args, model, *rest, **kwargs)
+
+
 mlx_lm_lora_build_parser = mlx_lm_lora.build_parser
 mlx_lm_lora_run = mlx_lm_lora.run
+mlx_lm_lora_train_model = mlx_lm_lora.train_model
 
 
 def main() -> None:
@@ -105,6 +160,7 @@ def main() -> None:
         linear_to_lora_layers=linear_to_lora_layers,
         build_parser=_build_parser,
         run=_run,
+        train_model=_train_model,
     )
 
 

@@ -305,3 +305,59 @@ def test_falcon_recipe_keeps_sensitive_layers_at_high_bits(source, tmp_path):
     assert q["model.layers.1.mamba.out_proj"]["bits"] == 3
     ours = logits_of(load_model(tmp_path / "m")[0])
     assert_close_logits(logits_of(mlx_lm.utils.load_model(tmp_path / "m")[0]), ours, rel=1e-5)
+
+
+# --- quantization settings: refused before anything is read ------------------------
+
+
+def test_quantization_table_is_what_mx_quantize_takes():
+    """The converter's Q_MODES against MLX itself: the modes mx.quantize documents, and
+    per mode exactly the bits and group sizes it accepts and its defaults (an MLX that
+    adds a mode or a width fails here, and the table gets the new entry)."""
+    import re
+
+    from mlx_falcon_h1_convert.convert import Q_MODES
+
+    listed = re.search(r"supported quantization modes are(.*?)\.\s", mx.quantize.__doc__, re.S)
+    assert listed, "mx.quantize's docstring no longer lists its modes; probe the names by hand"
+    assert set(re.findall(r'"(\w+)"', listed.group(1))) == set(Q_MODES)
+    width = 768  # divisible by every group size tried
+    w = mx.ones((2, width))
+    for mode, (bits, group_sizes, (default_bits, default_group_size)) in Q_MODES.items():
+        taken = set()
+        for b in range(1, 17):
+            for g in (8, 16, 24, 32, 48, 64, 96, 128, 256):
+                try:
+                    mx.eval(mx.quantize(w, group_size=g, bits=b, mode=mode))
+                except ValueError:
+                    continue
+                taken.add((b, g))
+        assert taken == {(b, g) for b in bits for g in group_sizes}, mode
+        packed, scales, *_ = mx.quantize(w, mode=mode)  # MLX's defaults, read off the shapes
+        assert (packed.shape[-1] * 32 // width, width // scales.shape[-1]) == (default_bits, default_group_size)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (dict(q_mode="mxfp4", q_bits=3), "--q-mode mxfp4 takes --q-bits 4 and --q-group-size 32, not --q-bits 3"),
+        (dict(q_group_size=48), "--q-mode affine takes --q-bits 1, 2, 3, 4, 5, 6 or 8 and --q-group-size "
+                                "32, 64 or 128, not --q-group-size 48"),
+        (dict(q_mode="nvfp4", q_bits=8, q_group_size=32), "not --q-bits 8 and --q-group-size 32"),
+        (dict(quant_predicate="mixed_3_6", q_mode="mxfp4"), "mixes affine bit widths; use --q-mode affine"),
+        (dict(quant_predicate="falcon_mixed_3_6", q_group_size=16), "not --q-group-size 16"),
+        (dict(method="gptq", q_bits=7), "not --q-bits 7"),
+        (dict(method="dynamic", q_bits=8), "its high setting would be 9-bit g64; set --high-bits 1, 2"),
+        (dict(method="dynamic", low_group_size=48), "its low setting would be 4-bit g48; set --low-bits"),
+        (dict(method="dynamic", target_bpw=9.0), "--target-bpw 9 is outside [4.25, 5.5]"),
+    ],
+)  # fmt: skip
+def test_impossible_quantization_is_refused_before_reading(tmp_path, flags, message):
+    """Settings mx.quantize would refuse once every weight is in memory (minutes for a
+    34B) are refused first: the source does not exist, so anything read would fail
+    with another message; nothing is written."""
+    import re
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        convert(str(tmp_path / "absent"), str(tmp_path / "out"), quantize=True, **flags)
+    assert folder_state(tmp_path) == set()

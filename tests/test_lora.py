@@ -249,6 +249,40 @@ def test_lora_command_needs_a_falcon_model():
         _run(types.SimpleNamespace(**CONFIG_DEFAULTS))
 
 
+def test_data_the_run_cannot_read_is_refused_before_the_model_loads(tmp_path, monkeypatch):
+    """What mlx-lm finds wrong only after loading the model, with a traceback."""
+    import importlib.util
+    import types
+
+    from mlx_lm.lora import CONFIG_DEFAULTS
+
+    from mlx_falcon_h1.lora import _check_data
+
+    def check(**flags):
+        _check_data(types.SimpleNamespace(**{**CONFIG_DEFAULTS, "train": False, **flags}))
+
+    (tmp_path / "train.jsonl").write_text('{"text": "def f(): pass"}\n')
+    (tmp_path / "test.jsonl").write_text("")
+    check(train=True, data=str(tmp_path))  # valid.jsonl is optional
+    with pytest.raises(ValueError, match="nothing to do: add --train"):
+        check(data=str(tmp_path))
+    with pytest.raises(ValueError, match=r"test\.jsonl: empty; --test reads it"):
+        check(train=True, test=True, data=str(tmp_path))
+    with pytest.raises(ValueError, match=r"train\.jsonl: a file; --data takes a folder"):
+        check(train=True, data=str(tmp_path / "train.jsonl"))
+    (tmp_path / "other").mkdir()
+    with pytest.raises(ValueError, match=r"other/train\.jsonl: missing"):
+        check(train=True, data=str(tmp_path / "other"))
+    # A name that is no folder is a Hub dataset to mlx-lm, read with the datasets package.
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "datasets"
+                        else real_find_spec(name, *a))  # fmt: skip
+    with pytest.raises(ValueError, match="mlx-lm's default is the Hugging Face dataset .*pip install datasets"):
+        check(train=True)
+    with pytest.raises(ValueError, match="--data absent: no such folder"):
+        check(train=True, data="absent")
+
+
 # --- fuse -------------------------------------------------------------------------
 
 
@@ -384,3 +418,23 @@ def test_lora_run_lowers_heldout_loss(tmp_path):
     layers = json.loads((base / "config.json").read_text())["num_hidden_layers"]
     trained = mx.load(str(adapters / "adapters.safetensors"))
     assert sum(k.endswith(SSM_PARAMETERS) for k in trained) == 3 * layers
+
+
+def test_more_layers_than_the_model_has_trains_them_all(capsys, monkeypatch):
+    """mlx-lm's default --num-layers (16) on a 2-layer model: every layer is tuned,
+    a line says so, and the cap is what adapter_config.json records (the fuse
+    and load_adapters rebuild from it); -1 keeps meaning all."""
+    import types
+
+    from mlx_lm.lora import CONFIG_DEFAULTS
+
+    from mlx_falcon_h1 import lora
+
+    seen = []
+    monkeypatch.setattr(lora, "mlx_lm_lora_train_model", lambda args, *_: seen.append(args.num_layers))
+    for requested in (CONFIG_DEFAULTS["num_layers"], 2, 1, -1):
+        lora._train_model(types.SimpleNamespace(num_layers=requested), tiny_model(), None, None)
+    assert seen == [2, 2, 1, -1]
+    assert capsys.readouterr().out.strip().splitlines() == [
+        "the model has 2 layers: training all 2 (--num-layers 16)"
+    ]

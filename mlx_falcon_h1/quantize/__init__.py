@@ -32,7 +32,7 @@ import mlx.core as mx
 from .awq import apply_scale, awq_groups, awq_quantize
 from .calibration import calibration_texts, calibration_tokens, default_calibration_path
 from .dwq import dwq_quantize
-from .dynamic import dynamic_quantize
+from .dynamic import check_target_bpw, dynamic_quantize, dynamic_settings
 from .gptq import group_grid, gptq_quantize, gptq_weight
 from .layers import dequantized_form, fake_quantize, pack, quantizable, restore_modules
 from .settings import METHODS, CalibrationSettings, add_arguments, settings_from
@@ -90,5 +90,5 @@ __all__ = [
     "calibration_texts", "calibration_tokens", "default_calibration_path",
     "quantizable", "fake_quantize", "pack", "dequantized_form", "restore_modules",
     "group_grid", "gptq_weight", "gptq_quantize", "awq_groups", "apply_scale", "awq_quantize",
-    "dwq_quantize", "dynamic_quantize",
+    "dwq_quantize", "dynamic_quantize", "dynamic_settings", "check_target_bpw",
 ]  # fmt: skip

@@ -53,6 +53,30 @@ def sensitivities(model, tokens, layers: Dict[str, nn.Module], low, high, settin
     return {p: total[p] / (layers[p].weight.size / 1e6) for p in layers}
 
 
+def bpw(bits: int, group_size: int) -> float:
+    """Bits per quantized weight: a bfloat16 scale and bias per group."""
+    return bits + 32 / group_size
+
+
+def dynamic_settings(bits: int, group_size: int, settings):
+    """((low bits, group size), (high bits, group size), target bits per weight)
+    that dynamic_quantize uses for --q-bits `bits` at --q-group-size `group_size`
+    (its docstring gives the defaults). Arithmetic only, as is check_target_bpw:
+    the converter calls both to refuse a bad combination before reading weights."""
+    low = (settings.low_bits or bits, settings.low_group_size or min(2 * group_size, 128))
+    high = (settings.high_bits or bits + 1, settings.high_group_size or group_size)
+    return low, high, settings.target_bpw or bpw(bits, group_size)
+
+
+def check_target_bpw(low, high, target: float) -> None:
+    """The target must lie between the low and the high setting's bits per weight."""
+    if not bpw(*low) <= target <= bpw(*high):
+        raise ValueError(
+            f"--target-bpw {target:g} is outside [{bpw(*low):g}, {bpw(*high):g}], the bits per "
+            f"weight of the low ({low[0]}-bit g{low[1]}) and high ({high[0]}-bit g{high[1]}) settings"
+        )
+
+
 def dynamic_quantize(model, tokens, bits, group_size, scale_dtype, settings, log=print) -> dict:
     """Mixed precision chosen from measured sensitivities, at the plain setting's size.
 
@@ -64,15 +88,8 @@ def dynamic_quantize(model, tokens, bits, group_size, scale_dtype, settings, log
     group). Layers that fit the plain group size but not both others keep the
     plain setting. Returns the per-layer quantization config.
     """
-    low = (settings.low_bits or bits, settings.low_group_size or min(2 * group_size, 128))
-    high = (settings.high_bits or bits + 1, settings.high_group_size or group_size)
-    target = settings.target_bpw or bits + 32 / group_size
-    bpw = lambda b, g: b + 32 / g  # noqa: E731
-    if not bpw(*low) <= target <= bpw(*high):
-        raise ValueError(
-            f"--target-bpw {target:g} is outside [{bpw(*low):g}, {bpw(*high):g}], the bits per "
-            f"weight of the low ({low[0]}-bit g{low[1]}) and high ({high[0]}-bit g{high[1]}) settings"
-        )
+    low, high, target = dynamic_settings(bits, group_size, settings)
+    check_target_bpw(low, high, target)
     leaves = tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module)
     plain = {p: m for p, m in leaves if quantizable(m, group_size)}
     mixed = {p: m for p, m in leaves if quantizable(m, low[1]) and quantizable(m, high[1])}
