@@ -5,10 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import huggingface_hub.constants
 import mlx.core as mx
 import mlx_lm
 import numpy as np
 import pytest
+from mlx_lm.convert import mixed_quant_predicate_builder
 from safetensors.numpy import load_file, save_file
 
 from conftest import assert_close_logits, edit_config, make_checkpoint, make_tokenizer, reference_logits
@@ -142,11 +144,13 @@ def test_recipe(source, tmp_path):
     path, _ = source
     convert(str(path), str(tmp_path / "m"), quantize=True, quant_predicate="mixed_3_6", q_group_size=32)
     q = json.loads((tmp_path / "m" / "config.json").read_text())["quantization"]
-    # mlx-lm's rule on 2 layers: the last layer's v_proj/down_proj and lm_head get 6 bits.
-    assert q["model.layers.1.self_attn.v_proj"]["bits"] == 6
-    assert q["lm_head"]["bits"] == 6
-    assert q["model.layers.0.self_attn.v_proj"]["bits"] == 3
-    assert q["model.layers.0.mamba.in_proj"]["bits"] == 3
+    # mlx-lm's rule, as the installed mlx-lm's own predicate decides it (0.32, 2
+    # layers: the last layer's v_proj/down_proj and lm_head get 6 bits, the rest 3).
+    rule = mixed_quant_predicate_builder("mixed_3_6", load_model(path)[0], 32)
+    names = ["model.layers.1.self_attn.v_proj", "lm_head", "model.layers.0.self_attn.v_proj",
+             "model.layers.0.mamba.in_proj"]  # fmt: skip (down_proj's 80 inputs: not in groups of 32)
+    assert [q[n]["bits"] for n in names] == [rule(n, None)["bits"] for n in names]
+    assert {q[n]["bits"] for n in names} == {3, 6}  # mixed, as the recipe says
     ours = logits_of(load_model(tmp_path / "m")[0])
     assert_close_logits(logits_of(mlx_lm.utils.load_model(tmp_path / "m")[0]), ours, rel=1e-5)
 
@@ -259,7 +263,9 @@ def test_interrupted_conversion_leaves_nothing(source, tmp_path, monkeypatch):
 
 
 def test_offline_hub_id_is_a_clear_error(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # huggingface_hub reads HF_HUB_OFFLINE when it is imported (conftest imports
+    # transformers first): set its constant, or this would reach for the network.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(CheckpointError, match=r"no-such-org/no-such-model: not a local folder, and fetching"):
         convert("no-such-org/no-such-model", str(tmp_path / "out"))
     assert folder_state(tmp_path) == set()
@@ -292,7 +298,7 @@ def test_remote_code_runs_our_implementation_in_stock_mlx_lm(tmp_path):
     cmd += ["--trust-remote-code", "--prompt", "def if", "--max-tokens", "5"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert "Generation:" in done.stdout
+    assert done.stdout.strip()  # (mlx-lm's statistics lines are its format, not ours)
 
 
 def test_falcon_recipe_keeps_sensitive_layers_at_high_bits(source, tmp_path):
