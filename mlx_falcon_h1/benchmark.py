@@ -20,6 +20,7 @@ import json
 import os
 import platform
 import shutil
+import sys
 import time
 from dataclasses import fields
 from pathlib import Path
@@ -216,6 +217,9 @@ def benchmark(
     # prompt of WARMUP_TOKENS takes every path a long prompt takes (several SSM
     # chunks, blocked attention, the cache's rollback split), so the timed runs
     # measure steady state, not the compiler.
+    total = len(prompt_tokens) * num_trials * len(models)
+    print(f"Measuring {', '.join(models)}: {total} runs (prompts of {', '.join(map(str, prompt_tokens))} "
+          f"tokens, {generation_tokens} decoded each); a line as each ends", file=sys.stderr, flush=True)  # fmt: skip
     for model in models.values():
         run_once(model, mx.arange(min(WARMUP_TOKENS, prefill_step_size)) % vocab, 2, prefill_step_size)
     decoding = generation_tokens > 0  # else prefill only: nothing decode-related is measured
@@ -228,9 +232,13 @@ def benchmark(
     for length in prompt_tokens:
         prompt = mx.random.randint(0, vocab, (length,), key=mx.random.key(length))
         runs = {name: [] for name in models}
-        for _ in range(num_trials):  # alternate, so drift hits both alike
+        for trial in range(num_trials):  # alternate, so drift hits both alike
             for name, model in models.items():
                 runs[name].append(run_once(model, prompt, generation_tokens, prefill_step_size))
+                got = runs[name][-1]
+                decoded = f", decode {got['generation_tps']:.1f} tok/s" if "generation_tps" in got else ""
+                print(f"  {name}: {length}-token prompt (trial {trial + 1}/{num_trials}): "
+                      f"prefill {got['prompt_tps']:.0f} tok/s{decoded}", file=sys.stderr, flush=True)  # fmt: skip
         row = {"prompt_tokens": length}
         for name, results in runs.items():
             for key in results[0]:
