@@ -28,6 +28,7 @@ import mlx.core as mx
 from mlx_falcon_h1 import folder_format, foreign_folders
 from mlx_falcon_h1.loading import make_args, read_config, safetensors_header, weight_files
 from mlx_falcon_h1.config import ModelArgs
+from mlx_falcon_h1.model import with_float32_parameters
 
 
 def _conv_shape(path: Path):
@@ -105,7 +106,7 @@ def upgrade_foreign(mlx_path: str, source_format: Optional[str] = None, dry_run:
         for file in files:
             shard = mx.load(str(file))
             shard = foreign_folders.apply_factors(shard, factors, config, keep_dtype=True)
-            shard = foreign_folders.with_float32_parameters(shard)
+            shard = with_float32_parameters(shard)
             mx.save_safetensors(str(tmp / file.name), shard, metadata=foreign_folders.safetensors_metadata(file))
             total += sum(w.nbytes for w in shard.values())
             del shard
