@@ -10,8 +10,12 @@ only what is left to apply at run time, with the originals recorded under
 repairs one made by mlx-lm's converter or its pre-release branch (repair.py).
 
 Falcon-aware precision: A_log, D, dt_bias, the conv1d weights and biases and every
-norm stay float32 and are never quantized; Linear and Embedding weights are
-quantized when their input size fits the group size and left alone otherwise.
+norm are never quantized; Linear and Embedding weights are quantized when their
+input size fits the group size and left alone otherwise. Every unquantized
+tensor is stored in the target dtype, as mlx-lm stores it, so no consumer
+promotes its activations to float32 (folder_format.py); `--ssm-dtype float32`
+keeps those parameters in float32 at a cost in every other app, which the
+converter states. Our runtime computes them in float32 from either layout.
 
 The steps have a file each: reading.py (the source), folding.py (multipliers
 and dtypes), writing.py (the folder); this file is the command.
@@ -19,7 +23,6 @@ and dtypes), writing.py (the folder); this file is the command.
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import time
@@ -27,26 +30,29 @@ from pathlib import Path
 from typing import Callable, Dict, Optional, Union
 
 import mlx.core as mx
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_unflatten
 
 from mlx_falcon_h1 import cli, folder_format
-from mlx_falcon_h1.folder_format import FORMAT_KEY
-from mlx_falcon_h1.loading import make_args, read_config, resolve_path
-from mlx_falcon_h1.model import Model
+from mlx_falcon_h1.folder_format import FORMAT_KEY, SSM_DTYPES
+from mlx_falcon_h1.loading import make_args, read_config, resolve_path, weight_files
+from mlx_falcon_h1.model import Model, castable, weights_dtype, with_float32_parameters
 from mlx_falcon_h1.quantize import METHODS, CalibrationSettings, calibrated_quantize, check_target_bpw, dynamic_settings
 from mlx_falcon_h1.quantize import add_arguments as add_calibration_arguments
 from mlx_falcon_h1.quantize import settings_from as calibration_settings
 
 from . import repair
-from .folding import cast_calibrated, cast_weights, fold_multipliers
+from .folding import cast_calibrated, cast_weights, float32_layout_traffic, fold_multipliers
 from .quality import quality_report
 from .reading import Source, read_source
 from .recipes import RECIPES, make_recipe
 from .writing import (
     MAX_SHARD_BYTES,
+    card_with_layout,
     model_card,
     move_into_place,
     prepare_destination,
+    recast_in_place,
+    replace_file,
     resolved_config,
     write_config_file,
     write_folder,
@@ -80,7 +86,7 @@ def convert(
     dequantize: bool = False,
     upload_repo: Optional[str] = None,
     force: bool = False,
-    ssm_dtype: str = "float32",
+    ssm_dtype: Optional[str] = None,
     max_shard_size_gb: float = MAX_SHARD_BYTES / (1 << 30),
     report_tokens: int = 256,
     remote_code: bool = False,
@@ -93,7 +99,8 @@ def convert(
     calibration flags (`calibration_data`, `num_samples`, ...: see
     mlx_falcon_h1/quantize/settings.py) quantize with a calibrated method.
     Returns the quality report of a quantized conversion (also written to
-    quality_report.json), else None.
+    quality_report.json), else None. `ssm_dtype` None is the default layout,
+    "weights", recorded as not chosen (so a later default may change it).
     """
     calibrated = _checked_flags(quantize, dequantize, q_mode, dtype, ssm_dtype, quant_predicate,
                                 dict(calibration, method=method))  # fmt: skip
@@ -109,13 +116,14 @@ def convert(
         started = time.time()
         source, weights = read_source(source_path, dequantize)
         target = DTYPES[dtype] if dtype else source.dtype
+        layout = ssm_dtype or "weights"
         model, config = _output_model(source, weights, target, ssm_dtype, str(hf_path))
         del weights  # the model holds what is written; the source's tensors may go
-        settings = {"dtype": str(target).removeprefix("mlx.core."), "ssm_dtype": ssm_dtype}
+        settings = {"dtype": str(target).removeprefix("mlx.core."), "ssm_dtype": layout}
         record = None
         if quantize and calibrated is not None:
             bits, group_size = _quant_setting("affine", q_bits, q_group_size)
-            q, record = _calibrate(model, source.path, bits, group_size, calibrated, target)
+            q, record = _calibrate(model, source.path, bits, group_size, calibrated, target, layout)
             config = {**config, "quantization": q, "quantization_config": q}
             settings.update(q_mode="affine", q_bits=bits, q_group_size=group_size, **record)
         elif quantize:
@@ -137,6 +145,8 @@ def convert(
         params = dict(tree_flatten(model.parameters()))
         args = model.args
         del model  # the shards must hold the only references, to be freed one by one
+        if layout == "float32":
+            _say_float32_cost(params, target)
         write_folder(tmp, source.path, params, config, int(max_shard_size_gb * (1 << 30)), remote_code)
         report = _quality(source.path, tmp, report_tokens, record) if quantize else None
         (tmp / "README.md").write_text(model_card(str(hf_path), settings, report))
@@ -163,8 +173,8 @@ def _checked_flags(quantize, dequantize, q_mode, dtype, ssm_dtype, quant_predica
         raise ValueError(f"--q-mode {q_mode!r}: choose one of {', '.join(Q_MODES)}")
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
-    if ssm_dtype not in ("float32", "source"):
-        raise ValueError(f"--ssm-dtype {ssm_dtype!r}: choose 'float32' or 'source'")
+    if ssm_dtype is not None and ssm_dtype not in SSM_DTYPES:
+        raise ValueError(f"--ssm-dtype {ssm_dtype!r}: choose one of {', '.join(SSM_DTYPES)}")
     if isinstance(quant_predicate, str) and quant_predicate not in RECIPES:
         raise ValueError(f"--quant-predicate {quant_predicate!r}: choose one of {', '.join(RECIPES)}")
     method = calibration.get("method")
@@ -216,17 +226,19 @@ def _one_of(values) -> str:
     return values[0] if len(values) == 1 else f"{', '.join(values[:-1])} or {values[-1]}"
 
 
-def _output_model(source: Source, weights: Dict[str, mx.array], target: mx.Dtype, ssm_dtype: str,
-                  described: str):  # fmt: skip
+def _output_model(source: Source, weights: Dict[str, mx.array], target: mx.Dtype,
+                  ssm_dtype: Optional[str], described: str):  # fmt: skip
     """(model, config) of the output folder: the weights with the multipliers
     folded in (unless they already carry them) and cast, in the one model built
     from the output's config, which applies only the multipliers left to apply
     (calibration runs it, so it must compute what the output computes)."""
     if not folder_format.is_folded(source.config):
         weights = fold_multipliers(weights, source.args)
-    cast_weights(weights, target, ssm_dtype)
+    layout = ssm_dtype or "weights"
+    cast_weights(weights, target, layout)
     originals = folder_format.original_multipliers(source.config)
-    config = folder_format.folded_config(source.config, originals, source=described, ssm_dtype=ssm_dtype)
+    config = folder_format.folded_config(source.config, originals, source=described, ssm_dtype=layout,
+                                         ssm_dtype_chosen=ssm_dtype is not None)  # fmt: skip
     args = make_args(config, source.path / "config.json")
     model = Model(args)
     model.load_weights(list(weights.items()), strict=True)
@@ -235,16 +247,28 @@ def _output_model(source: Source, weights: Dict[str, mx.array], target: mx.Dtype
 
 
 def _calibrate(model, source: Path, bits: int, group_size: int, settings: CalibrationSettings,
-               target: mx.Dtype):  # fmt: skip
+               target: mx.Dtype, layout: str):  # fmt: skip
     """Calibrated quantization in place; (quantization config, calibration record).
-    Calibration computes in float32; the weights are then cast as a plain
-    conversion writes them."""
+    Calibration computes in float32, the SSM parameters, conv and norms widened
+    as our loader widens them; the weights are then cast as a plain conversion
+    writes them."""
     from mlx_lm.utils import load_tokenizer
 
-    before = {k: v.dtype for k, v in tree_flatten(model.parameters())}
+    model.update(tree_unflatten(list(with_float32_parameters(dict(tree_flatten(model.parameters()))).items())))
     q, record = calibrated_quantize(model, load_tokenizer(source), bits, group_size, settings, scale_dtype=target)
-    cast_calibrated(model, target, before)
+    cast_calibrated(model, target, layout)
     return q, record
+
+
+def _say_float32_cost(params: Dict[str, mx.array], target: mx.Dtype) -> None:
+    """--ssm-dtype float32: what it costs this folder in other apps."""
+    kept = sum(w.size for k, w in params.items() if not castable(k) and mx.issubdtype(w.dtype, mx.floating))
+    extra = kept * (4 - target.size)
+    traffic = float32_layout_traffic(params) if target != mx.float32 else 0
+    print(f"[layout] --ssm-dtype float32: SSM parameters, conv and norms in float32 ({_mb(extra)} "
+          f"more than in {str(target).removeprefix('mlx.core.')}); {folder_format.float32_layout_cost()}; "
+          f"here ~{_mb(traffic)} more memory traffic per token by arithmetic. "
+          "mlx_falcon_h1 computes them in float32 from either layout, at no cost.")  # fmt: skip
 
 
 def _quality(source: Path, folder: Path, tokens: int, calibration: Optional[dict]) -> dict:
@@ -273,18 +297,26 @@ def _warn_consumers(args, config: dict, remote_code: bool) -> None:
         )
 
 
-def upgrade(mlx_path: str, source_format: Optional[str] = None, dry_run: bool = False) -> bool:
-    """Rewrite the config.json of a folder made by an earlier version of this
-    converter (format 1) as format 2 writes it, in place; the weights stay as
-    they are. Atomic: the new file replaces the old in one rename. Returns
-    whether anything changed (False for a folder already in format 2)."""
+def upgrade(mlx_path: str, source_format: Optional[str] = None, dry_run: bool = False,
+            ssm_dtype: Optional[str] = None) -> bool:  # fmt: skip
+    """Bring a folder made by an earlier version of this converter to the current
+    format in place: config.json as it writes it (format 1 restated the
+    multipliers the weights carry) and the SSM parameters, conv and norms in the
+    layout `ssm_dtype` names, else the one a format-3 record chose, else the
+    default (the weights' dtype; formats 1 and 2 kept them float32, which makes
+    other apps cast weights every step). Each file is replaced whole
+    (writing.recast_in_place; config.json last). A folder made by another tool
+    is repaired (repair.py). Returns whether anything changed (with dry_run:
+    would change)."""
     path = Path(mlx_path)
     if not path.is_dir():
         raise ValueError(f"{path}: no such folder")
+    if ssm_dtype is not None and ssm_dtype not in SSM_DTYPES:
+        raise ValueError(f"--ssm-dtype {ssm_dtype!r}: choose one of {', '.join(SSM_DTYPES)}")
     config = read_config(path)
     record = folder_format.record(config)
     if not record and repair.is_foreign_folder(path, config):
-        return repair.upgrade_foreign(path, source_format, dry_run)
+        return repair.upgrade_foreign(path, source_format, dry_run, ssm_dtype)
     if not record:
         raise ValueError(
             f"{path / 'config.json'}: no '{FORMAT_KEY}' record, so this folder was not made "
@@ -297,23 +329,54 @@ def upgrade(mlx_path: str, source_format: Optional[str] = None, dry_run: bool = 
             "LoRA adapters on a Hugging Face base); convert it: "
             f"mlx-falcon-h1-convert --hf-path {path} --mlx-path NEW_FOLDER"
         )
-    if not folder_format.needs_upgrade(config):
+    make_args(config, path / "config.json")  # refuse a config we could not run
+    current = folder_format.format_version(config) == folder_format.FORMAT_VERSION
+    layout = ssm_dtype or (record.get("ssm_dtype", "weights") if current else "weights")
+    chosen = ssm_dtype is not None or (current and bool(record.get("ssm_dtype_chosen")))
+    upgraded = folder_format.upgraded_config(config, ssm_dtype=layout, ssm_dtype_chosen=chosen)
+    tensors = {}
+    for file in weight_files(path):
+        tensors.update(mx.load(str(file)))
+    dtype = mx.float32 if layout == "float32" else weights_dtype({k: w.dtype for k, w in tensors.items()})
+    casts = {k: w for k, w in tensors.items()
+             if not castable(k) and mx.issubdtype(w.dtype, mx.floating) and w.dtype != dtype}  # fmt: skip
+    if not casts and upgraded == config:
         print(f"[done] {path}: already format {folder_format.FORMAT_VERSION}, nothing to do")
         return False
-    make_args(config, path / "config.json")  # refuse a config we could not run
-    upgraded = folder_format.upgraded_config(config)
+    changes = _layout_changes(casts, dtype, tensors)
+    if folder_format.restates_multipliers(config):
+        changes.append("config.json states the multipliers left to apply (mlx-swift-lm applied "
+                       "key_multiplier twice)")  # fmt: skip
     if dry_run:
-        print(f"[dry run] {path}: would rewrite config.json as format {folder_format.FORMAT_VERSION}")
+        print(f"[dry run] {path}: would upgrade to format {folder_format.FORMAT_VERSION}: " + "; ".join(changes))
         return True
-    tmp = path / f".config.json.upgrade-{os.getpid()}"
-    try:
-        write_config_file(tmp, upgraded)
-        os.replace(tmp, path / "config.json")
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    print(f"[done] {path}: config.json upgraded to format {folder_format.FORMAT_VERSION}")
+    recast_in_place(path, {k: dtype for k in casts})
+    replace_file(path / "config.json", lambda tmp: write_config_file(tmp, upgraded))
+    card = path / "README.md"
+    if card.is_file() and "with mlx-falcon-h1-convert" in (text := card.read_text()):
+        replace_file(card, lambda tmp: tmp.write_text(card_with_layout(text, layout)))
+    print(f"[done] {path}: upgraded to format {folder_format.FORMAT_VERSION}: " + "; ".join(changes))
     return True
+
+
+def _layout_changes(casts: Dict[str, mx.array], dtype: mx.Dtype, tensors: Dict[str, mx.array]) -> list:
+    """What casting `casts` ({name: tensor}) to `dtype` changes, in words."""
+    name = str(dtype).removeprefix("mlx.core.")
+    if not casts:
+        return [f"SSM parameters, conv and norms already {name}"]
+    before = sum(w.nbytes for w in casts.values())
+    after = sum(w.size * dtype.size for w in casts.values())
+    rounded = sum(not mx.array_equal(w, w.astype(dtype)).item() for w in casts.values())
+    exact = "values unchanged" if not rounded else f"{rounded} of them rounded to {name}"
+    line = f"{len(casts)} tensors (A_log, D, dt_bias, conv1d, norms) to {name}, {_mb(before)} -> {_mb(after)}, {exact}"
+    if dtype == mx.float32:
+        return [f"{line}; as asked: {folder_format.float32_layout_cost()}"]
+    return [f"{line}: stock mlx-lm and other apps now decode without casting weights "
+            f"(~{_mb(float32_layout_traffic(tensors))} less memory traffic per token, by arithmetic)"]  # fmt: skip
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.3g} MB"
 
 
 def configure_parser() -> argparse.ArgumentParser:
@@ -323,9 +386,9 @@ def configure_parser() -> argparse.ArgumentParser:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--hf-path", "--model", help="Local folder or Hub repo id.")
     source.add_argument("--upgrade", metavar="PATH",
-                        help="Repair a folder in place so every MLX app reads it right: one "
-                        "converted by an earlier version (config.json only), or by mlx-lm's "
-                        "converter or its pre-release branch (weights too).")  # fmt: skip
+                        help="Repair a folder in place so every MLX app reads it right and fast: "
+                        "one converted by an earlier version, or by mlx-lm's converter or its "
+                        "pre-release branch.")  # fmt: skip
     p.add_argument("--source-format", choices=("mlx-lm", "unfolded"), default=None,
                    help="With --upgrade: which tool made a folder whose evidence does not tell "
                    "(mlx-lm: its converter, which folds; unfolded: its pre-release branch).")  # fmt: skip
@@ -343,9 +406,12 @@ def configure_parser() -> argparse.ArgumentParser:
                    help="Dequantize a quantized MLX folder.")  # fmt: skip
     p.add_argument("--upload-repo", default=None, help="Hub repo to upload the result to.")
     p.add_argument("--force", action="store_true", help="Replace an existing --mlx-path.")
-    p.add_argument("--ssm-dtype", choices=("float32", "source"), default="float32",
-                   help="Keep A_log, D, dt_bias, conv1d and norms in float32 (default) "
-                   "or in the checkpoint's dtype.")  # fmt: skip
+    p.add_argument("--ssm-dtype", choices=SSM_DTYPES, default=None,
+                   help="A_log, D, dt_bias, conv1d and norms in the weights' dtype (weights, the "
+                   "default: no app casts weights at run time) or in float32: "
+                   + folder_format.float32_layout_cost().replace("%", "%%")
+                   + ". mlx_falcon_h1 computes them in float32 either way. With --upgrade: "
+                   "the layout to bring the folder to.")  # fmt: skip
     p.add_argument("--max-shard-size-gb", type=float, default=MAX_SHARD_BYTES / (1 << 30))
     p.add_argument("--remote-code", action="store_true",
                    help="Make mlx-lm's --trust-remote-code run this package's implementation "
@@ -361,7 +427,7 @@ def main(argv=None):
 
     def command():
         if upgrade_path is not None:
-            return upgrade(upgrade_path, source_format, dry_run)
+            return upgrade(upgrade_path, source_format, dry_run, args["ssm_dtype"])
         if source_format is not None or dry_run:
             raise ValueError("--source-format and --dry-run go with --upgrade")
         return convert(**args)

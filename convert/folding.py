@@ -1,11 +1,11 @@
 """What the source's weights become: the muP multipliers folded in, and each
-weight's dtype (the model's `castable` rule: SSM parameters, conv and norms
-stay float32)."""
+weight's dtype (every one in the target dtype; with --ssm-dtype float32 the SSM
+parameters, conv and norms, the model's non-`castable` ones, in float32)."""
 
 from typing import Dict
 
 import mlx.core as mx
-from mlx.utils import tree_map_with_path
+from mlx.utils import tree_flatten, tree_unflatten
 
 from mlx_falcon_h1.model import ModelArgs, castable
 
@@ -52,26 +52,30 @@ def fold_multipliers(weights: Dict[str, mx.array], args: ModelArgs) -> Dict[str,
 
 
 def cast_weights(weights: Dict[str, mx.array], target: mx.Dtype, ssm_dtype: str) -> None:
-    """In place: castable weights to `target`; SSM parameters, conv and norms to
-    float32 (ssm_dtype "float32") or as they are (ssm_dtype "source")."""
+    """In place: every floating weight to `target`; with ssm_dtype "float32" the
+    SSM parameters, conv and norms to float32 (folder_format.SSM_DTYPES)."""
     for name, w in weights.items():
-        if not mx.issubdtype(w.dtype, mx.floating):
-            continue
-        if castable(name):
-            weights[name] = w.astype(target)
-        elif ssm_dtype == "float32":
-            weights[name] = w.astype(mx.float32)
+        if mx.issubdtype(w.dtype, mx.floating):
+            weights[name] = w.astype(mx.float32 if ssm_dtype == "float32" and not castable(name) else target)
 
 
-def cast_calibrated(model, target: mx.Dtype, before: Dict[str, mx.Dtype]) -> None:
+def cast_calibrated(model, target: mx.Dtype, ssm_dtype: str) -> None:
     """After calibration (which computes in float32): the dtypes a plain
-    conversion writes. Scales, biases and other castable weights in `target`;
-    SSM parameters, conv and norms as they were before (`before`: path -> dtype)."""
+    conversion writes, quantized scales and biases included."""
+    params = dict(tree_flatten(model.parameters()))
+    cast_weights(params, target, ssm_dtype)
+    model.update(tree_unflatten(list(params.items())))
 
-    def cast(path, w):
-        if not mx.issubdtype(w.dtype, mx.floating):
-            return w
-        return w.astype(target if castable(path) else before.get(path, mx.float32))
 
-    model.update(tree_map_with_path(cast, model.parameters()))
-
+def float32_layout_traffic(weights: Dict[str, mx.array]) -> int:
+    """Bytes a decode step moves more in an app that follows MLX's type promotion
+    when the SSM parameters, conv and norms are float32 (folder_format.py), by
+    arithmetic: each floating tensor a matmul reads (a weight, or a quantized
+    layer's scales and biases; the embedding only as a tied head) is cast to
+    float32 every step, reading it and writing 4 bytes an element that the
+    matmul then reads instead of the stored ones: 8 bytes an element more."""
+    tied = "lm_head.weight" not in weights
+    return 8 * sum(
+        w.size for k, w in weights.items()
+        if castable(k) and mx.issubdtype(w.dtype, mx.floating) and (tied or "embed_tokens" not in k)
+    )  # fmt: skip

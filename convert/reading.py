@@ -10,7 +10,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from mlx_falcon_h1.loading import load_model, read_checkpoint, read_config
-from mlx_falcon_h1.model import ModelArgs
+from mlx_falcon_h1.model import ModelArgs, weights_dtype
 
 from .repair import refuse_foreign
 
@@ -20,7 +20,7 @@ class Source:
     path: Path
     config: Dict[str, Any]  # its config.json, read once
     args: ModelArgs  # what that config states (the multipliers as trained, or as left to apply)
-    dtype: mx.Dtype  # the weights' most common floating dtype: what --dtype defaults to
+    dtype: mx.Dtype  # the weights' dtype (model.weights_dtype): what --dtype defaults to
 
 
 def read_source(path: Path, dequantize: bool) -> Tuple[Source, Dict[str, mx.array]]:
@@ -42,9 +42,5 @@ def read_source(path: Path, dequantize: bool) -> Tuple[Source, Dict[str, mx.arra
         model, config, weights = read_checkpoint(path)
         if "quantization" in config:
             raise ValueError(f"{path}: already quantized; use --dequantize first")
-    return Source(path, config, model.args, _most_common_float_dtype(weights)), weights
+    return Source(path, config, model.args, weights_dtype({k: w.dtype for k, w in weights.items()})), weights
 
-
-def _most_common_float_dtype(weights: Dict[str, mx.array]) -> mx.Dtype:
-    floats = [w.dtype for w in weights.values() if mx.issubdtype(w.dtype, mx.floating)]
-    return max(set(floats), key=floats.count) if floats else mx.float32

@@ -1,15 +1,17 @@
 """`mlx-falcon-h1-convert --upgrade PATH` for folders made by another tool.
 
 A folder made by mlx-lm's converter (or its pre-release branch; see
-mlx_falcon_h1/foreign_folders.py) is rewritten in place into our format 2:
+mlx_falcon_h1/foreign_folders.py) is rewritten in place into our current format:
 every factor its weights lack is multiplied into them (a dense weight in
 float32, then stored in its dtype again; an affine-quantized one through its
-scales and biases, codes untouched), SSM parameters, conv and norms are widened
-to float32 as our converter keeps them, and config.json states what is left to
-apply at run time (1.0, or lm / emb for a tied head), with the originals
-recorded. Stock mlx-lm, LM Studio's mlx-engine and mlx-swift-lm then compute
-transformers' model from it (folder_format.py says what each reads), except
-where folder_format.consumer_caveats says a consumer cannot.
+scales and biases, codes untouched), SSM parameters, conv and norms stay in the
+weights' dtype as mlx-lm wrote them (widened to float32 only with
+--ssm-dtype float32: folder_format.py says what that costs other apps), and
+config.json states what is left to apply at run time (1.0, or lm / emb for a
+tied head), with the originals recorded. Stock mlx-lm, LM Studio's mlx-engine
+and mlx-swift-lm then compute transformers' model from it (folder_format.py
+says what each reads), except where folder_format.consumer_caveats says a
+consumer cannot.
 
 Atomic: the repaired folder is written beside the original and swapped in by
 renames; an error leaves the original as it was.
@@ -26,8 +28,9 @@ from typing import Any, Dict, Optional
 import mlx.core as mx
 
 from mlx_falcon_h1 import folder_format, foreign_folders
-from mlx_falcon_h1.loading import make_args, read_config, safetensors_header, weight_files
 from mlx_falcon_h1.config import ModelArgs
+from mlx_falcon_h1.loading import make_args, read_config, safetensors_header, weight_files
+from mlx_falcon_h1.model import castable, weights_dtype
 
 
 def _conv_shape(path: Path):
@@ -52,10 +55,11 @@ def refuse_foreign(path: Path, config: Dict[str, Any]) -> None:
         )
 
 
-def repaired_config(config: Dict[str, Any], finding, tied: bool) -> Dict[str, Any]:
+def repaired_config(config: Dict[str, Any], finding, tied: bool, ssm_dtype: Optional[str]) -> Dict[str, Any]:
     """config.json of the repaired folder: every field spelled out as resolved
     (the consumers' defaults differ from transformers': tie_word_embeddings,
-    rope_theta from rope_parameters ...), the multipliers at their run-time values."""
+    rope_theta from rope_parameters ...), the multipliers at their run-time
+    values, the layout (ssm_dtype None: the default, not chosen)."""
     args = make_args({**config, "tie_word_embeddings": tied}, Path("config.json"))
     out = dict(config)
     for f in dataclasses.fields(ModelArgs):
@@ -68,12 +72,15 @@ def repaired_config(config: Dict[str, Any], finding, tied: bool) -> Dict[str, An
     originals = folder_format.original_multipliers(config)
     upgraded_from = {"source_format": finding.kind, "sure": finding.sure,
                      "evidence": finding.evidence, "fold_dtype": finding.fold_dtype}  # fmt: skip
-    return folder_format.folded_config(out, originals, upgraded_from=upgraded_from)
+    return folder_format.folded_config(out, originals, upgraded_from=upgraded_from, ssm_dtype=ssm_dtype or "weights",
+                                       ssm_dtype_chosen=ssm_dtype is not None)  # fmt: skip
 
 
-def upgrade_foreign(mlx_path: str, source_format: Optional[str] = None, dry_run: bool = False) -> bool:
-    """Repair a foreign folder in place (see the module docstring); returns
-    whether it changed (with dry_run: would change) anything."""
+def upgrade_foreign(mlx_path: str, source_format: Optional[str] = None, dry_run: bool = False,
+                    ssm_dtype: Optional[str] = None) -> bool:  # fmt: skip
+    """Repair a foreign folder in place (see the module docstring), its SSM
+    parameters, conv and norms in the layout `ssm_dtype` names (None: the
+    weights' dtype); returns whether it changed (with dry_run: would change) anything."""
     path = Path(mlx_path)
     config = read_config(path)
     files = weight_files(path)
@@ -84,12 +91,19 @@ def upgrade_foreign(mlx_path: str, source_format: Optional[str] = None, dry_run:
     print(f"[found] {finding.line(path)}")
     factors = foreign_folders.weight_factors(config, weights, finding.kind, finding.fold_dtype)
     tied = "lm_head.weight" not in weights
-    new_config = repaired_config(config, finding, tied)
+    new_config = repaired_config(config, finding, tied, ssm_dtype)
     changes = foreign_folders.describe_factors(factors)
+    dtype = mx.float32 if ssm_dtype == "float32" else weights_dtype({k: w.dtype for k, w in weights.items()})
+    small = {k for k, w in weights.items() if not castable(k) and mx.issubdtype(w.dtype, mx.floating)}
+    cast = {k for k in small if weights[k].dtype != dtype}
+    layout = f"SSM parameters, conv and norms in {str(dtype).removeprefix('mlx.core.')} ({len(cast)} tensors cast)"
+    layout += (f", as asked: {folder_format.float32_layout_cost()}" if ssm_dtype == "float32"
+               else ", the weights' dtype, so no app casts weights at run time")  # fmt: skip
     caveats = folder_format.consumer_caveats(make_args(new_config, path / "config.json"), new_config)
     if dry_run:
         print(f"[dry run] {path}: would multiply into the weights: " + ("; ".join(changes) or "nothing"))
-        print("[dry run] would rewrite config.json as format 2: run-time multipliers "
+        print(f"[dry run] would store {layout}")
+        print(f"[dry run] would rewrite config.json as format {folder_format.FORMAT_VERSION}: run-time multipliers "
               + json.dumps(folder_format.runtime_multipliers(folder_format.original_multipliers(config), tied)))
         for consumer, reasons in caveats.items():
             print(f"[dry run] {consumer} still would not compute it exactly: " + "; ".join(reasons))
@@ -105,12 +119,12 @@ def upgrade_foreign(mlx_path: str, source_format: Optional[str] = None, dry_run:
         for file in files:
             shard = mx.load(str(file))
             shard = foreign_folders.apply_factors(shard, factors, config, keep_dtype=True)
-            shard = foreign_folders.with_float32_parameters(shard)
+            shard = {k: w.astype(dtype) if k in small else w for k, w in shard.items()}
             mx.save_safetensors(str(tmp / file.name), shard, metadata=foreign_folders.safetensors_metadata(file))
             total += sum(w.nbytes for w in shard.values())
             del shard
         index = tmp / "model.safetensors.index.json"
-        if index.is_file():  # the widened float32 tensors change its total
+        if index.is_file():  # tensors cast to another dtype change its total
             data = json.loads(index.read_text())
             data.setdefault("metadata", {})["total_size"] = total
             index.write_text(json.dumps(data, indent=4))
@@ -125,7 +139,8 @@ def upgrade_foreign(mlx_path: str, source_format: Optional[str] = None, dry_run:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    print(f"[done] {path}: repaired in place; multiplied into the weights: " + ("; ".join(changes) or "nothing"))
+    print(f"[done] {path}: repaired in place; multiplied into the weights: " + ("; ".join(changes) or "nothing")
+          + f"; {layout}")
     for consumer, reasons in caveats.items():
         print(f"[warning] {consumer} does not compute this folder exactly: " + "; ".join(reasons)
               + ". Run it with mlx_falcon_h1.")

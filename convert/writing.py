@@ -1,6 +1,7 @@
 """Writing the output folder: safetensors shards, config.json spelled out for
 every reader, the tokenizer files, the model card; into a temporary folder that
-replaces the destination in one rename, so a failed conversion leaves nothing."""
+replaces the destination in one rename, so a failed conversion leaves nothing.
+And rewriting a folder's shards in place, for --upgrade."""
 
 import dataclasses
 import json
@@ -8,12 +9,14 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import mlx.core as mx
 from tqdm import tqdm
 
 from mlx_falcon_h1.folder_format import FORMAT_KEY
+from mlx_falcon_h1.foreign_folders import safetensors_metadata
+from mlx_falcon_h1.loading import weight_files
 from mlx_falcon_h1.model import ModelArgs
 
 MAX_SHARD_BYTES = 5 << 30  # mlx-lm's shard size
@@ -107,6 +110,26 @@ def write_config_file(file: Path, config: dict) -> None:
     save_config(dict(config), file)
 
 
+# The model card's line on the SSM parameters' layout (folder_format.SSM_DTYPES);
+# --upgrade replaces it (and format 2's) in a card this converter wrote.
+LAYOUT_LINES = {
+    "weights": "A_log, D, dt_bias, conv1d and norms share the weights' dtype: no app casts weights.",
+    "float32": "A_log, D, dt_bias, conv1d and norms are float32: other apps cast weights every token.",
+}
+OLD_LAYOUT_LINE = "A_log, D, dt_bias, conv1d and norms are kept in float32."  # formats 1 and 2
+
+
+def card_with_layout(card: str, ssm_dtype: str) -> str:
+    """A model card this converter wrote, its layout lines saying `ssm_dtype`."""
+    lines = card.split("\n")
+    for i, line in enumerate(lines):
+        if line == OLD_LAYOUT_LINE or line in LAYOUT_LINES.values():
+            lines[i] = LAYOUT_LINES[ssm_dtype]
+        elif line.startswith("- ssm_dtype: `"):
+            lines[i] = f"- ssm_dtype: `{ssm_dtype}`"
+    return "\n".join(lines)
+
+
 def model_card(source: str, settings: dict, report: Optional[dict]) -> str:
     lines = [
         "---",
@@ -126,7 +149,7 @@ def model_card(source: str, settings: dict, report: Optional[dict]) -> str:
         "muP multipliers are folded into the weights; config.json states only what is",
         "left to apply at run time (the originals are recorded under `mlx_falcon_h1`),",
         "so mlx-lm, apps built on it and mlx-swift-lm apps all compute the reference.",
-        "A_log, D, dt_bias, conv1d and norms are kept in float32.",
+        LAYOUT_LINES[settings["ssm_dtype"]],
         "",
         "## Use",
         "",
@@ -146,6 +169,47 @@ def model_card(source: str, settings: dict, report: Optional[dict]) -> str:
             f" | {report['max_logit_diff']:.3g} |",
         ]
     return "\n".join(lines) + "\n"
+
+
+def replace_file(file: Path, write: Callable[[Path], None]) -> None:
+    """`write(tmp)` to a temporary name beside `file`, then moved over it in one
+    rename: `file` is always whole, old or new. The name ends unlike a weight
+    file, so a folder's *.safetensors never includes one left by a crash."""
+    tmp = file.with_name(f".{file.name}.upgrade-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, file)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def recast_in_place(folder: Path, casts: Dict[str, mx.Dtype]) -> None:
+    """Each shard of `folder` that holds a tensor of `casts` ({name: dtype})
+    rewritten with it cast, one shard at a time (replace_file). An interruption
+    leaves every shard whole, old or new, in a folder that loads and computes the
+    same in our runtime (which widens these tensors) and that --upgrade finishes;
+    the disk needs room for one more shard, not a copy of the folder. The
+    index's total_size follows."""
+    total = 0
+    for file in weight_files(folder):
+        shard = mx.load(str(file))
+        if casts.keys() & shard.keys():
+            shard = {k: w.astype(casts[k]) if k in casts else w for k, w in shard.items()}
+            metadata = safetensors_metadata(file)
+
+            def write(tmp, shard=shard):
+                with open(tmp, "wb") as f:  # a path would get ".safetensors" appended
+                    mx.save_safetensors(f, shard, metadata=metadata)
+
+            replace_file(file, write)
+        total += sum(w.nbytes for w in shard.values())
+        del shard
+    index_file = folder / "model.safetensors.index.json"
+    if index_file.is_file():
+        index = json.loads(index_file.read_text())
+        index.setdefault("metadata", {})["total_size"] = total
+        replace_file(index_file, lambda tmp: tmp.write_text(json.dumps(index, indent=4)))
 
 
 def prepare_destination(mlx_path: Path, force: bool) -> Path:

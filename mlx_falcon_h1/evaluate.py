@@ -190,8 +190,8 @@ def cast_model(model: nn.Module, dtype: Union[str, mx.Dtype]) -> nn.Module:
     """Cast floating-point parameters in place; returns the model.
 
     float32 casts all of them. bfloat16/float16 cast the `castable` ones (SSM
-    parameters, conv and norms stay float32), as the converter does. Quantized
-    weights (integers) are never touched.
+    parameters, conv and norms stay float32, as our loader holds them).
+    Quantized weights (integers) are never touched.
     """
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
 

@@ -23,6 +23,16 @@ lm_head_multiplier = lm_head / embedding (the shared matrix carries the
 embedding multiplier; the head needs the rest). Every reader then computes the
 reference, whichever of these fields it reads at run time or folds at load. The
 original values stay in the record under "mlx_falcon_h1".
+
+Format 2 kept A_log, D, dt_bias, conv1d and the norms in float32. Every consumer
+but ours follows MLX's type promotion: a bfloat16 activation meeting a float32
+norm weight (or SSM path) comes out float32, the residual stream turns float32,
+and every matmul then casts its weights (or quantized scales and biases) to
+float32 at every token. Format 3 stores them in the dtype of the folder's other
+weights, as mlx-lm's converter does (layout "weights"), unless the user chose
+"float32" (--ssm-dtype float32; the record says whether the layout was chosen,
+so a later default never overrides a choice). Our loader widens them to float32
+either way (model.with_float32_parameters).
 """
 
 import math
@@ -42,12 +52,27 @@ MULTIPLIERS = (
 
 # Key of our record in config.json: what the converter did to the weights.
 FORMAT_KEY = "mlx_falcon_h1"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 LIST_MULTIPLIERS = {"mlp_multipliers": 2, "ssm_multipliers": 5}
 
 # The consumers a converted folder is written for, and the versions read.
 MLX_LM = "mlx-lm (0.32.x, main d78bf58, LM Studio's mlx-engine 08f0c07)"
 MLX_SWIFT_LM = "mlx-swift-lm (main 14414441)"
+
+# Layouts of the SSM parameters, conv and norms (--ssm-dtype; the record's
+# "ssm_dtype"): in the weights' dtype, the default, or float32.
+SSM_DTYPES = ("weights", "float32")
+
+# What the float32 layout costs and buys in stock mlx-lm: issue 28's numbers
+# (mlx-lm 0.32.2 on our folders), until the launch counter's measurement
+# (launch_count.py) replaces them. Per decode layer, by the weights'
+# quantization: (kernel launches with float32 parameters, launches with them in
+# the weights' dtype, weight casts per token with float32 parameters).
+FLOAT32_LAYOUT_LAUNCHES = {"bf16": (36, 27, 9), "4-bit": (45, 27, 18), "8-bit": (45, 27, 18)}
+# Mean KL against transformers of the trained fixture's 8-bit folder in stock
+# mlx-lm: (float32 parameters, the weights' dtype).
+FLOAT32_LAYOUT_KL = (0.00009, 0.0028)
+FLOAT32_LAYOUT_SOURCE = "stock mlx-lm 0.32.2, issue 28"
 
 
 def record(config: Dict[str, Any]) -> Dict[str, Any]:
@@ -58,14 +83,32 @@ def is_folded(config: Dict[str, Any]) -> bool:
     return bool(record(config).get("multipliers_folded"))
 
 
-def needs_upgrade(config: Dict[str, Any]) -> bool:
+def format_version(config: Dict[str, Any]) -> int:
+    return record(config).get("format_version", 1)
+
+
+def restates_multipliers(config: Dict[str, Any]) -> bool:
     """A folded folder written before format 2: its config restates what the weights carry."""
-    return is_folded(config) and record(config).get("format_version", 1) < FORMAT_VERSION
+    return is_folded(config) and format_version(config) < 2
+
+
+def needs_upgrade(config: Dict[str, Any]) -> bool:
+    """A folded folder written before the current format (what --upgrade changes)."""
+    return is_folded(config) and format_version(config) < FORMAT_VERSION
+
+
+def float32_layout_cost() -> str:
+    """What --ssm-dtype float32 costs and buys in other apps, in a sentence."""
+    per = "; ".join(f"{w}: {a} kernel launches instead of {b}, {c} weight casts"
+                    for w, (a, b, c) in FLOAT32_LAYOUT_LAUNCHES.items())  # fmt: skip
+    return (f"in stock mlx-lm each decode layer then casts weights to float32 at every token ({per}), "
+            f"for a mean KL of {FLOAT32_LAYOUT_KL[0]:g} instead of {FLOAT32_LAYOUT_KL[1]:g} "
+            f"(the trained fixture's 8-bit folder; {FLOAT32_LAYOUT_SOURCE})")  # fmt: skip
 
 
 def original_multipliers(config: Dict[str, Any]) -> Dict[str, Any]:
     """The checkpoint's muP multipliers as trained (transformers' default 1.0 when absent)."""
-    if is_folded(config) and not needs_upgrade(config):
+    if is_folded(config) and not restates_multipliers(config):
         return dict(record(config)["multipliers"])
     originals = {name: float(config.get(name, 1.0)) for name in MULTIPLIERS}
     for name, n in LIST_MULTIPLIERS.items():
@@ -103,15 +146,16 @@ def runtime_overrides(config: Dict[str, Any]) -> Dict[str, Any]:
     for a format-1 folder (its config restates what its weights carry) what is left
     to apply, as format 2 writes it; nothing for any other folder. ModelArgs applies
     this, so a format-1 folder runs right wherever it is loaded."""
-    if not needs_upgrade(config):
+    if not restates_multipliers(config):
         return {}
     return runtime_multipliers(original_multipliers(config), bool(config.get("tie_word_embeddings")))
 
 
-def upgraded_config(config: Dict[str, Any]) -> Dict[str, Any]:
-    """A format-1 folder's config.json as format 2 writes it; the weights stay as they are."""
-    assert needs_upgrade(config)
-    return folded_config(config, original_multipliers(config))
+def upgraded_config(config: Dict[str, Any], **record_fields) -> Dict[str, Any]:
+    """An older folder's config.json as the current format writes it (the
+    multipliers as left to apply), with `record_fields` in its record."""
+    assert is_folded(config)
+    return folded_config(config, original_multipliers(config), **record_fields)
 
 
 def consumer_caveats(args, config: Dict[str, Any]) -> Dict[str, List[str]]:

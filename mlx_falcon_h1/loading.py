@@ -20,9 +20,9 @@ from mlx_lm.utils import load_tokenizer
 from . import foreign_folders, mlx_lm_patches
 from .adapters import load_adapters  # mlx-lm's, plus adapters that trained SSM parameters
 from .config import ConfigError, ModelArgs
-from .folder_format import needs_upgrade
+from .folder_format import needs_upgrade, record, restates_multipliers
 from .fused_projections import fuse_projections
-from .model import Model
+from .model import Model, weights_dtype
 
 # FORMAT_KEY: our converter's record in config.json of what it did to the
 # weights (folded multipliers, layout). Its presence is what makes MLX-layout
@@ -231,11 +231,10 @@ def load_model(
     """
     mlx_lm_patches.install()
     model, config, weights = read_checkpoint(path, model_config)
-    if needs_upgrade(config):
+    if problems := _older_format_problems(config, weights):
         warnings.warn(
-            f"{path}: converted by an earlier mlx-falcon-h1-convert (format 1); it runs "
-            "right here and in mlx-lm, but mlx-swift-lm apps apply its key multiplier "
-            f"twice. Upgrade it in place (weights untouched): mlx-falcon-h1-convert --upgrade {path}",
+            f"{path}: converted by an earlier mlx-falcon-h1-convert; it runs right here, but "
+            f"{' and '.join(problems)}. Upgrade it in place: mlx-falcon-h1-convert --upgrade {path}",
             stacklevel=2,
         )
     model.load_weights(list(weights.items()), strict=True)
@@ -243,6 +242,19 @@ def load_model(
     if not lazy:
         mx.eval(model.parameters())
     return model, config
+
+
+def _older_format_problems(config: Dict[str, Any], weights) -> list:
+    """What an older format of our converter gets wrong in other apps (what --upgrade fixes)."""
+    problems = []
+    if restates_multipliers(config):
+        problems.append("mlx-swift-lm apps apply its key multiplier twice")
+    # Formats 1 and 2 kept them float32 (an --upgrade repair records no ssm_dtype).
+    if (needs_upgrade(config) and record(config).get("ssm_dtype", "float32") == "float32"
+            and weights_dtype({k: w.dtype for k, w in weights.items()}) != mx.float32):  # fmt: skip
+        problems.append("its float32 SSM parameters, conv and norms make mlx-lm and other apps "
+                        "cast weights to float32 at every token")  # fmt: skip
+    return problems
 
 
 def load(

@@ -26,7 +26,8 @@ differ:
 - A fused model is saved so that our loader reloads it to the same logits:
   weights keep the base's folding state (a LoRA delta is added inside the
   Linear, before any multiplier), and config.json records that state under
-  "mlx_falcon_h1" (see `save`).
+  "mlx_falcon_h1" (see `save`); SSM parameters, conv and norms are stored in the
+  base's layout (the loader widens them to float32).
 """
 
 import importlib.util
@@ -35,14 +36,17 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+import mlx.core as mx
+from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm import lora as mlx_lm_lora
 from mlx_lm import utils as mlx_lm_utils
 from mlx_lm.cli_ui import rprint
 
 from .adapters import linear_to_lora_layers, load_adapters
 from .commands import run_mlx_lm_command
-from .folder_format import FORMAT_KEY
+from .folder_format import FORMAT_KEY, record
 from .loading import load as load_base
+from .model import castable, weights_dtype
 
 # --train-ssm: the Mamba2 parameters that are neither Linear nor conv.
 SSM_PARAMETERS = ("mamba.A_log", "mamba.D", "mamba.dt_bias")
@@ -68,10 +72,20 @@ def save(dst_path, src_path_or_repo, model, tokenizer, config, donate_model: boo
     is folded), so they get "multipliers_folded": false and the multipliers
     keep being applied at run time. `mlx-falcon-h1-convert` turns such a folder
     into a folded one for stock mlx-lm.
+
+    The loader widened SSM parameters, conv and norms to float32; they are
+    stored as the base's record says (float32 only if it chose that layout),
+    else in the weights' dtype, so no consumer promotes (folder_format.py).
     """
     config = dict(config)
     if FORMAT_KEY not in config:
         config[FORMAT_KEY] = {"multipliers_folded": False, "source": str(src_path_or_repo)}
+    params = dict(tree_flatten(model.parameters()))
+    dtype = weights_dtype({k: v.dtype for k, v in params.items()})
+    if record(config).get("ssm_dtype") == "float32":
+        dtype = mx.float32
+    small = [(k, v.astype(dtype)) for k, v in params.items() if not castable(k) and mx.issubdtype(v.dtype, mx.floating)]
+    model.update(tree_unflatten(small))
     mlx_lm_utils.save(dst_path, src_path_or_repo, model, tokenizer, config, donate_model)
 
 

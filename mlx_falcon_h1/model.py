@@ -439,16 +439,41 @@ class FalconH1Model(nn.Module):
         return add_and_norm(self.final_layernorm, h, delta)[1]
 
 
-# SSM parameters, conv and norms stay in float32 when weights are cast (and are
-# never quantized): parameter names containing any of these.
+# SSM parameters, conv and norms: never quantized, and computed with in float32
+# (the loader widens them, with_float32_parameters); parameter names containing
+# any of these. A folder stores them in its other weights' dtype unless it was
+# converted with --ssm-dtype float32 (folder_format.py).
 FLOAT32_PARAMETERS = ("A_log", "mamba.D", "dt_bias", "conv1d", "norm")
 
 
 def castable(name: str) -> bool:
-    """Whether parameter `name` takes the target dtype when the weights are cast
-    (the one rule: our converter, mlx-lm's, evaluation and the memory planner);
-    the rest stay float32."""
+    """Whether parameter `name` is one of the model's weights proper (the one rule:
+    our converter, evaluation and the memory planner); the rest are SSM
+    parameters, conv and norms (FLOAT32_PARAMETERS)."""
     return not any(k in name for k in FLOAT32_PARAMETERS)
+
+
+def with_float32_parameters(weights: Dict[str, mx.array]) -> Dict[str, mx.array]:
+    """`weights` with the SSM parameters, conv and norms in float32.
+
+    What our runtime computes with, whatever dtype a folder stores them in: a
+    bfloat16 norm weight would make the CPU's residual stream bfloat16 too
+    (activation_dtype), and widening is exact, so a folder in either layout runs
+    as the float32 layout with these values."""
+    return {
+        k: w.astype(mx.float32) if not castable(k) and mx.issubdtype(w.dtype, mx.floating) else w
+        for k, w in weights.items()
+    }
+
+
+def weights_dtype(dtypes) -> mx.Dtype:
+    """The dtype of a model's weights proper (the most common among the floating
+    castable ones, quantized scales and biases included), from {name: dtype}:
+    the dtype activations have in an MLX consumer, so the one the SSM
+    parameters, conv and norms must share for nothing to be promoted. bfloat16
+    when none is floating (fp-mode quantization: mx.dequantize's default)."""
+    floats = [d for k, d in dtypes.items() if castable(k) and mx.issubdtype(d, mx.floating)]
+    return max(set(floats), key=floats.count) if floats else mx.bfloat16
 
 
 class Model(nn.Module):
@@ -481,7 +506,9 @@ class Model(nn.Module):
         return _scaled(logits, self.args.lm_head_multiplier)
 
     def sanitize(self, weights: Dict[str, mx.array]) -> Dict[str, mx.array]:
-        """Map a Hugging Face checkpoint's tensors onto this model. Idempotent."""
+        """Map a Hugging Face checkpoint's (or a folder's) tensors onto this model,
+        the SSM parameters, conv and norms widened to float32
+        (with_float32_parameters). Idempotent."""
         out = {}
         for name, w in weights.items():
             if self.args.tie_word_embeddings and name == "lm_head.weight":
@@ -489,7 +516,7 @@ class Model(nn.Module):
             if name.endswith("mamba.conv1d.weight") and w.ndim == 3 and w.shape[-1] != 1:
                 w = w.swapaxes(1, 2)  # HF (C, 1, K) -> MLX (C, K, 1)
             out[name] = w
-        return out
+        return with_float32_parameters(out)
 
     def shard(self, group=None):
         """Tensor parallelism over `group` (mlx-lm's interface); see parallel.py."""
@@ -515,7 +542,3 @@ class Model(nn.Module):
     def layers(self):
         """This process's layers: all, or a pipeline stage's (parallel.py)."""
         return [layer for layer in self.model.layers if layer is not None]
-
-    @property
-    def cast_predicate(self):
-        return castable  # mlx-lm's hook (mlx_lm.convert reads it)

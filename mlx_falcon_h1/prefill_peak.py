@@ -23,7 +23,7 @@ def measure_prefill_peak(args: ModelArgs, tokens: int, prefill_step: int,
     memory: the weights plus everything the prefill allocated."""
     mx.random.seed(seed)
     model = Model(args)
-    if dtype != mx.float32:  # as mlx-lm's load does: SSM parameters, conv, norms stay float32
+    if dtype != mx.float32:  # as our loader holds them: SSM parameters, conv, norms stay float32
         cast = [(n, p.astype(dtype)) for n, p in tree_flatten(model.parameters()) if castable(n)]
         model.update(tree_unflatten(cast))
     mx.eval(model.parameters())

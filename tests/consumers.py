@@ -247,6 +247,19 @@ def mlx_swift_lm(path: Path):
     return _WithCache(model)
 
 
+def widened(model):
+    """A consumer's model with its SSM parameters, conv and norms in float32, as
+    our loader holds them: it then computes in float32 where ours does, so its
+    logits show what the folder means to it apart from the activation dtype
+    (a folder in the weights' dtype makes every consumer but ours compute in it)."""
+    from mlx.utils import tree_flatten, tree_unflatten
+
+    from mlx_falcon_h1.model import with_float32_parameters
+
+    model.update(tree_unflatten(list(with_float32_parameters(dict(tree_flatten(model.parameters()))).items())))
+    return model
+
+
 CONSUMERS = {
     "mlx-lm (installed)": stock_mlx_lm,
     "mlx-lm main d78bf58 / mlx-engine 08f0c07": mlx_lm_main,

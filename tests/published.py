@@ -146,6 +146,14 @@ def tensor_hashes(folder: Path) -> dict:
     return dict(sorted(out.items()))
 
 
+def floating_tensors(folder: Path) -> dict:
+    """{tensor name: tensor} of a folder's floating-point tensors (read lazily)."""
+    out = {}
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        out.update({k: w for k, w in mx.load(str(file)).items() if mx.issubdtype(w.dtype, mx.floating)})
+    return out
+
+
 def copy_folder(folder: Path, dest: Path) -> Path:
     if dest.exists():
         shutil.rmtree(dest)

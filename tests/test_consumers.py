@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from conftest import ODD_MUP, assert_close_logits, edit_config, make_checkpoint, reference_logits
-from consumers import CONSUMERS, CannotLoad, mlx_swift_lm, stock_mlx_lm
+from consumers import CONSUMERS, CannotLoad, mlx_swift_lm, stock_mlx_lm, widened
 from mlx_falcon_h1 import folder_format, load_model
 from mlx_falcon_h1_convert import convert, upgrade
 
@@ -98,7 +98,7 @@ def test_config_states_only_what_is_left_to_apply(converted):
     folder, _, _ = converted
     config = json.loads((folder / "config.json").read_text())
     record = config[folder_format.FORMAT_KEY]
-    assert record["format_version"] == folder_format.FORMAT_VERSION == 2
+    assert record["format_version"] == folder_format.FORMAT_VERSION == 3
     assert set(record["multipliers"]) == set(ODD_MUP)
     for name in ("key_multiplier", "attention_in_multiplier", "ssm_out_multiplier"):
         assert config[name] == 1.0, name
@@ -214,13 +214,14 @@ def test_upgrade_command(format_1_folder):
     folder, _ = format_1_folder
     cmd = [sys.executable, "-m", "mlx_falcon_h1_convert", "--upgrade", str(folder)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    assert "upgraded to format 2" in out
+    assert "upgraded to format 3" in out
     assert not folder_format.needs_upgrade(json.loads((folder / "config.json").read_text()))
 
 
 def test_shipped_model_is_current_and_the_same_everywhere():
     config = json.loads((DEFAULT_MODEL / "config.json").read_text())
     assert config["mlx_falcon_h1"]["format_version"] == folder_format.FORMAT_VERSION
+    assert config["mlx_falcon_h1"]["ssm_dtype"] == "weights"  # no app casts its weights
     ours = logits(load_model(DEFAULT_MODEL)[0])
-    for consumer in CONSUMERS.values():
-        assert_close_logits(logits(consumer(DEFAULT_MODEL)), ours, rel=1e-5)
+    for consumer in CONSUMERS.values():  # in float32 where ours is: the same model
+        assert_close_logits(logits(widened(consumer(DEFAULT_MODEL))), ours, rel=1e-5)
