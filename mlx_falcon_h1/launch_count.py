@@ -13,17 +13,27 @@ graph is then read with `mx.export_to_dot` and its primitives counted.
 Approximations, the same for every model counted: a reshape is counted as a
 view (on Metal it copies when its input is not contiguous), and a compiled
 (fused) node as one launch, as MLX's Metal backend runs it.
+
+The same graph says what a step does to the weights. Its inputs are named
+after the model's parameters (export_to_dot names an array by its identity),
+so an AsType whose input is a parameter (or a view of all of it, as a Linear's
+transposed weight) is a weight cast: a weight in one dtype meeting an
+activation in a wider one (a bfloat16 matmul weight after a float32 norm
+weight has made the residual stream float32) is copied into the wider dtype,
+every step. Casts fused inside a compiled node launch nothing and write
+nothing, and are not counted.
 """
 
 import contextlib
 import os
 import re
 import tempfile
-from collections import Counter
-from typing import Callable, Dict, List
+from collections import Counter, defaultdict
+from typing import Callable, Dict, List, NamedTuple
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
+from mlx_lm.models.cache import make_prompt_cache
 
 from . import decode
 
@@ -135,23 +145,105 @@ def as_on_a_mac():
             os.environ["MLX_FALCON_H1_KERNEL_CHECK"] = check
 
 
-def count_launches(outputs: List[mx.array]) -> Counter:
-    """The launching primitives in the graph that computes `outputs`, by name."""
+class Graph(NamedTuple):
+    """A step's graph as mx.export_to_dot writes it, arrays named by the dot file
+    (the ones passed in `named` by that name)."""
+
+    primitives: List[str]  # one per node
+    outputs: List[List[str]]  # per node, the arrays it makes
+    readers: Dict[str, List[int]]  # array name -> the nodes that take it as input
+
+
+def read_graph(outputs: List[mx.array], named: Dict[str, mx.array] = None) -> Graph:
     with tempfile.TemporaryDirectory() as tmp:
         dot = os.path.join(tmp, "graph.dot")
-        mx.export_to_dot(dot, *outputs)
-        labels = re.findall(r'\[label ="([^"]+)"', open(dot).read())
-    return Counter(label for label in labels if label not in VIEWS)
+        mx.export_to_dot(dot, *outputs, **(named or {}))
+        lines = open(dot).read().splitlines()
+    # A node's line names it by its primitive's address, which calls of one
+    # compiled function share, so the lines are read in order: each node's
+    # arrows follow its own line.
+    graph = Graph([], [], defaultdict(list))
+    for line in lines:
+        node = re.match(r'\{ \d+ \[label ="([^"]+)"', line)
+        reads = re.match(r'^"([^"]+)" -> \d+$', line)
+        makes = re.match(r'^\d+ -> "([^"]+)"$', line)
+        if node:
+            graph.primitives.append(node.group(1))
+            graph.outputs.append([])
+        elif reads:
+            graph.readers[reads.group(1)].append(len(graph.primitives) - 1)
+        elif makes:
+            graph.outputs[-1].append(makes.group(1))
+    return graph
+
+
+def count_launches(outputs: List[mx.array]) -> Counter:
+    """The launching primitives in the graph that computes `outputs`, by name."""
+    return _launches(read_graph(outputs))
+
+
+def _launches(graph: Graph) -> Counter:
+    return Counter(p for p in graph.primitives if p not in VIEWS)
+
+
+# Views that keep every element of their input: a weight seen through one (a
+# Linear's transposed weight) is still the whole weight. Slices are left out, so
+# the stand-ins' one-element views lead nowhere.
+WHOLE_VIEWS = {"Transpose", "Reshape", "ExpandDims", "Squeeze", "Flatten", "Unflatten"}
+
+
+def _uses(graph: Graph, name: str) -> List[str]:
+    """The primitives that read array `name`, or a whole view of it."""
+    uses, names = [], [name]
+    while names:
+        for node in graph.readers.get(names.pop(), []):
+            if graph.primitives[node] in WHOLE_VIEWS:
+                names += graph.outputs[node]
+            else:
+                uses.append(graph.primitives[node])
+    return uses
+
+
+def weight_traffic(graph: Graph, parameters: Dict[str, mx.array]) -> Dict:
+    """What one decode step does to the weights, from a graph whose inputs are
+    named after `parameters` (name -> array): the parameters it casts, and the
+    bytes it reads from weights per token.
+
+    Bytes read per token, an approximation: every parameter the step reads,
+    whole, except one that is only gathered from (an embedding table looked up,
+    not also the tied head), of which one row (a one-token step); plus each
+    cast's output, written once and read once by the op that needed it. A
+    cast's output dtype is not in the dot file: it is taken as float32 (4
+    bytes) for a 2-byte parameter, the only wider float type (MLX casts up to
+    the wider type when dtypes meet), and 2 bytes for a float32 parameter (an
+    explicit cast down). The cache's state and K/V are not included
+    (mac_speed_model.state_bytes_per_token adds them).
+    """
+    casts, read = Counter(), 0
+    for name, array in parameters.items():
+        uses = _uses(graph, name)
+        if not uses:
+            continue
+        gathered = all(u == "Gather" for u in uses)
+        read += array.nbytes // array.shape[0] if gathered else array.nbytes
+        if "AsType" in uses:
+            casts[name] = uses.count("AsType")
+            read += casts[name] * 2 * array.size * (2 if array.dtype == mx.float32 else 4)
+    return {"weight_casts": sum(casts.values()), "cast_parameters": dict(casts), "weight_bytes_read": read}
 
 
 def decode_step_launches(model, step: Callable = None, prompt_tokens: int = 8) -> Dict:
-    """Launching primitives of one decode step of `model` (ours or mlx-lm's) as on a Mac.
+    """Launching primitives, weight casts and weight bytes read of one decode step
+    of `model` (ours, or any model with mlx-lm's interface: a consumer's model
+    loaded from a folder) as on a Mac.
 
-    The cache is filled by a short prompt on this machine first; `step(model,
+    The cache (make_prompt_cache's) is filled by a short prompt first; `step(model,
     token, cache)` makes the step's logits (default: model(token, cache=cache)).
-    Returns {"total", "per_layer", "by_primitive"}.
+    Returns {"total", "per_layer" (total / layers), "by_primitive", and
+    weight_traffic's "weight_casts" (AsType nodes reading a parameter),
+    "cast_parameters" (name -> casts) and "weight_bytes_read"}.
     """
-    cache = model.make_cache()
+    cache = make_prompt_cache(model)
     vocab = model.model.embed_tokens.weight.shape[0]
     prompt = mx.arange(prompt_tokens)[None] % vocab
     token = mx.array([[1]])
@@ -164,10 +256,13 @@ def decode_step_launches(model, step: Callable = None, prompt_tokens: int = 8) -
         kernels.launches = 0
         logits = step(model, token, cache) if step else model(token, cache=cache)
         outputs = [logits] + [a for c in cache for a in _cache_arrays(c)]
-        counts = count_launches(outputs)
+        parameters = dict(tree_flatten(model.parameters()))
+        graph = read_graph(outputs, parameters)
+    counts = _launches(graph)
     counts["custom kernels and mx.fast ops"] = kernels.launches
     total = sum(counts.values())
-    return {"total": total, "per_layer": total / len(model.layers), "by_primitive": dict(counts)}
+    return {"total": total, "per_layer": total / len(model.layers), "by_primitive": dict(counts),
+            **weight_traffic(graph, parameters)}  # fmt: skip
 
 
 def _cache_arrays(cache) -> List[mx.array]:

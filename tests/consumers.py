@@ -163,6 +163,12 @@ class _WithCache(nn.Module):
         return self.model(inputs, cache=self.model.make_cache())
 
 
+def step_model(model):
+    """The mlx-lm model whose decode step a consumer runs (generation passes the
+    cache to it, not through _WithCache)."""
+    return model.model if isinstance(model, _WithCache) else model
+
+
 def stock_mlx_lm(path: Path):
     """The installed mlx-lm release, for real."""
     return mlx_lm.utils.load_model(Path(path))[0]

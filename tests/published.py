@@ -34,6 +34,14 @@ RANDOM_CASES = {
     "tied": dict(tie_word_embeddings=True),
     "groups2_rms_norm": dict(mamba_n_groups=2, mamba_rms_norm=True, mamba_norm_before_gate=False),
 }
+# Our converter's folder layouts, as convert() keyword arguments: the one place
+# that says what "our default folder" is, for tests/test_consumer_launches.py and
+# examples/consumer_layouts_table.py. DEFAULT_LAYOUT is every parameter in the
+# weights' dtype; until the converter's default writes that, --ssm-dtype source
+# from a bfloat16 source (every source here is one) writes the same folder.
+DEFAULT_LAYOUT = dict(ssm_dtype="source")
+FLOAT32_LAYOUT = dict(ssm_dtype="float32")  # SSM parameters, conv1d and norms kept float32
+
 # The releases that can convert each case (0.28.1-0.30.2 cannot convert a tied checkpoint).
 RELEASES = ("0.28.1", "0.30.4", "0.32.2")
 TIED_RELEASES = ("0.30.4", "0.32.2")
@@ -133,6 +141,19 @@ def make_folder(source: Path, out: Path, maker: str, bits: Optional[int] = None)
         if key in config:
             config[key].pop("mode", None)
     file.write_text(json.dumps(config, indent=4))
+    return out
+
+
+def our_folder(source: Path, out: Path, layout: dict, bits: Optional[int] = None, **calibration) -> Path:
+    """`source` converted by our converter in `layout` (DEFAULT_LAYOUT, ...), at
+    bfloat16 or `bits` (group size 64, as make_folder's), with a calibrated
+    method if `calibration` names one (convert's method=, num_samples= ...)."""
+    from mlx_falcon_h1_convert import convert
+
+    if out.exists():
+        return out
+    kwargs = dict(quantize=True, q_bits=bits, q_group_size=64) if bits else {}
+    convert(str(source), str(out), report_tokens=16, **layout, **kwargs, **calibration)
     return out
 
 
