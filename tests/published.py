@@ -34,13 +34,11 @@ RANDOM_CASES = {
     "tied": dict(tie_word_embeddings=True),
     "groups2_rms_norm": dict(mamba_n_groups=2, mamba_rms_norm=True, mamba_norm_before_gate=False),
 }
-# Our converter's folder layouts, as convert() keyword arguments: the one place
-# that says what "our default folder" is, for tests/test_consumer_launches.py and
-# examples/consumer_layouts_table.py. DEFAULT_LAYOUT is every parameter in the
-# weights' dtype; until the converter's default writes that, --ssm-dtype source
-# from a bfloat16 source (every source here is one) writes the same folder.
-DEFAULT_LAYOUT = dict(ssm_dtype="source")
-FLOAT32_LAYOUT = dict(ssm_dtype="float32")  # SSM parameters, conv1d and norms kept float32
+# Our converter's folder layouts, as convert() keyword arguments, for
+# examples/consumer_layouts_table.py: the default (every parameter in the
+# weights' dtype) and --ssm-dtype float32 (SSM parameters, conv1d and norms kept float32).
+DEFAULT_LAYOUT = {}
+FLOAT32_LAYOUT = dict(ssm_dtype="float32")
 
 # The releases that can convert each case (0.28.1-0.30.2 cannot convert a tied checkpoint).
 RELEASES = ("0.28.1", "0.30.4", "0.32.2")
