@@ -201,6 +201,18 @@ def test_method_end_to_end(source, tmp_path, method):
         assert any(isinstance(v, dict) and v["bits"] == 5 for v in config["quantization"].values())
 
 
+def test_dynamic_with_no_layer_for_both_group_sizes_stays_plain(source, tmp_path, capsys):
+    """--method dynamic at group size 64 mixes g128 and g64; no width of this tiny
+    model divides 128, so every layer keeps the plain setting (it used to fail
+    inside the gradient of no parameters)."""
+    path, text = source
+    convert(str(path), str(tmp_path / "q"), quantize=True, q_bits=4, q_group_size=64, method="dynamic",
+            calibration_data=str(text), num_samples=4, sequence_length=32, batch_size=4)  # fmt: skip
+    assert "no layer takes both g128 and g64" in capsys.readouterr().out
+    quantization = json.loads((tmp_path / "q" / "config.json").read_text())["quantization"]
+    assert {v["bits"] for v in quantization.values() if isinstance(v, dict)} == {4}
+
+
 def test_bad_calibrated_conversions_name_the_fault(source, tmp_path):
     path, text = source
     with pytest.raises(ValueError, match="add -q"):

@@ -93,11 +93,15 @@ def dynamic_quantize(model, tokens, bits, group_size, scale_dtype, settings, log
     leaves = tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module)
     plain = {p: m for p, m in leaves if quantizable(m, group_size)}
     mixed = {p: m for p, m in leaves if quantizable(m, low[1]) and quantizable(m, high[1])}
-    originals = {p: m.weight for p, m in mixed.items()}
-    to_float32(model)
-    sens = sensitivities(model, tokens, mixed, low, high, settings)
-    for p, m in mixed.items():
-        m.weight = originals[p]
+    sens = {}
+    if mixed:  # (none when no layer's width divides both group sizes: all stay plain)
+        originals = {p: m.weight for p, m in mixed.items()}
+        to_float32(model)
+        sens = sensitivities(model, tokens, mixed, low, high, settings)
+        for p, m in mixed.items():
+            m.weight = originals[p]
+    else:
+        log(f"[dynamic] no layer takes both g{low[1]} and g{high[1]}: every layer at {bits}-bit g{group_size}")
     budget = sum((target - bpw(bits, group_size) if p not in mixed else target - bpw(*low)) * m.weight.size
                  for p, m in {**plain, **mixed}.items())  # fmt: skip
     chosen = []
