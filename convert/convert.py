@@ -35,7 +35,8 @@ from mlx.utils import tree_flatten, tree_unflatten
 from mlx_falcon_h1 import cli, folder_format
 from mlx_falcon_h1.folder_format import FORMAT_KEY, SSM_DTYPES
 from mlx_falcon_h1.loading import make_args, read_config, resolve_path, weight_files
-from mlx_falcon_h1.model import Model, castable, weights_dtype, with_float32_parameters
+from mlx_falcon_h1.model import Model
+from mlx_falcon_h1.parameter_dtypes import castable, weights_dtype, with_float32_parameters
 from mlx_falcon_h1.quantize import METHODS, CalibrationSettings, calibrated_quantize, check_target_bpw, dynamic_settings
 from mlx_falcon_h1.quantize import add_arguments as add_calibration_arguments
 from mlx_falcon_h1.quantize import settings_from as calibration_settings

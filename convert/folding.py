@@ -7,7 +7,8 @@ from typing import Dict
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
-from mlx_falcon_h1.model import ModelArgs, castable
+from mlx_falcon_h1.model import ModelArgs
+from mlx_falcon_h1.parameter_dtypes import castable
 
 
 def fold_multipliers(weights: Dict[str, mx.array], args: ModelArgs) -> Dict[str, mx.array]:

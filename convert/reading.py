@@ -10,7 +10,8 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from mlx_falcon_h1.loading import load_model, read_checkpoint, read_config
-from mlx_falcon_h1.model import ModelArgs, weights_dtype
+from mlx_falcon_h1.model import ModelArgs
+from mlx_falcon_h1.parameter_dtypes import weights_dtype
 
 from .repair import refuse_foreign
 

@@ -30,7 +30,7 @@ import mlx.core as mx
 from mlx_falcon_h1 import folder_format, foreign_folders
 from mlx_falcon_h1.config import ModelArgs
 from mlx_falcon_h1.loading import make_args, read_config, safetensors_header, weight_files
-from mlx_falcon_h1.model import castable, weights_dtype
+from mlx_falcon_h1.parameter_dtypes import castable, weights_dtype
 
 
 def _conv_shape(path: Path):

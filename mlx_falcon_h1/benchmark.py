@@ -38,7 +38,8 @@ from .mac_speed_model import TINY_90M, weight_bytes, weight_bytes_read_per_token
 from .fused_projections import fuse_projections, fusion_summary
 from .loading import load_model
 from .released_shapes import RELEASED
-from .model import Model, ModelArgs, castable
+from .model import Model, ModelArgs
+from .parameter_dtypes import castable
 
 # A tiny shape for smoke runs, Falcon-H1-Tiny-90M's (mac_speed_model.TINY_90M) and the
 # released ones (released_shapes.RELEASED); every random model gets Falcon-H1-0.5B's multipliers.

@@ -22,7 +22,8 @@ from .adapters import load_adapters  # mlx-lm's, plus adapters that trained SSM 
 from .config import ConfigError, ModelArgs
 from .folder_format import needs_upgrade, record, restates_multipliers
 from .fused_projections import fuse_projections
-from .model import Model, weights_dtype
+from .model import Model
+from .parameter_dtypes import weights_dtype
 
 # FORMAT_KEY: our converter's record in config.json of what it did to the
 # weights (folded multipliers, layout). Its presence is what makes MLX-layout

@@ -46,7 +46,7 @@ from .adapters import linear_to_lora_layers, load_adapters
 from .commands import run_mlx_lm_command
 from .folder_format import FORMAT_KEY, record
 from .loading import load as load_base
-from .model import castable, weights_dtype
+from .parameter_dtypes import castable, weights_dtype
 
 # --train-ssm: the Mamba2 parameters that are neither Linear nor conv.
 SSM_PARAMETERS = ("mamba.A_log", "mamba.D", "mamba.dt_bias")

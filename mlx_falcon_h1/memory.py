@@ -34,7 +34,8 @@ from mlx.utils import tree_flatten
 
 from .cache import MAX_ROLLBACK_TOKENS
 from .loading import make_args, read_config, safetensors_header, weight_files
-from .model import Model, ModelArgs, castable
+from .model import Model, ModelArgs
+from .parameter_dtypes import castable
 from .released_shapes import ASSUMED, RELEASED  # noqa: F401  (memory.RELEASED: the shapes it plans)
 
 GiB = 1 << 30

@@ -11,7 +11,8 @@ import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .memory import ModelSizes, plan
-from .model import Model, ModelArgs, castable
+from .model import Model, ModelArgs
+from .parameter_dtypes import castable
 
 
 def measure_prefill_peak(args: ModelArgs, tokens: int, prefill_step: int,

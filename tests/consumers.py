@@ -260,7 +260,7 @@ def widened(model):
     (a folder in the weights' dtype makes every consumer but ours compute in it)."""
     from mlx.utils import tree_flatten, tree_unflatten
 
-    from mlx_falcon_h1.model import with_float32_parameters
+    from mlx_falcon_h1.parameter_dtypes import with_float32_parameters
 
     model.update(tree_unflatten(list(with_float32_parameters(dict(tree_flatten(model.parameters()))).items())))
     return model

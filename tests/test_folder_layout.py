@@ -24,7 +24,7 @@ import published as P
 from conftest import make_checkpoint, make_tokenizer
 from mlx_falcon_h1 import folder_format, load, load_model
 from mlx_falcon_h1.launch_count import decode_step_launches
-from mlx_falcon_h1.model import castable
+from mlx_falcon_h1.parameter_dtypes import castable
 from mlx_falcon_h1_convert import convert, upgrade
 from mlx_falcon_h1_convert.convert import main
 from mlx_falcon_h1_convert.writing import LAYOUT_LINES, OLD_LAYOUT_LINE

@@ -313,7 +313,7 @@ def test_command_line(work, monkeypatch, capsys):
 
 
 def test_repair_widens_to_float32_only_when_asked(work, capsys):
-    from mlx_falcon_h1.model import castable
+    from mlx_falcon_h1.parameter_dtypes import castable
 
     folder = P.copy_folder(build(work, "mlx-lm", 4), work / "float32-repair")
     assert upgrade(str(folder), ssm_dtype="float32")
