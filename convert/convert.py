@@ -36,7 +36,7 @@ from mlx_falcon_h1 import cli, folder_format
 from mlx_falcon_h1.folder_format import FORMAT_KEY, SSM_DTYPES
 from mlx_falcon_h1.loading import make_args, read_config, resolve_path, weight_files
 from mlx_falcon_h1.model import Model
-from mlx_falcon_h1.parameter_dtypes import castable, weights_dtype, with_float32_parameters
+from mlx_falcon_h1.parameter_dtypes import is_ssm_parameter, layout_dtype, with_float32_parameters
 from mlx_falcon_h1.quantize import METHODS, CalibrationSettings, calibrated_quantize, check_target_bpw, dynamic_settings
 from mlx_falcon_h1.quantize import add_arguments as add_calibration_arguments
 from mlx_falcon_h1.quantize import settings_from as calibration_settings
@@ -118,7 +118,7 @@ def convert(
         source, weights = read_source(source_path, dequantize)
         target = DTYPES[dtype] if dtype else source.dtype
         layout = ssm_dtype or "weights"
-        model, config = _output_model(source, weights, target, ssm_dtype, str(hf_path))
+        model, config = _output_model(source, weights, target, layout, ssm_dtype is not None, str(hf_path))
         del weights  # the model holds what is written; the source's tensors may go
         settings = {"dtype": str(target).removeprefix("mlx.core."), "ssm_dtype": layout}
         record = None
@@ -227,19 +227,18 @@ def _one_of(values) -> str:
     return values[0] if len(values) == 1 else f"{', '.join(values[:-1])} or {values[-1]}"
 
 
-def _output_model(source: Source, weights: Dict[str, mx.array], target: mx.Dtype,
-                  ssm_dtype: Optional[str], described: str):  # fmt: skip
+def _output_model(source: Source, weights: Dict[str, mx.array], target: mx.Dtype, layout: str, chosen: bool,
+                  described: str):  # fmt: skip
     """(model, config) of the output folder: the weights with the multipliers
     folded in (unless they already carry them) and cast, in the one model built
     from the output's config, which applies only the multipliers left to apply
     (calibration runs it, so it must compute what the output computes)."""
     if not folder_format.is_folded(source.config):
         weights = fold_multipliers(weights, source.args)
-    layout = ssm_dtype or "weights"
     cast_weights(weights, target, layout)
     originals = folder_format.original_multipliers(source.config)
     config = folder_format.folded_config(source.config, originals, source=described, ssm_dtype=layout,
-                                         ssm_dtype_chosen=ssm_dtype is not None)  # fmt: skip
+                                         ssm_dtype_chosen=chosen)  # fmt: skip
     args = make_args(config, source.path / "config.json")
     model = Model(args)
     model.load_weights(list(weights.items()), strict=True)
@@ -263,7 +262,7 @@ def _calibrate(model, source: Path, bits: int, group_size: int, settings: Calibr
 
 def _say_float32_cost(params: Dict[str, mx.array], target: mx.Dtype) -> None:
     """--ssm-dtype float32: what it costs this folder in other apps."""
-    kept = sum(w.size for k, w in params.items() if not castable(k) and mx.issubdtype(w.dtype, mx.floating))
+    kept = sum(w.size for k, w in params.items() if is_ssm_parameter(k, w))
     extra = kept * (4 - target.size)
     traffic = float32_layout_traffic(params) if target != mx.float32 else 0
     print(f"[layout] --ssm-dtype float32: SSM parameters, conv and norms in float32 ({_mb(extra)} "
@@ -338,9 +337,8 @@ def upgrade(mlx_path: str, source_format: Optional[str] = None, dry_run: bool = 
     tensors = {}
     for file in weight_files(path):
         tensors.update(mx.load(str(file)))
-    dtype = mx.float32 if layout == "float32" else weights_dtype({k: w.dtype for k, w in tensors.items()})
-    casts = {k: w for k, w in tensors.items()
-             if not castable(k) and mx.issubdtype(w.dtype, mx.floating) and w.dtype != dtype}  # fmt: skip
+    dtype = layout_dtype(tensors, layout)
+    casts = {k: w for k, w in tensors.items() if is_ssm_parameter(k, w) and w.dtype != dtype}
     if not casts and upgraded == config:
         print(f"[done] {path}: already format {folder_format.FORMAT_VERSION}, nothing to do")
         return False

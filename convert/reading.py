@@ -21,7 +21,7 @@ class Source:
     path: Path
     config: Dict[str, Any]  # its config.json, read once
     args: ModelArgs  # what that config states (the multipliers as trained, or as left to apply)
-    dtype: mx.Dtype  # the weights' dtype (model.weights_dtype): what --dtype defaults to
+    dtype: mx.Dtype  # the weights' dtype (parameter_dtypes.weights_dtype): what --dtype defaults to
 
 
 def read_source(path: Path, dequantize: bool) -> Tuple[Source, Dict[str, mx.array]]:
@@ -43,5 +43,5 @@ def read_source(path: Path, dequantize: bool) -> Tuple[Source, Dict[str, mx.arra
         model, config, weights = read_checkpoint(path)
         if "quantization" in config:
             raise ValueError(f"{path}: already quantized; use --dequantize first")
-    return Source(path, config, model.args, weights_dtype({k: w.dtype for k, w in weights.items()})), weights
+    return Source(path, config, model.args, weights_dtype(weights)), weights
 

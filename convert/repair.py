@@ -30,7 +30,7 @@ import mlx.core as mx
 from mlx_falcon_h1 import folder_format, foreign_folders
 from mlx_falcon_h1.config import ModelArgs
 from mlx_falcon_h1.loading import make_args, read_config, safetensors_header, weight_files
-from mlx_falcon_h1.parameter_dtypes import castable, weights_dtype
+from mlx_falcon_h1.parameter_dtypes import is_ssm_parameter, layout_dtype
 
 
 def _conv_shape(path: Path):
@@ -93,8 +93,8 @@ def upgrade_foreign(mlx_path: str, source_format: Optional[str] = None, dry_run:
     tied = "lm_head.weight" not in weights
     new_config = repaired_config(config, finding, tied, ssm_dtype)
     changes = foreign_folders.describe_factors(factors)
-    dtype = mx.float32 if ssm_dtype == "float32" else weights_dtype({k: w.dtype for k, w in weights.items()})
-    small = {k for k, w in weights.items() if not castable(k) and mx.issubdtype(w.dtype, mx.floating)}
+    dtype = layout_dtype(weights, ssm_dtype)
+    small = {k for k, w in weights.items() if is_ssm_parameter(k, w)}
     cast = {k for k in small if weights[k].dtype != dtype}
     layout = f"SSM parameters, conv and norms in {str(dtype).removeprefix('mlx.core.')} ({len(cast)} tensors cast)"
     layout += (f", as asked: {folder_format.float32_layout_cost()}" if ssm_dtype == "float32"

@@ -32,7 +32,7 @@ float32 at every token. Format 3 stores them in the dtype of the folder's other
 weights, as mlx-lm's converter does (layout "weights"), unless the user chose
 "float32" (--ssm-dtype float32; the record says whether the layout was chosen,
 so a later default never overrides a choice). Our loader widens them to float32
-either way (model.with_float32_parameters).
+either way (parameter_dtypes.with_float32_parameters).
 """
 
 import math

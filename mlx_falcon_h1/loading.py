@@ -252,7 +252,7 @@ def _older_format_problems(config: Dict[str, Any], weights) -> list:
         problems.append("mlx-swift-lm apps apply its key multiplier twice")
     # Formats 1 and 2 kept them float32 (an --upgrade repair records no ssm_dtype).
     if (needs_upgrade(config) and record(config).get("ssm_dtype", "float32") == "float32"
-            and weights_dtype({k: w.dtype for k, w in weights.items()}) != mx.float32):  # fmt: skip
+            and weights_dtype(weights) != mx.float32):  # fmt: skip
         problems.append("its float32 SSM parameters, conv and norms make mlx-lm and other apps "
                         "cast weights to float32 at every token")  # fmt: skip
     return problems

@@ -36,7 +36,6 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm import lora as mlx_lm_lora
 from mlx_lm import utils as mlx_lm_utils
@@ -46,7 +45,7 @@ from .adapters import linear_to_lora_layers, load_adapters
 from .commands import run_mlx_lm_command
 from .folder_format import FORMAT_KEY, record
 from .loading import load as load_base
-from .parameter_dtypes import castable, weights_dtype
+from .parameter_dtypes import is_ssm_parameter, layout_dtype
 
 # --train-ssm: the Mamba2 parameters that are neither Linear nor conv.
 SSM_PARAMETERS = ("mamba.A_log", "mamba.D", "mamba.dt_bias")
@@ -81,10 +80,8 @@ def save(dst_path, src_path_or_repo, model, tokenizer, config, donate_model: boo
     if FORMAT_KEY not in config:
         config[FORMAT_KEY] = {"multipliers_folded": False, "source": str(src_path_or_repo)}
     params = dict(tree_flatten(model.parameters()))
-    dtype = weights_dtype({k: v.dtype for k, v in params.items()})
-    if record(config).get("ssm_dtype") == "float32":
-        dtype = mx.float32
-    small = [(k, v.astype(dtype)) for k, v in params.items() if not castable(k) and mx.issubdtype(v.dtype, mx.floating)]
+    dtype = layout_dtype(params, record(config).get("ssm_dtype", "weights"))
+    small = [(k, v.astype(dtype)) for k, v in params.items() if is_ssm_parameter(k, v)]
     model.update(tree_unflatten(small))
     mlx_lm_utils.save(dst_path, src_path_or_repo, model, tokenizer, config, donate_model)
 
