@@ -31,11 +31,20 @@ approximation of the model (attention no longer sees every token). Once the
 attention window is full the K/V cannot be trimmed (its oldest keys are gone)
 and --kv-bits is refused (mlx-lm cannot quantize a rotating cache).
 
+Checkpoints (prompt_cache.py). Further back than the window, an SSM state can
+only be read again. So while a prompt is read the cache can keep the conv and
+SSM state at planned positions (every `checkpoint_interval` tokens, and at
+`checkpoint_positions`): the mixer splits its scan there (scan_cuts) and hands
+the state over (keep_checkpoint). A checkpoint holds no K/V: cut back from
+whatever entry holds the K/V of that prefix, it restores the cache at that
+position (prompt_cache.py). Only single-sequence calls keep them (a padded
+batch's rows are at different positions).
+
 Legend: B batch, L tokens, C conv channels, H SSM heads, P head dim, N state
 size, K conv width.
 """
 
-from typing import List, Optional, Protocol, Tuple, Union
+from typing import Dict, FrozenSet, List, Optional, Protocol, Tuple, Union
 
 import mlx.core as mx
 import mlx_lm.models.cache as mlx_lm_cache
@@ -102,6 +111,13 @@ class LayerCache(Protocol):
         """Where a call of `length` tokens is split so that the rollback window's
         start state comes out of the scan (0: not split)."""
 
+    def scan_cuts(self, length: int) -> List[int]:
+        """Where the call's scan ends its pieces, ascending, the last `length`: the
+        rollback window's start and the planned checkpoints inside the call."""
+
+    def keep_checkpoint(self, cut: int) -> None:
+        """The state now is the state after the call's first `cut` tokens."""
+
     def keep_rollback_inputs(self, rows: mx.array) -> None:
         """This call's raw [xBC | dt] rows (B, L, C + H), before its scan."""
 
@@ -114,6 +130,16 @@ class LayerCache(Protocol):
 
 
 class FalconH1Cache(BaseCache):
+    # Checkpoints: where to keep (conv_state, ssm_state) while reading (set on a
+    # cache by prompt_cache.py), and, per instance, `checkpoints`: what was kept,
+    # by position (tokens read). call_start: the position the current call starts
+    # at (begin_call; None: it keeps none), checkpoint_base: the same, for the
+    # scan's pieces once scan_cuts has taken it.
+    checkpoint_interval: Optional[int] = None
+    checkpoint_positions: FrozenSet[int] = frozenset()
+    call_start: Optional[int] = None
+    checkpoint_base: Optional[int] = None
+
     def __init__(self, max_rollback: int = MAX_ROLLBACK_TOKENS, max_kv_size: Optional[int] = None):
         if max_kv_size is None:
             self.kv = KVCache()
@@ -138,6 +164,7 @@ class FalconH1Cache(BaseCache):
         # at the first call, so that a cache made for another model or
         # configuration fails with the mismatch named, not deep in a matmul.
         self.unverified_mixer = self.unverified_kv = False
+        self.checkpoints: Dict[int, Tuple[mx.array, mx.array]] = {}
 
     # --- attention side: mlx-lm's KV caches do the work -------------------------
 
@@ -195,6 +222,7 @@ class FalconH1Cache(BaseCache):
     @property
     def nbytes(self):
         arrays = [self.conv_state, self.ssm_state, self.rollback_start_state, *self._rollback_parts]
+        arrays += [a for state in self.checkpoints.values() for a in state]
         return self.kv.nbytes + sum(a.nbytes for a in arrays if a is not None)
 
     # --- mixer side: the layer's Mixer writes the states; this keeps the books ---
@@ -203,6 +231,36 @@ class FalconH1Cache(BaseCache):
         # A call longer than the window (a prompt) is split where the new window
         # starts; padded prompts keep no window.
         return max(0, length - self.max_rollback) if self.lengths is None else 0
+
+    def begin_call(self) -> None:
+        """Before a call (Mixer.prepare): note where it starts, for its checkpoints."""
+        planned = self.checkpoint_interval or self.checkpoint_positions
+        single = isinstance(self.kv.offset, int) and self.lengths is None
+        self.call_start = self.kv.offset if planned and single else None
+
+    def scan_cuts(self, length: int) -> List[int]:
+        cuts = {self.rollback_split(length), length}
+        start, self.call_start = self.call_start, None
+        if start is not None:
+            every = self.checkpoint_interval
+            if every:
+                cuts.update(range(every - start % every, length + 1, every))
+            cuts.update(p - start for p in self.checkpoint_positions if start < p <= start + length)
+        self.checkpoint_base = start
+        return sorted(cuts - {0})
+
+    def keep_checkpoint(self, cut: int) -> None:
+        if self.checkpoint_base is None:
+            return
+        position = self.checkpoint_base + cut
+        every = self.checkpoint_interval
+        if (every and position % every == 0) or position in self.checkpoint_positions:
+            self.checkpoints[position] = (self.conv_state, self.ssm_state)
+
+    def take_checkpoints(self) -> Dict[int, Tuple[mx.array, mx.array]]:
+        """The checkpoints kept so far, handed over (the cache keeps none after)."""
+        kept, self.checkpoints = self.checkpoints, {}
+        return kept
 
     @property
     def rollback_inputs(self) -> Optional[mx.array]:
@@ -308,8 +366,7 @@ class FalconH1Cache(BaseCache):
     # --- trimming (speculative decoding, prompt-cache prefix reuse) -------------
 
     def is_trimmable(self):
-        # False while stored in the server's prompt cache (see commands.py).
-        return not getattr(self, "stored", False)
+        return True  # within `trimmable` tokens (see trim)
 
     @property
     def trimmable(self) -> int:
@@ -332,6 +389,8 @@ class FalconH1Cache(BaseCache):
                 "for a longer window)"
             )
         self.kv.trim(n)
+        # States of tokens taken back (rejected draft tokens) are no checkpoints.
+        self.checkpoints = {p: s for p, s in self.checkpoints.items() if p <= self.kv.offset}
         self.rollback_window -= n
         k = self.conv_state.shape[1]
         channels = self.conv_state.shape[-1]
@@ -374,6 +433,7 @@ class FalconH1Cache(BaseCache):
         self.conv_state, self.ssm_state, self.rollback_start_state, self.rollback_inputs, self.lengths = arrays
         self.replay_to = None if replay_to < 0 else replay_to
         self.unverified_mixer = self.unverified_kv = True
+        self.checkpoints = {}
 
     def _check_attention(self, keys: mx.array) -> None:
         stored = self.kv.state[0] if self.kv.keys is not None else None

@@ -9,45 +9,42 @@ import sys
 from pathlib import Path
 from importlib import import_module
 
-from mlx_lm.models.cache import LRUPromptCache
-
 from . import mlx_lm_patches
 from . import prompt_cache_files
 from .cache import FalconH1Cache, PromptCacheError
 from .loading import load, sharded_load
+from .prompt_cache import PromptCache
 
 # The small Falcon-H1 trained on Python's standard library that ships with the
 # package (examples/train_tiny_falcon_h1.py), 8-bit: the default --model.
 DEFAULT_MODEL = Path(__file__).parent / "default_model"
 
 
-class FalconPromptCache(LRUPromptCache):
-    """mlx-lm's server prompt cache, for caches that roll back only a window.
+class ServerPromptCache(PromptCache):
+    """mlx-lm's server prompt cache (LRUPromptCache's interface) over ours, which
+    reuses any shared prefix (prompt_cache.py). The server (server.py) gives it
+    the boundaries of each request's messages, its budget and a cache maker."""
 
-    mlx-lm assumes a trimmable cache can be cut back to any prefix: it trims a
-    longer cached prompt down to the shared prefix, and drops the shorter
-    entries once a longer one is stored. A Falcon-H1 cache can roll its SSM
-    state back only `trimmable` tokens, so stored entries say they cannot be
-    trimmed: exact and shorter prefixes are reused, nothing is cut.
-    """
-
-    def insert_cache(self, model, tokens, prompt_cache, **kwargs):
-        for c in prompt_cache:
-            c.stored = True
-        super().insert_cache(model, tokens, prompt_cache, **kwargs)
+    def __init__(self, max_size: int = 10):
+        super().__init__(max_entries=max_size)
+        self.next_boundaries = ()  # the boundaries of the prompt fetched next
 
     def fetch_nearest_cache(self, model, tokens):
-        cache, rest = super().fetch_nearest_cache(model, tokens)
-        for c in cache or []:
-            c.stored = False  # a live copy again: speculative decoding may trim it
-        if cache is not None and not rest and tokens:
-            # An exact hit. The model must still read the last token to give the
-            # next logits (mlx-lm's batch generator raises on an empty prompt, and
-            # that kills its generation thread). Rolling one token back would leave
-            # a replay pending, which batching cannot merge: start over instead
-            # (rare: stored keys are prompts plus their completions, or segment ends).
-            cache, rest = None, tokens
-        return cache, rest
+        boundaries, self.next_boundaries = self.next_boundaries, ()
+        return self.fetch(tokens, model, boundaries)
+
+    def insert_cache(self, model, tokens, prompt_cache, *, cache_type: str = "assistant"):
+        # mlx-lm stores a request's cache at the end of each segment of its prompt
+        # (types system and user) and once it has answered (assistant): the first are
+        # checkpoints of the last, which holds the K/V.
+        self.insert(tokens, prompt_cache, model, keep_kv=cache_type == "assistant")
+
+    def trim_to(self, *, n_sequences=None, n_bytes=None):
+        super().trim_to(n_sequences, n_bytes)
+
+    def stats_by_type(self):
+        return {"entries": {"n_sequences": len(self), "n_bytes": self.nbytes},
+                "checkpoints": {"n_sequences": self.checkpoint_count, "n_bytes": 0}}
 
 
 def run_mlx_lm_command(name: str, require_model: bool = True, **replace) -> None:
@@ -66,7 +63,7 @@ def run_mlx_lm_command(name: str, require_model: bool = True, **replace) -> None
     if hasattr(module, "sharded_load"):  # chat and server under mlx.launch
         module.sharded_load = sharded_load
     if name == "server":
-        module.LRUPromptCache = FalconPromptCache
+        module.LRUPromptCache = ServerPromptCache
     check_window_flags(sys.argv[1:])
     if name == "generate":
         _check_prompt_cache_files(module, with_draft="--draft-model" in flags)

@@ -77,6 +77,12 @@ class StepCache:
     def rollback_split(self, length):
         return 0  # one token
 
+    def scan_cuts(self, length):
+        return [length]  # a step keeps no checkpoints
+
+    def keep_checkpoint(self, cut):
+        pass
+
     def keep_rollback_inputs(self, rows):
         self.rows = rows
 

@@ -275,18 +275,21 @@ class Mixer(nn.Module):
             return cache.with_state(y)
         if cache.conv_state is None:
             cache.conv_state = mx.zeros((xBC.shape[0], self.conv_width - 1, xBC.shape[-1]), xBC.dtype)
-        # A call longer than the rollback window (a prompt) is split where the new
-        # window starts, so its start state comes out of the scan, not a replay.
-        cut, first = cache.rollback_split(length), None
-        if cut:
-            first, cache.conv_state, cache.ssm_state = self.conv_and_scan(
-                xBC[:, :cut], dt[:, :cut], cache.conv_state, cache.ssm_state)
-            cache.restart_rollback_window()
-        cache.keep_rollback_inputs(rows[:, cut:])
-        y, cache.conv_state, cache.ssm_state = self.conv_and_scan(
-            xBC[:, cut:], dt[:, cut:], cache.conv_state, cache.ssm_state)
+        # The scan is split where states come out of it: the rollback window's start
+        # (a call longer than the window: a prompt) and planned checkpoints.
+        window, ys, start = cache.rollback_split(length), [], 0
+        for end in cache.scan_cuts(length):
+            if start == window:
+                if window:
+                    cache.restart_rollback_window()
+                cache.keep_rollback_inputs(rows[:, window:])
+            y, cache.conv_state, cache.ssm_state = self.conv_and_scan(
+                xBC[:, start:end], dt[:, start:end], cache.conv_state, cache.ssm_state)
+            cache.keep_checkpoint(end)
+            ys.append(y)
+            start = end
         # A few tokens: their inputs are small, nothing worth computing early.
-        return y if first is None else cache.with_state(mx.concatenate([first, y], axis=1))
+        return ys[0] if len(ys) == 1 else cache.with_state(mx.concatenate(ys, axis=1))
 
     def prepare(self, cache: FalconH1Cache, length: int) -> None:
         """Before a call of `length` tokens: check a cache loaded from a file against
@@ -295,6 +298,7 @@ class Mixer(nn.Module):
         when this call would overflow the window."""
         if cache.unverified_mixer:
             check_fits(cache, mixer_sizes(self), "this model")
+        cache.begin_call()
         if cache.replay_to is not None:
             cache.ssm_state = self._replay(cache, cache.replay_to)
             cache.replay_to = None

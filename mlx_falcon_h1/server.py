@@ -15,20 +15,35 @@ Three things differ from mlx-lm's, all about holding up under bad input:
   a rejected prompt is a 400, a failed model load stays 404 and a dead
   generation thread is a 503.
 
-And one flag more: `--max-kv-size N` (mlx-lm's generate and chat have it, its
-server not), bounding every request's attention K/V (cache.py).
+The prompt cache reuses any prefix a request shares with an earlier one
+(prompt_cache.py): an edited, regenerated or branched conversation re-reads at
+most one checkpoint interval, where mlx-lm's re-reads all of it. Each request's
+prompt is read in segments that end at its messages' boundaries and every
+--checkpoint-interval tokens, where the state is kept.
+
+And two flags more: `--max-kv-size N` (mlx-lm's generate and chat have it, its
+server not), bounding every request's attention K/V (cache.py), and
+`--checkpoint-interval N`, the tokens between checkpoints (0: only at message
+boundaries).
 """
 
 import math
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 from mlx_lm import server as mlx_server
+from mlx_lm.models import cache as mlx_lm_cache
 
 from .cli import read_model_first
 from .commands import check_window_flags, run_mlx_lm_command
 from .loading import load
+from .prompt_cache import DEFAULT_CHECKPOINT_INTERVAL, common_prefix
+
+# Message boundaries marked per request: the ends of its last this many messages
+# (each costs rendering the conversation up to it; older ones lie behind stored
+# entries' ends, and every interval has a checkpoint anyway).
+BOUNDARY_MESSAGES = 8
 
 
 class RequestRejected(ValueError):
@@ -49,9 +64,38 @@ def _vocab_size(model_provider):
 class FalconResponseGenerator(mlx_server.ResponseGenerator):
     """mlx-lm's generation loop; prompts are checked once tokenized (on the
     generation thread, where the tokenizer lives) so that an empty prompt or one
-    longer than the context never reaches the model."""
+    longer than the context never reaches the model, and split where the prompt
+    cache keeps checkpoints (commands.ServerPromptCache)."""
+
+    checkpoint_interval: Optional[int] = DEFAULT_CHECKPOINT_INTERVAL  # --checkpoint-interval
+
+    def __init__(self, model_provider, prompt_cache):
+        prompt_cache.max_bytes = model_provider.cli_args.prompt_cache_bytes
+        prompt_cache.checkpoint_interval = self.checkpoint_interval
+        prompt_cache.make_cache = self._new_cache
+        super().__init__(model_provider, prompt_cache)
+
+    def _new_cache(self) -> list:
+        provider = self.model_provider
+        cache = mlx_lm_cache.make_prompt_cache(provider.model)
+        if provider.draft_model is not None:
+            cache += mlx_lm_cache.make_prompt_cache(provider.draft_model)
+        return cache
 
     def _tokenize(self, tokenizer, request, args):
+        prompt, segments, kinds, *rest = self._checked_tokens(tokenizer, request, args)
+        # Where the state is kept: the sequential path reads the boundaries from the
+        # cache fetched next, the batched one stores a checkpoint at each segment end.
+        vision = rest[-1]
+        boundaries = [] if vision is not None else _message_boundaries(
+            tokenizer, request, args, prompt, self.cli_args)
+        self.prompt_cache.next_boundaries = boundaries
+        every = self.prompt_cache.checkpoint_interval
+        cuts = {*boundaries, *(range(every, len(prompt), every) if every else ())}
+        segments, kinds = _split_segments(segments, kinds, cuts)
+        return (prompt, segments, kinds, *rest)
+
+    def _checked_tokens(self, tokenizer, request, args):
         result = super()._tokenize(tokenizer, request, args)
         prompt = result[0]
         if len(prompt) == 0:
@@ -66,6 +110,40 @@ class FalconResponseGenerator(mlx_server.ResponseGenerator):
             # (the server's default --max-tokens applies when a client sets none).
             args.max_tokens = context - len(prompt)
         return result
+
+
+def _message_boundaries(tokenizer, request, args, prompt, cli_args) -> List[int]:
+    """Where the prompt's last messages end (BOUNDARY_MESSAGES): the tokens it shares
+    with the conversation rendered up to each. Any position is a valid checkpoint;
+    these are where edits and branches start."""
+    if request.request_type != "chat" or not tokenizer.has_chat_template:
+        return []
+    template_args = dict(cli_args.chat_template_args or {}, **(args.chat_template_kwargs or {}))
+    messages, found = request.messages, set()
+    for k in range(max(1, len(messages) - BOUNDARY_MESSAGES), len(messages)):
+        try:
+            tokens = tokenizer.apply_chat_template(
+                messages[:k], add_generation_prompt=False, tools=request.tools, tokenize=True,
+                **template_args)
+        except Exception:  # a template that cannot render a part of the conversation
+            continue
+        found.add(common_prefix(getattr(tokens, "input_ids", tokens), prompt))
+    return sorted(p for p in found if 0 < p < len(prompt))
+
+
+def _split_segments(segments, kinds, cuts):
+    """mlx-lm's segments of a prompt, also split at `cuts` (positions in the prompt).
+    Every piece is a system or user segment: the server stores only checkpoints at
+    their ends (commands.ServerPromptCache), the whole cache once answered."""
+    pieces, piece_kinds, start = [], [], 0
+    for segment, kind in zip(segments, kinds):
+        end = start + len(segment)
+        inside = sorted(c - start for c in cuts if start < c < end)
+        for a, b in zip([0, *inside], [*inside, len(segment)]):
+            pieces.append(segment[a:b])
+            piece_kinds.append("system" if kind == "system" else "user")
+        start = end
+    return pieces, piece_kinds
 
 
 class _RecordingGenerator:
@@ -194,17 +272,17 @@ def _run_http_server(host, port, response_generator, **kwargs):
 _MLX_RUN_HTTP_SERVER = mlx_server._run_http_server
 
 
-def _take_max_kv_size(argv) -> Optional[int]:
-    """--max-kv-size N (mlx-lm's generate and chat flag; its server has none):
-    removed from argv before mlx-lm parses it, and returned."""
+def _take_flag(argv, flag: str, what: str) -> Optional[int]:
+    """A flag of ours that mlx-lm's server lacks (--max-kv-size, --checkpoint-interval):
+    removed from argv before mlx-lm parses it, and its number returned."""
     for i, arg in enumerate(argv):
-        if arg == "--max-kv-size" or arg.startswith("--max-kv-size="):
+        if arg == flag or arg.startswith(flag + "="):
             value = arg.partition("=")[2] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else "")
             del argv[i : i + (1 if "=" in arg else 2)]
             try:
                 return int(value)
             except ValueError:
-                sys.exit(f"error: --max-kv-size needs a number of tokens, not {value!r}")
+                sys.exit(f"error: {flag} needs {what}, not {value!r}")
     return None
 
 
@@ -222,7 +300,12 @@ def _with_window(load, max_kv_size: int):
 def main() -> None:
     read_model_first(sys.argv[1:])
     replace = {}
-    max_kv_size = _take_max_kv_size(sys.argv)
+    max_kv_size = _take_flag(sys.argv, "--max-kv-size", "a number of tokens")
+    interval = _take_flag(sys.argv, "--checkpoint-interval", "a number of tokens (0: none)")
+    if interval is not None:
+        if interval < 0:
+            sys.exit(f"error: --checkpoint-interval needs a number of tokens (0: none), not {interval}")
+        FalconResponseGenerator.checkpoint_interval = interval or None
     if max_kv_size is not None:
         check_window_flags(sys.argv[1:] + ["--max-kv-size", str(max_kv_size)])
         replace["load"] = _with_window(load, max_kv_size)

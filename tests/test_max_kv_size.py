@@ -196,7 +196,7 @@ def test_server_flag_sets_the_models_window(monkeypatch):
     from mlx_falcon_h1 import server
 
     argv = ["server", "--port", "1", "--max-kv-size=48"]
-    assert server._take_max_kv_size(argv) == 48 and argv == ["server", "--port", "1"]
+    assert server._take_flag(argv, "--max-kv-size", "tokens") == 48 and argv == ["server", "--port", "1"]
     loaded = server._with_window(lambda *a, **k: (type("M", (), {})(), None), 48)()
     assert loaded[0].max_kv_size == 48
 

@@ -1,0 +1,292 @@
+"""Reusing any shared prefix of a prompt: a prompt cache of recurrent-state checkpoints.
+
+A chat app or an agent sends the whole conversation with every request. For
+attention that is cheap to reuse: a stored K/V can be cut back to any prefix it
+shares with the new prompt. An SSM state cannot be cut back (cache.py keeps a
+rollback window of 32-64 tokens, no more), so a hybrid model's server re-reads
+the whole prompt whenever a request does not extend a stored one exactly:
+regenerate, edit a message, branch, retry an agent step.
+
+So while a prompt is read, its caches keep the conv and SSM state at planned
+positions (cache.py: checkpoints): every `checkpoint_interval` tokens, at the
+boundaries the request marks (end of the system prompt, of each message), and
+one token before its end (what a regenerate or a retry needs: the model must
+read the last token again to give its logits). A checkpoint holds no K/V: the
+K/V at that position is cut back from the stored entry that holds it. A new
+prompt is served from the deepest position, over all entries, at which some
+entry both shares the prompt's tokens and has a state: its end (the prompt
+extends it) or one of its checkpoints. What is re-read is at most one interval
+beyond the longest prefix shared with anything stored.
+
+Memory. Entries and their checkpoints count toward `max_bytes`, and are
+evicted least recently used; an entry stored whose tokens extend another's
+takes over the shorter one's states as checkpoints (its K/V covers theirs), and
+an evicted entry hands the checkpoints another entry can still use to it.
+
+Used by the server (commands.ServerPromptCache: mlx-lm's prompt-cache
+interface over this) and by apps that run their own chat loop:
+
+    prompt_cache = PromptCache(model.make_cache)
+    cache, rest = prompt_cache.fetch(tokens)        # a cache, and the tokens still to read
+    ... generate from `rest` with `cache`, giving `generated` ...
+    prompt_cache.insert(tokens + generated, cache)
+
+Data and bookkeeping only: the model computes every state this holds.
+"""
+
+import copy
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import mlx.core as mx
+import numpy as np
+
+from .cache import FalconH1Cache
+
+# Tokens between checkpoints, by default. A checkpoint costs each layer's conv and
+# SSM state (docs/generation-and-caches.md#prompt-cache-reuse: 0.5B 27 MiB, 7B 133
+# MiB); re-reading an interval costs its prefill. At 1024 a 10K-token
+# conversation keeps ten (0.27 GiB at 0.5B, about its K/V at 10K tokens) and an
+# edit re-reads at most 1024 tokens (under a second on a Mac at 7B).
+DEFAULT_CHECKPOINT_INTERVAL = 1024
+
+# One layer's (conv_state, ssm_state), or None for a cache that is cut back as
+# it is (a plain K/V cache: a draft model of another architecture).
+LayerState = Optional[Tuple[mx.array, mx.array]]
+
+
+@dataclass(eq=False)
+class _Entry:
+    model: Any  # which model's caches (the server's model key)
+    tokens: np.ndarray  # the tokens the caches have read
+    cache: Optional[list]  # the caches after `tokens`, K/V included; None: checkpoints only
+    checkpoints: Dict[int, List[LayerState]] = field(default_factory=dict)  # position -> states
+    nbytes: int = 0
+
+
+class PromptCache:
+    """Caches of earlier prompts, reusable from any prefix a new prompt shares with
+    them (see the module's docstring).
+
+    make_cache: makes an empty cache list for a prompt nothing matches (the
+    model's make_cache); without it fetch gives None then. max_entries: stored
+    prompts at most (mlx-lm's --prompt-cache-size); max_bytes: their bytes at most,
+    checkpoints included (--prompt-cache-bytes). checkpoint_interval: tokens between
+    checkpoints (None: only at boundaries and before a prompt's last token).
+    """
+
+    def __init__(self, make_cache: Optional[Callable[[], list]] = None, *, max_entries: int = 10,
+                 max_bytes: Optional[int] = None,
+                 checkpoint_interval: Optional[int] = DEFAULT_CHECKPOINT_INTERVAL):
+        if checkpoint_interval is not None and checkpoint_interval < 1:
+            raise ValueError(f"checkpoint_interval must be a positive number of tokens, "
+                             f"not {checkpoint_interval}")
+        self.make_cache = make_cache
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self.checkpoint_interval = checkpoint_interval
+        self._entries: "OrderedDict[int, _Entry]" = OrderedDict()  # least recently used first
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(e.nbytes for e in self._entries.values())
+
+    @property
+    def checkpoint_count(self) -> int:
+        return sum(len(e.checkpoints) for e in self._entries.values())
+
+    # --- reading --------------------------------------------------------------
+
+    def fetch(self, tokens: Sequence[int], model: Any = None,
+              boundaries: Iterable[int] = ()) -> Tuple[Optional[list], List[int]]:
+        """(cache, tokens still to read) for a prompt: a copy of the deepest stored
+        state the prompt can continue from (a fresh cache when none, or None without
+        make_cache). Reading the rest keeps checkpoints every interval, at
+        `boundaries` (positions the request marks) and one token before the end."""
+        tokens = list(tokens)
+        found = self._deepest(model, np.asarray(tokens, dtype=np.int64))
+        if found is None:
+            cache = self.make_cache() if self.make_cache is not None else None
+            position = 0
+        else:
+            entry, position = found
+            self._entries.move_to_end(id(entry))
+            cache = _restore(entry, position)
+        for c in cache or []:
+            if isinstance(c, FalconH1Cache):
+                c.checkpoint_interval = self.checkpoint_interval
+                c.checkpoint_positions = frozenset(
+                    p for p in (*boundaries, len(tokens) - 1) if position < p < len(tokens))
+        return cache, tokens[position:]
+
+    def _deepest(self, model, tokens: np.ndarray) -> Optional[Tuple[_Entry, int]]:
+        """The entry and position to continue from: the deepest at which an entry
+        shares the prompt and has a state, short of the prompt's last token."""
+        best, best_position = None, 0
+        for entry in self._entries.values():
+            if entry.model != model or entry.cache is None:
+                continue
+            limit = min(common_prefix(entry.tokens, tokens), len(tokens) - 1)
+            if len(entry.tokens) <= limit:
+                position = len(entry.tokens)  # the prompt extends the entry
+            else:
+                position = max((p for p in entry.checkpoints
+                                if p <= limit and _can_cut_back(entry.cache, p)), default=0)
+            if position > best_position:
+                best, best_position = entry, position
+        return None if best is None else (best, best_position)
+
+    # --- storing --------------------------------------------------------------
+
+    def insert(self, tokens: Sequence[int], cache: list, model: Any = None, *,
+               keep_kv: bool = True) -> None:
+        """Store `cache`, which has read `tokens` (tokens it has not read, such as a
+        last generated token, are dropped), with the checkpoints it kept. The cache
+        is the store's now. keep_kv=False keeps only its states, as checkpoints for an
+        entry that holds (or will hold) the K/V: a request's prompt read part way."""
+        read = _tokens_read(cache)
+        if read is not None and read < len(tokens):
+            tokens = tokens[:read]
+        entry = _Entry(model, np.asarray(list(tokens), dtype=np.int64), cache)
+        entry.checkpoints = _taken_checkpoints(cache)
+        if not keep_kv:
+            entry.checkpoints[len(entry.tokens)] = _end_states(cache)
+            entry.cache = None
+        for other in list(self._entries.values()):
+            if other.model == model:
+                self._merge(entry, other)
+        if entry.cache is None and self._give_to_holder(entry):
+            return
+        entry.nbytes = _entry_bytes(entry)
+        self._entries[id(entry)] = entry
+        self._shrink(self.max_entries, self.max_bytes)
+
+    def _merge(self, new: _Entry, old: _Entry) -> None:
+        """Fold `old` into `new` where new's tokens extend old's and new can stand in
+        for it: old's states become checkpoints of new, old goes."""
+        shared = common_prefix(old.tokens, new.tokens)
+        if shared < len(old.tokens):
+            return
+        if new.cache is None and old.cache is not None:
+            return  # old holds K/V that new lacks: new goes to old instead (_give_to_holder)
+        if new.cache is not None and not _can_cut_back(new.cache, len(old.tokens)):
+            return  # a bounded K/V that has forgotten old's prefix
+        states = dict(old.checkpoints)
+        if old.cache is not None:
+            states[len(old.tokens)] = _end_states(old.cache)
+        for position, state in states.items():
+            if new.cache is None or position < len(new.tokens):  # new's end is its own
+                new.checkpoints.setdefault(position, state)
+        del self._entries[id(old)]
+
+    def _give_to_holder(self, states: _Entry) -> bool:
+        """A checkpoints-only entry goes to an entry holding K/V of its tokens, if any."""
+        for holder in self._entries.values():
+            if (holder.model == states.model and holder.cache is not None
+                    and common_prefix(holder.tokens, states.tokens) == len(states.tokens)
+                    and all(_can_cut_back(holder.cache, p) for p in states.checkpoints)):
+                for position, state in states.checkpoints.items():
+                    holder.checkpoints.setdefault(position, state)
+                holder.nbytes = _entry_bytes(holder)
+                return True
+        return False
+
+    # --- memory ---------------------------------------------------------------
+
+    def trim_to(self, n_entries: Optional[int] = None, n_bytes: Optional[int] = None) -> None:
+        """Evict least recently used entries until at most n_entries and n_bytes remain."""
+        self._shrink(n_entries, n_bytes)
+
+    def _shrink(self, n_entries: Optional[int], n_bytes: Optional[int]) -> None:
+        n_entries = float("inf") if n_entries is None else max(0, n_entries)
+        n_bytes = float("inf") if n_bytes is None else max(0, n_bytes)
+        while self._entries and (len(self._entries) > n_entries or self.nbytes > n_bytes):
+            _, evicted = self._entries.popitem(last=False)
+            self._hand_on(evicted)
+
+    def _hand_on(self, evicted: _Entry) -> None:
+        """The checkpoints of an evicted entry that another entry's K/V can still be cut
+        back to go to the entry sharing most of its tokens (the rest go with it)."""
+        heirs = [e for e in self._entries.values() if e.model == evicted.model and e.cache is not None]
+        if not heirs or not evicted.checkpoints:
+            return
+        shared = [common_prefix(e.tokens, evicted.tokens) for e in heirs]
+        heir, depth = max(zip(heirs, shared), key=lambda pair: pair[1])
+        kept = {p: s for p, s in evicted.checkpoints.items()
+                if p <= depth and p not in heir.checkpoints and _can_cut_back(heir.cache, p)}
+        if kept:
+            heir.checkpoints.update(kept)
+            heir.nbytes = _entry_bytes(heir)
+
+
+# --- one entry's caches ---------------------------------------------------------
+
+def common_prefix(a, b) -> int:
+    """How many first tokens two token sequences share."""
+    a, b = np.asarray(a), np.asarray(b)
+    n = min(len(a), len(b))
+    differ = np.flatnonzero(a[:n] != b[:n])
+    return int(differ[0]) if differ.size else n
+
+
+def _tokens_read(cache: list) -> Optional[int]:
+    offsets = [c.offset for c in cache if isinstance(getattr(c, "offset", None), int)]
+    return offsets[0] if offsets else None
+
+
+def _end_states(cache: list) -> List[LayerState]:
+    return [(c.conv_state, c.ssm_state) if isinstance(c, FalconH1Cache) else None for c in cache]
+
+
+def _taken_checkpoints(cache: list) -> Dict[int, List[LayerState]]:
+    """The positions every Falcon-H1 cache of the list kept a checkpoint at, with
+    each layer's state there; the caches keep none after."""
+    kept = [c.take_checkpoints() if isinstance(c, FalconH1Cache) else None for c in cache]
+    positions = set.intersection(*[set(k) for k in kept if k is not None] or [set()])
+    return {p: [None if k is None else k[p] for k in kept] for p in sorted(positions)}
+
+
+def _can_cut_back(cache: list, position: int) -> bool:
+    """Whether every cache of the list can be cut back to `position`: its K/V trimmed
+    there (a bounded K/V that has overwritten keys cannot), and no other state
+    than a Falcon-H1 cache's (whose checkpoint gives it) or a K/V."""
+    for c in cache:
+        kv = c.kv if isinstance(c, FalconH1Cache) else c
+        back = kv.offset - position
+        if back == 0:
+            continue
+        if back < 0 or not hasattr(kv, "trim") or not kv.is_trimmable() or (
+                not isinstance(c, FalconH1Cache) and type(kv).__name__ not in _CUT_ANYWHERE):
+            return False
+    return True
+
+
+# mlx-lm's K/V caches that trim to any earlier position (a bounded one until full).
+_CUT_ANYWHERE = {"KVCache", "QuantizedKVCache", "RotatingKVCache"}
+
+
+def _restore(entry: _Entry, position: int) -> list:
+    """A copy of the entry's caches at `position` (its end, or a checkpoint)."""
+    restored = []
+    for i, c in enumerate(entry.cache):
+        c = copy.deepcopy(c)
+        if position < len(entry.tokens):
+            kv = c.kv if isinstance(c, FalconH1Cache) else c
+            kv.trim(kv.offset - position)
+            if isinstance(c, FalconH1Cache):
+                c.conv_state, c.ssm_state = entry.checkpoints[position][i]
+                c.replay_to = None
+                c.restart_rollback_window()  # the window starts afresh at the checkpoint
+        restored.append(c)
+    return restored
+
+
+def _entry_bytes(entry: _Entry) -> int:
+    arrays = {id(a): a for states in entry.checkpoints.values() for state in states
+              if state is not None for a in state}
+    held = sum(c.nbytes for c in entry.cache) if entry.cache is not None else 0
+    return held + sum(a.nbytes for a in arrays.values())
