@@ -116,22 +116,29 @@ def test_bad_requests_get_400_naming_the_field(server, path, body, field):
 def test_prompt_cache_exact_hit_leaves_one_token_to_read(tmp_path):
     """An exact prompt-cache hit used to hand mlx-lm's batch generator an empty
     prompt, which killed the server's generation thread (found by
-    examples/load_test.py): the prompt is processed again instead."""
+    examples/load_test.py). Now it restores the state before the last token (a
+    checkpoint kept while reading), which batching can merge."""
     import mlx.core as mx
 
     from mlx_falcon_h1 import load_model
-    from mlx_falcon_h1.commands import FalconPromptCache
+    from mlx_falcon_h1.cache import FalconH1Cache
+    from mlx_falcon_h1.commands import ServerPromptCache
 
     make_checkpoint(tmp_path)
     model = load_model(tmp_path)[0]
     tokens = [5, 17, 3, 9, 40, 2, 11]
-    cache = model.make_cache()
-    mx.eval(model(mx.array([tokens]), cache=cache))
-    store = FalconPromptCache(max_size=4)
+    store = ServerPromptCache(max_size=4)
+    store.make_cache = model.make_cache
+    cache, rest = store.fetch_nearest_cache("m", tokens)
+    assert rest == tokens
+    mx.eval(model(mx.array([tokens[:-1]]), cache=cache))  # as mlx-lm reads a prompt
+    mx.eval(model(mx.array([tokens[-1:]]), cache=cache))
     store.insert_cache("m", tokens, cache)
-    assert store.fetch_nearest_cache("m", tokens) == (None, tokens)
-    hit, rest = store.fetch_nearest_cache("m", tokens + [8, 9])  # a longer prompt still uses it
-    assert hit is not None and rest == [8, 9]
+    hit, rest = store.fetch_nearest_cache("m", tokens)
+    assert rest == tokens[-1:] and hit[0].offset == len(tokens) - 1
+    FalconH1Cache.merge([hit[0], model.make_cache()[0]])  # no replay pending
+    hit, rest = store.fetch_nearest_cache("m", tokens + [8, 9])  # a longer prompt uses the end
+    assert rest == [8, 9]
 
 
 def test_generation_stops_at_the_context_end(server):

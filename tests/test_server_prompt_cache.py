@@ -1,0 +1,125 @@
+"""The server reuses every prefix a chat app's or an agent's next request shares with
+what it has seen (prompt_cache.py), on mlx-lm's batched path and its sequential one
+(a request with a seed): each request's answer and log-probabilities are those of
+reading its prompt cold, and what it re-reads is at most one checkpoint interval
+beyond the ideal (the longest prefix it shares with an earlier prompt or answer)."""
+
+import json
+import subprocess
+import sys
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+from mlx_lm.generate import generate_step
+
+from mlx_falcon_h1 import load
+from mlx_falcon_h1.commands import DEFAULT_MODEL
+from mlx_falcon_h1.prompt_cache import common_prefix
+from test_server import free_port
+
+INTERVAL = 128
+MAX_TOKENS = 6
+TEXT = (DEFAULT_MODEL.parent / "model.py").read_text()
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    return load(str(DEFAULT_MODEL))
+
+
+@pytest.fixture(scope="module")
+def port():
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlx_falcon_h1.server", "--port", str(port),
+         "--checkpoint-interval", str(INTERVAL)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1).close()
+            break
+        except OSError:
+            if proc.poll() is not None:
+                raise RuntimeError(proc.stdout.read())
+            time.sleep(0.3)
+    yield port
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def chat(port, messages, seed):
+    body = {"messages": messages, "max_tokens": MAX_TOKENS, "temperature": 0.0, "logprobs": True}
+    if seed:
+        body["seed"] = 0  # a seed makes mlx-lm serve the request on its sequential path
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions",
+                                     json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=300) as response:
+        answer = json.loads(response.read())
+    choice = answer["choices"][0]
+    tokens = choice["logprobs"]["content"]
+    return (choice["message"]["content"], answer["usage"], [t["logprob"] for t in tokens],
+            [t["id"] for t in tokens])
+
+
+def cold(model, tokenizer, prompt):
+    """Greedy tokens and their log-probabilities, the prompt read from scratch."""
+    out = []
+    for (token, logprobs), _ in zip(generate_step(mx_array(prompt), model), range(MAX_TOKENS)):
+        out.append(float(logprobs[token]))
+        if token in tokenizer.eos_token_ids:
+            break
+    return out
+
+
+def mx_array(tokens):
+    import mlx.core as mx
+
+    return mx.array(tokens)
+
+
+def requests_of_a_chat_and_an_agent(salt):
+    """Each request as a function of the answers so far: a multi-turn chat,
+    regenerate, edit the last and an earlier message, a new chat on the same
+    system prompt, an agent's tool outputs and a retried step."""
+    system = {"role": "system", "content": f"{salt} You review Python code. " + TEXT[:1500]}
+    ask = lambda i, text: {"role": "user", "content": f"Question {i}: " + text}  # noqa: E731
+    said = lambda text: {"role": "assistant", "content": text}  # noqa: E731
+    tool = lambda text: {"role": "tool", "content": text}  # noqa: E731
+    q1, q2 = ask(1, TEXT[1500:2300]), ask(2, TEXT[2300:2700])
+    return [
+        ("first turn", lambda a: [system, q1]),
+        ("regenerate", lambda a: [system, q1]),
+        ("next turn", lambda a: [system, q1, said(a[0]), q2]),
+        ("edit the last message", lambda a: [system, q1, said(a[0]), ask(2, TEXT[2700:3000])]),
+        ("edit an earlier message", lambda a: [system, ask(1, TEXT[1400:2300]), said(a[0]), q2]),
+        ("new chat, same system prompt", lambda a: [system, ask(9, TEXT[3000:3300])]),
+        ("agent tool output", lambda a: [system, q1, said(a[0]), q2, said(a[2]),
+                                         tool(TEXT[3300:4300])]),
+        ("agent retry", lambda a: [system, q1, said(a[0]), q2, said(a[2]), tool(TEXT[3300:4300])]),
+    ]
+
+
+@pytest.mark.parametrize("path", ["batched", "sequential"])
+def test_every_request_shape_reuses_its_shared_prefix_exactly(port, shipped, path):
+    model, tokenizer = shipped
+    answers, seen, reused, ideal_total = [], [], 0, 0
+    for name, messages in requests_of_a_chat_and_an_agent(salt=path):
+        messages = messages(answers)
+        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        text, usage, logprobs, ids = chat(port, messages, seed=path == "sequential")
+        answers.append(text)
+        assert usage["prompt_tokens"] == len(prompt)
+        cached = usage["prompt_tokens_details"]["cached_tokens"]
+        ideal = min(max([common_prefix(s, prompt) for s in seen], default=0), len(prompt) - 1)
+        assert ideal - INTERVAL <= cached <= ideal, (name, cached, ideal)
+        if name == "regenerate" or name == "agent retry":
+            assert cached == len(prompt) - 1, name
+        reused, ideal_total = reused + cached, ideal_total + ideal
+        want = cold(model, tokenizer, prompt)
+        assert len(logprobs) == len(want) and np.allclose(logprobs, want, rtol=0, atol=1e-4), (
+            name, logprobs, want)
+        seen.append(prompt + ids)  # what the server has seen: the prompt and its answer
+    assert reused >= 0.95 * ideal_total, (reused, ideal_total)
