@@ -96,6 +96,10 @@ class PromptCache:
         return sum(e.nbytes for e in self._entries.values())
 
     @property
+    def kv_entry_count(self) -> int:
+        return sum(e.cache is not None for e in self._entries.values())
+
+    @property
     def checkpoint_count(self) -> int:
         return sum(len(e.checkpoints) for e in self._entries.values())
 
@@ -202,11 +206,16 @@ class PromptCache:
         self._shrink(n_entries, n_bytes)
 
     def _shrink(self, n_entries: Optional[int], n_bytes: Optional[int]) -> None:
-        n_entries = float("inf") if n_entries is None else max(0, n_entries)
-        n_bytes = float("inf") if n_bytes is None else max(0, n_bytes)
-        while self._entries and (len(self._entries) > n_entries or self.nbytes > n_bytes):
-            _, evicted = self._entries.popitem(last=False)
-            self._hand_on(evicted)
+        """n_entries counts entries holding K/V (mlx-lm's "distinct KV caches"); the
+        checkpoints-only ones of prompts being read count toward the bytes."""
+        def evict(entry):
+            del self._entries[id(entry)]
+            self._hand_on(entry)
+
+        while n_entries is not None and self.kv_entry_count > max(0, n_entries):
+            evict(next(e for e in self._entries.values() if e.cache is not None))
+        while self._entries and n_bytes is not None and self.nbytes > max(0, n_bytes):
+            evict(next(iter(self._entries.values())))
 
     def _hand_on(self, evicted: _Entry) -> None:
         """The checkpoints of an evicted entry that another entry's K/V can still be cut

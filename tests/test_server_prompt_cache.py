@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -34,7 +35,8 @@ def port():
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlx_falcon_h1.server", "--port", str(port),
-         "--checkpoint-interval", str(INTERVAL)],
+         "--checkpoint-interval", str(INTERVAL),
+         "--prompt-cache-size", "16"],  # three conversations' branches: no eviction
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -102,24 +104,46 @@ def requests_of_a_chat_and_an_agent(salt):
     ]
 
 
-@pytest.mark.parametrize("path", ["batched", "sequential"])
-def test_every_request_shape_reuses_its_shared_prefix_exactly(port, shipped, path):
-    model, tokenizer = shipped
-    answers, seen, reused, ideal_total = [], [], 0, 0
-    for name, messages in requests_of_a_chat_and_an_agent(salt=path):
+def converse(port, tokenizer, salt, sequential):
+    """Run the requests of requests_of_a_chat_and_an_agent: per request its name,
+    prompt tokens, cached tokens, ideal and answer log-probabilities."""
+    answers, seen, record = [], [], []
+    for name, messages in requests_of_a_chat_and_an_agent(salt):
         messages = messages(answers)
         prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        text, usage, logprobs, ids = chat(port, messages, seed=path == "sequential")
+        text, usage, logprobs, ids = chat(port, messages, seed=sequential)
         answers.append(text)
         assert usage["prompt_tokens"] == len(prompt)
-        cached = usage["prompt_tokens_details"]["cached_tokens"]
         ideal = min(max([common_prefix(s, prompt) for s in seen], default=0), len(prompt) - 1)
+        record.append((name, prompt, usage["prompt_tokens_details"]["cached_tokens"], ideal, logprobs))
+        seen.append(prompt + ids)  # what the server has seen: the prompt and its answer
+    return record
+
+
+def check(record, model, tokenizer):
+    for name, prompt, cached, ideal, logprobs in record:
         assert ideal - INTERVAL <= cached <= ideal, (name, cached, ideal)
-        if name == "regenerate" or name == "agent retry":
+        if name in ("regenerate", "agent retry"):
             assert cached == len(prompt) - 1, name
-        reused, ideal_total = reused + cached, ideal_total + ideal
         want = cold(model, tokenizer, prompt)
         assert len(logprobs) == len(want) and np.allclose(logprobs, want, rtol=0, atol=1e-4), (
             name, logprobs, want)
-        seen.append(prompt + ids)  # what the server has seen: the prompt and its answer
-    assert reused >= 0.95 * ideal_total, (reused, ideal_total)
+    reused, ideal = sum(r[2] for r in record), sum(r[3] for r in record)
+    assert reused >= 0.95 * ideal, (reused, ideal)
+
+
+@pytest.mark.parametrize("path", ["batched", "sequential"])
+def test_every_request_shape_reuses_its_shared_prefix_exactly(port, shipped, path):
+    model, tokenizer = shipped
+    check(converse(port, tokenizer, path, sequential=path == "sequential"), model, tokenizer)
+
+
+def test_concurrent_conversations_are_each_served_exactly(port, shipped):
+    """Three conversations at once, two batched and one sequential, sharing the
+    store and its budget: each still gets its cold answers and its reuse."""
+    model, tokenizer = shipped
+    with ThreadPoolExecutor(3) as pool:
+        records = list(pool.map(lambda i: converse(port, tokenizer, f"user {i}", sequential=i == 2),
+                                range(3)))
+    for record in records:
+        check(record, model, tokenizer)
