@@ -27,7 +27,9 @@ Used by the server (commands.ServerPromptCache: mlx-lm's prompt-cache
 interface over this) and by apps that run their own chat loop:
 
     prompt_cache = PromptCache(model.make_cache)
-    cache, rest = prompt_cache.fetch(tokens)        # a cache, and the tokens still to read
+    tokens = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    cache, rest = prompt_cache.fetch(tokens, boundaries=message_boundaries(
+        tokenizer, messages, tokens))             # a cache, and the tokens still to read
     ... generate from `rest` with `cache`, giving `generated` ...
     prompt_cache.insert(tokens + generated, cache)
 
@@ -50,6 +52,11 @@ from .cache import FalconH1Cache
 # conversation keeps ten (0.27 GiB at 0.5B, about its K/V at 10K tokens) and an
 # edit re-reads at most 1024 tokens (under a second on a Mac at 7B).
 DEFAULT_CHECKPOINT_INTERVAL = 1024
+
+# Message boundaries marked per prompt: the ends of its last this many messages
+# (each costs rendering the conversation up to it; older ones lie behind stored
+# entries' ends, and every interval has a checkpoint anyway).
+BOUNDARY_MESSAGES = 8
 
 # One layer's (conv_state, ssm_state), or None for a cache that is cut back as
 # it is (a plain K/V cache: a draft model of another architecture).
@@ -230,6 +237,23 @@ class PromptCache:
         if kept:
             heir.checkpoints.update(kept)
             heir.nbytes = _entry_bytes(heir)
+
+
+def message_boundaries(tokenizer, messages: List[dict], prompt: Sequence[int],
+                       **template_args) -> List[int]:
+    """Where a chat prompt's last messages (BOUNDARY_MESSAGES) end: the tokens it
+    shares with the conversation rendered up to each (template_args: what the
+    prompt was rendered with, e.g. tools). Any position is a valid checkpoint;
+    these are where edits and branches start. Pass them to fetch()."""
+    found = set()
+    for k in range(max(1, len(messages) - BOUNDARY_MESSAGES), len(messages)):
+        try:
+            tokens = tokenizer.apply_chat_template(messages[:k], add_generation_prompt=False,
+                                                   tokenize=True, **template_args)
+        except Exception:  # a template that cannot render a part of the conversation
+            continue
+        found.add(common_prefix(getattr(tokens, "input_ids", tokens), prompt))
+    return sorted(p for p in found if 0 < p < len(prompt))
 
 
 # --- one entry's caches ---------------------------------------------------------

@@ -38,12 +38,7 @@ from mlx_lm.models import cache as mlx_lm_cache
 from .cli import read_model_first
 from .commands import check_window_flags, run_mlx_lm_command
 from .loading import load
-from .prompt_cache import DEFAULT_CHECKPOINT_INTERVAL, common_prefix
-
-# Message boundaries marked per request: the ends of its last this many messages
-# (each costs rendering the conversation up to it; older ones lie behind stored
-# entries' ends, and every interval has a checkpoint anyway).
-BOUNDARY_MESSAGES = 8
+from .prompt_cache import DEFAULT_CHECKPOINT_INTERVAL, message_boundaries
 
 
 class RequestRejected(ValueError):
@@ -113,22 +108,12 @@ class FalconResponseGenerator(mlx_server.ResponseGenerator):
 
 
 def _message_boundaries(tokenizer, request, args, prompt, cli_args) -> List[int]:
-    """Where the prompt's last messages end (BOUNDARY_MESSAGES): the tokens it shares
-    with the conversation rendered up to each. Any position is a valid checkpoint;
-    these are where edits and branches start."""
+    """Where the request's last messages end in its prompt (prompt_cache.message_boundaries)."""
     if request.request_type != "chat" or not tokenizer.has_chat_template:
         return []
     template_args = dict(cli_args.chat_template_args or {}, **(args.chat_template_kwargs or {}))
-    messages, found = request.messages, set()
-    for k in range(max(1, len(messages) - BOUNDARY_MESSAGES), len(messages)):
-        try:
-            tokens = tokenizer.apply_chat_template(
-                messages[:k], add_generation_prompt=False, tools=request.tools, tokenize=True,
-                **template_args)
-        except Exception:  # a template that cannot render a part of the conversation
-            continue
-        found.add(common_prefix(getattr(tokens, "input_ids", tokens), prompt))
-    return sorted(p for p in found if 0 < p < len(prompt))
+    return message_boundaries(tokenizer, request.messages, prompt, tools=request.tools,
+                              **template_args)
 
 
 def _split_segments(segments, kinds, cuts):
