@@ -303,9 +303,10 @@ class FalconAPIHandler(mlx_server.APIHandler):
         self.wfile.write(body)
         self.close_connection = True
 
-    def _discard_body(self, limit: int = 1 << 20) -> None:
+    def _discard_body(self, limit: int = 16 << 20) -> None:
         # Closing a connection with a body still unread resets it, and the client
-        # may then never see the 403: read (up to `limit` bytes of) it first.
+        # (sending a long chat, say) never sees the 403: read it first, up to
+        # `limit` bytes (a client sending more sees the reset).
         try:
             left = min(int(self.headers.get("Content-Length") or 0), limit)
         except ValueError:
