@@ -177,7 +177,8 @@ def disconnect_mid_stream(port, prompt, tally):
     body = json.dumps({"prompt": prompt, "max_tokens": 200, "stream": True,
                        "temperature": 0.0}).encode()
     with socket.create_connection(("127.0.0.1", port), timeout=120) as s:
-        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        s.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n".encode()
+                  + b"Content-Type: application/json\r\n"
                   + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
         s.recv(64)
     tally.add("disconnects")
@@ -186,8 +187,8 @@ def disconnect_mid_stream(port, prompt, tally):
 def short_body(port, tally):
     """Announce a 1000-byte body, send 10 bytes, hang up."""
     with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
-        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n"
-                  b'{"prompt":')
+        s.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n".encode()
+                  + b'Content-Length: 1000\r\n\r\n{"prompt":')
     tally.add("disconnects")
 
 
