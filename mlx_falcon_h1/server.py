@@ -26,30 +26,22 @@ server not), bounding every request's attention K/V (cache.py), and
 `--checkpoint-interval N`, the tokens between checkpoints (0: only at message
 boundaries).
 
-And one default, about who may call it (mlx-lm's lets any web page the user
-opens call the server and read its answers):
-- Only web pages on this machine (an Origin of http(s)://localhost, 127.0.0.1
-  or [::1], any port) and clients that send no Origin (curl, the openai
-  package) are served; `--allowed-origins` (mlx-lm's flag: a comma-separated
-  list, `*` for every page) adds more. Against DNS rebinding, the Host header
-  must name localhost, 127.0.0.1, [::1] or the `--host` address, unless the
-  server is bound to every address (`--host 0.0.0.0` or `::`) or
-  `--allowed-origins '*'` is given. Anything else gets a 403 naming the origin
-  or host and the flag that allows it, before the request runs (as Ollama does
-  since CVE-2024-28224).
+And one default, about who may call it: only pages on this machine and clients
+that send no Origin, and requests addressed to this machine (server_access.py;
+mlx-lm's lets any web page the user opens call it). Anything else gets a 403
+naming the flag that allows it.
 """
 
-import ipaddress
 import logging
 import math
 import sys
 from pathlib import Path
 from typing import List, Optional
-from urllib.parse import urlsplit
 
 from mlx_lm import server as mlx_server
 from mlx_lm.models import cache as mlx_lm_cache
 
+from . import server_access
 from .cli import read_model_first
 from .commands import check_window_flags, run_mlx_lm_command
 from .loading import load
@@ -168,71 +160,6 @@ def _is_finite_number(value) -> bool:
     return not isinstance(value, (int, float)) or isinstance(value, bool) or math.isfinite(value)
 
 
-_LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")  # as urlsplit gives them: no brackets
-
-
-def _hostname(authority: str) -> Optional[str]:
-    """The lower-case host of a Host header ("[::1]:8080" -> "::1"), None if unreadable."""
-    try:
-        return urlsplit("//" + authority.strip()).hostname
-    except ValueError:  # "[::1" and the like
-        return None
-
-
-def _is_local_origin(origin: str) -> bool:
-    """Whether a browser's Origin is a page on this machine: http(s) on
-    localhost, 127.0.0.1 or [::1], any port ("http://localhost.evil.com" is not)."""
-    try:
-        parts = urlsplit(origin)
-        parts.port  # raises on a port that is not one
-    except ValueError:
-        return False
-    return (parts.scheme in ("http", "https") and parts.hostname in _LOCAL_HOSTS
-            and not parts.username and parts.path in ("", "/"))
-
-
-def _listed_origins(allowed_origins) -> List[str]:
-    """--allowed-origins as mlx-lm parsed it (a list; "*" before parsing), without
-    the empty entry that main() puts there when the flag is not given."""
-    if isinstance(allowed_origins, str):
-        allowed_origins = allowed_origins.split(",")
-    return [o.strip().rstrip("/") for o in allowed_origins or () if o.strip()]
-
-
-def _origin_allowed(origin: str, listed: List[str]) -> bool:
-    return "*" in listed or _is_local_origin(origin) or origin.rstrip("/") in listed
-
-
-def _binds_every_address(host: str) -> bool:
-    """--host 0.0.0.0 or ::: the user serves the network on purpose."""
-    try:
-        return host == "" or ipaddress.ip_address(host.strip("[]")).is_unspecified
-    except ValueError:  # a name, e.g. --host mymac.local
-        return False
-
-
-def _host_allowed(host: str, bound: str) -> bool:
-    """Whether a Host header names this server: localhost, 127.0.0.1, [::1] or the
-    --host it is bound to, any port; any Host where it is bound to every address.
-    A DNS-rebound page sends its own name (evil.example:8080) here."""
-    if _binds_every_address(bound):
-        return True
-    return _hostname(host) in (*_LOCAL_HOSTS, bound.strip("[]").lower())
-
-
-def _default_to_local_origins(argv) -> None:
-    """mlx-lm's --allowed-origins defaults to *: any web page the user opens may
-    call the server and read its answers. Without the flag, argv gets an empty
-    list before mlx-lm parses it, leaving only the local origins that
-    FalconAPIHandler always allows. A flag the user gave, even abbreviated as
-    argparse allows (--allowed-o), is left as it is."""
-    for arg in argv[1:]:
-        flag = arg.partition("=")[0]
-        if len(flag) > len("--a") and "--allowed-origins".startswith(flag):
-            return
-    argv.append("--allowed-origins=")
-
-
 class FalconAPIHandler(mlx_server.APIHandler):
     def __init__(self, response_generator, *args, **kwargs):
         self._generate_error = None
@@ -244,38 +171,11 @@ class FalconAPIHandler(mlx_server.APIHandler):
         # here before it runs: a refused request never reaches one.
         if not super().parse_request():
             return False
-        refusal = self._refusal()
+        refusal = server_access.refusal(self.headers, self.response_generator.cli_args)
         if refusal is None:
             return True
         self._refuse(refusal)
         return False
-
-    def _refusal(self) -> Optional[str]:
-        """Why this request is not served (the 403's message), or None."""
-        args = self.response_generator.cli_args
-        listed = _listed_origins(args.allowed_origins)
-        if "*" in listed:
-            return None
-        host, origin = self.headers.get("Host"), self.headers.get("Origin")
-        if host is not None and not _host_allowed(host, args.host):
-            names = ["localhost", "127.0.0.1", "[::1]"]
-            names += [args.host] if args.host.strip("[]").lower() not in _LOCAL_HOSTS else []
-            return (
-                f"requests addressed to host {host!r} are refused (a guard against DNS "
-                f"rebinding): this server is bound to {args.host} and answers only requests "
-                f"addressed to {', '.join(names)}. To reach it from other machines, start it "
-                "with --host 0.0.0.0 (every address; then any Host is answered) or --host "
-                "with this machine's address; web pages there also need their origin in "
-                "--allowed-origins")
-        if origin is not None and not _origin_allowed(origin, listed):
-            return (
-                f"requests from web pages at {origin} are refused: this server answers only "
-                "pages on this machine (http(s)://localhost, 127.0.0.1 or [::1], any port)"
-                + (f", {', '.join(listed)}" if listed else "")
-                + " and clients that send no Origin. To let this page call it, start the "
-                f"server with --allowed-origins {origin} (a comma-separated list; * lets every "
-                "web page call it)")
-        return None
 
     def _refuse(self, message: str) -> None:
         logging.warning(f"403: {message}")  # a page refused by the browser never shows the body
@@ -305,13 +205,12 @@ class FalconAPIHandler(mlx_server.APIHandler):
     def _set_cors_headers(self):
         # mlx-lm's, but an Origin is echoed only if allowed (parse_request has
         # already refused the others; this keeps the headers right by themselves).
-        listed = _listed_origins(self.response_generator.cli_args.allowed_origins)
-        origin = self.headers.get("Origin")
-        if "*" in listed:
-            self.send_header("Access-Control-Allow-Origin", "*")
-        elif origin is not None and _origin_allowed(origin, listed):
-            self.send_header("Access-Control-Allow-Origin", origin)
-            self.send_header("Vary", "Origin")
+        allowed = server_access.allowed_origin(self.headers.get("Origin"),
+                                               self.response_generator.cli_args)
+        if allowed is not None:
+            self.send_header("Access-Control-Allow-Origin", allowed)
+            if allowed != "*":
+                self.send_header("Vary", "Origin")
         self.send_header("Access-Control-Allow-Methods", "*")
         self.send_header("Access-Control-Allow-Headers", "*")
 
@@ -441,7 +340,7 @@ def _with_window(load, max_kv_size: int):
 
 def main() -> None:
     read_model_first(sys.argv[1:])
-    _default_to_local_origins(sys.argv)
+    server_access.default_to_local_origins(sys.argv)
     replace = {}
     max_kv_size = _take_flag(sys.argv, "--max-kv-size", "a number of tokens")
     interval = _take_flag(sys.argv, "--checkpoint-interval", "a number of tokens (0: none)")

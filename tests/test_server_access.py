@@ -16,7 +16,7 @@ from contextlib import contextmanager
 
 import pytest
 
-from mlx_falcon_h1.server import _default_to_local_origins
+from mlx_falcon_h1.server_access import default_to_local_origins
 from test_server import free_port
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "temperature": 0.0}
@@ -144,8 +144,8 @@ def test_binding_every_address_answers_any_host():
 ])
 def test_the_default_is_set_only_where_the_flag_is_not_given(flags):
     argv = ["server", "--port", "8080"]
-    _default_to_local_origins(argv)
+    default_to_local_origins(argv)
     assert argv == ["server", "--port", "8080", "--allowed-origins="]
     argv = ["server", *flags]
-    _default_to_local_origins(argv)
+    default_to_local_origins(argv)
     assert argv == ["server", *flags]
