@@ -142,7 +142,7 @@ class PromptCache:
             if entry.model != model or entry.cache is None:
                 continue
             limit = min(common_prefix(entry.tokens, tokens), len(tokens) - 1)
-            if len(entry.tokens) <= limit:
+            if len(entry.tokens) <= limit and _all_at(entry.cache, len(entry.tokens)):
                 position = len(entry.tokens)  # the prompt extends the entry
             else:
                 position = max((p for p in entry.checkpoints
@@ -159,7 +159,7 @@ class PromptCache:
         last generated token, are dropped), with the checkpoints it kept. The cache
         is the store's now. keep_kv=False keeps only its states, as checkpoints for an
         entry that holds (or will hold) the K/V: a request's prompt read part way."""
-        read = _tokens_read(cache)
+        read = _tokens_read(cache)  # a draft model's caches may have read one fewer
         if read is not None and read < len(tokens):
             tokens = tokens[:read]
         entry = _Entry(model, np.asarray(list(tokens), dtype=np.int64), cache)
@@ -187,7 +187,7 @@ class PromptCache:
         if new.cache is not None and not _can_cut_back(new.cache, len(old.tokens)):
             return  # a bounded K/V that has forgotten old's prefix
         states = dict(old.checkpoints)
-        if old.cache is not None:
+        if old.cache is not None and _all_at(old.cache, len(old.tokens)):
             states[len(old.tokens)] = _end_states(old.cache)
         for position, state in states.items():
             if new.cache is None or position < len(new.tokens):  # new's end is its own
@@ -267,8 +267,15 @@ def common_prefix(a, b) -> int:
 
 
 def _tokens_read(cache: list) -> Optional[int]:
+    """The tokens every cache of the list has read."""
     offsets = [c.offset for c in cache if isinstance(getattr(c, "offset", None), int)]
-    return offsets[0] if offsets else None
+    return min(offsets) if offsets else None
+
+
+def _all_at(cache: list, position: int) -> bool:
+    """Whether every cache of the list has read exactly `position` tokens: its state
+    is the state there (after speculative decoding the draft's may be a token behind)."""
+    return all(getattr(c, "offset", None) == position for c in cache)
 
 
 def _end_states(cache: list) -> List[LayerState]:

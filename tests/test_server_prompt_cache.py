@@ -30,13 +30,11 @@ def shipped():
     return load(str(DEFAULT_MODEL))
 
 
-@pytest.fixture(scope="module")
-def port():
+def serve(*flags):
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlx_falcon_h1.server", "--port", str(port),
-         "--checkpoint-interval", str(INTERVAL),
-         "--prompt-cache-size", "16"],  # three conversations' branches: no eviction
+         "--checkpoint-interval", str(INTERVAL), *flags],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -47,6 +45,12 @@ def port():
             if proc.poll() is not None:
                 raise RuntimeError(proc.stdout.read())
             time.sleep(0.3)
+    return proc, port
+
+
+@pytest.fixture(scope="module")
+def port():
+    proc, port = serve("--prompt-cache-size", "16")  # three conversations' branches: no eviction
     yield port
     proc.terminate()
     proc.wait(timeout=30)
@@ -147,3 +151,18 @@ def test_concurrent_conversations_are_each_served_exactly(port, shipped):
                                 range(3)))
     for record in records:
         check(record, model, tokenizer)
+
+
+def test_with_a_draft_model_and_quantized_kv(shipped):
+    """Speculative decoding takes rejected draft tokens back (checkpoints of them
+    are dropped) and the cache list holds the draft's caches too; --kv-bits keeps
+    the K/V in float below --quantized-kv-start (mlx-lm's default 5000), so
+    this conversation's reuse is exact there (docs: what beyond it)."""
+    model, tokenizer = shipped
+    proc, port = serve("--draft-model", str(DEFAULT_MODEL), "--num-draft-tokens", "2",
+                       "--kv-bits", "8")
+    try:
+        check(converse(port, tokenizer, "draft", sequential=False), model, tokenizer)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
