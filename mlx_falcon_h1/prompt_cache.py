@@ -46,12 +46,14 @@ import numpy as np
 
 from .cache import FalconH1Cache
 
-# Tokens between checkpoints, by default. A checkpoint costs each layer's conv and
-# SSM state (docs/generation-and-caches.md#prompt-cache-reuse: 0.5B 27 MiB, 7B 133
-# MiB); re-reading an interval costs its prefill. At 1024 a 10K-token
-# conversation keeps ten (0.27 GiB at 0.5B, about its K/V at 10K tokens) and an
-# edit re-reads at most 1024 tokens (under a second on a Mac at 7B).
-DEFAULT_CHECKPOINT_INTERVAL = 1024
+# Tokens between checkpoints, by default (docs/generation-and-caches.md#prompt-cache-reuse
+# has the measurement). A checkpoint costs each layer's conv and SSM state: at the
+# released shapes as much as the K/V of 1.5K-4K tokens (0.5B 27 MiB, 7B 133 MiB,
+# 34B 290 MiB). At 2048 a conversation's checkpoints cost 0.8-2x its K/V, and an
+# edit inside a long message re-reads at most 2048 tokens (about 3 s at 7B on an
+# M4 Max; edits at a message's start re-read nothing more, boundaries are kept).
+# It is mlx-lm's prefill step too: a cold read's checkpoints fall on its chunk ends.
+DEFAULT_CHECKPOINT_INTERVAL = 2048
 
 # Message boundaries marked per prompt: the ends of its last this many messages
 # (each costs rendering the conversation up to it; older ones lie behind stored
