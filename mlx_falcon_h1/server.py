@@ -351,8 +351,25 @@ def main() -> None:
     if max_kv_size is not None:
         check_window_flags(sys.argv[1:] + ["--max-kv-size", str(max_kv_size)])
         replace["load"] = _with_window(load, max_kv_size)
-    run_mlx_lm_command("server", ResponseGenerator=FalconResponseGenerator,
-                       _run_http_server=_run_http_server, **replace)
+    try:
+        run_mlx_lm_command("server", ResponseGenerator=FalconResponseGenerator,
+                           _run_http_server=_run_http_server, **replace)
+    finally:
+        if {"-h", "--help"} & set(sys.argv[1:]):  # mlx-lm's parser printed its flags
+            print(OUR_FLAGS_HELP)
+
+
+OUR_FLAGS_HELP = f"""
+flags of mlx_falcon_h1.server beyond mlx-lm's:
+  --max-kv-size N       bound every request's attention K/V to N tokens (conv and
+                        SSM state still carry the whole context)
+  --checkpoint-interval N
+                        tokens between recurrent-state checkpoints kept while a
+                        prompt is read, so an edited or branched conversation
+                        re-reads at most N tokens before the edit (default:
+                        {DEFAULT_CHECKPOINT_INTERVAL}; 0: only at message boundaries)
+  --allowed-origins     defaults to web pages on this machine (mlx-lm's: *)
+"""
 
 
 if __name__ == "__main__":

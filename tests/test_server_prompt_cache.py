@@ -166,3 +166,20 @@ def test_with_a_draft_model_and_quantized_kv(shipped):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+@pytest.mark.parametrize("value", ["x", "-3"])
+def test_a_bad_interval_is_refused_in_one_line(value):
+    done = subprocess.run([sys.executable, "-m", "mlx_falcon_h1.server", "--checkpoint-interval",
+                           value], capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and done.stderr.strip().splitlines() == [
+        f"error: --checkpoint-interval needs a number of tokens (0: none), not {value!r}"
+        if value == "x" else
+        f"error: --checkpoint-interval needs a number of tokens (0: none), not {value}"]
+
+
+def test_help_lists_our_flags_after_mlx_lms():
+    done = subprocess.run([sys.executable, "-m", "mlx_falcon_h1.server", "--help"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0
+    assert "--prompt-cache-bytes" in done.stdout and "--checkpoint-interval N" in done.stdout
