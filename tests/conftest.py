@@ -11,7 +11,12 @@ from mlx_falcon_h1 import mlx_lm_patches
 mlx_lm_patches.install()
 
 import json
+import socket
+import subprocess
+import sys
+import time
 import zlib
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -155,3 +160,33 @@ def make_tokenizer(path: Path, vocab_size: int = 96) -> None:
         tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
     )
     wrapped.save_pretrained(path)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def running_server(*flags, env=None):
+    """`python -m mlx_falcon_h1.server` with these flags on a free port, up until the
+    block ends; yields the port."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "mlx_falcon_h1.server", "--port", str(port),
+                             *flags], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env)
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.time() > deadline:
+                    raise RuntimeError(proc.stdout.read() if proc.poll() is not None else "no start")
+                time.sleep(0.2)
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

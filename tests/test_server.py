@@ -4,10 +4,6 @@ model list on a machine without a Hugging Face cache, bad requests refused with 
 
 import json
 import os
-import socket
-import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -15,16 +11,10 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from mlx_lm.generate import generate
 
-from conftest import make_checkpoint, make_tokenizer
+from conftest import make_checkpoint, make_tokenizer, running_server
 from mlx_falcon_h1 import load
 
 PROMPTS = ["def return if else for in while import", "class"]
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def complete(port, prompt):
@@ -41,25 +31,11 @@ def server(tmp_path_factory):
     path = tmp_path_factory.mktemp("srv")
     make_checkpoint(path, max_position_embeddings=256)  # a short context: cheap to fill
     make_tokenizer(path)
-    port = free_port()
-    cmd = [sys.executable, "-m", "mlx_falcon_h1.server", "--model", str(path), "--port", str(port)]
     # A fresh machine: no Hugging Face cache folder (mlx-lm's /v1/models failed there).
     env = dict(os.environ, HF_HOME=str(tmp_path_factory.mktemp("no_hf_home") / "absent"))
     env.pop("HF_HUB_CACHE", None)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=env)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            if proc.poll() is not None:
-                raise RuntimeError(proc.stdout.read())
-            time.sleep(0.3)
-    yield path, port
-    proc.terminate()
-    proc.wait(timeout=30)
+    with running_server("--model", str(path), env=env) as port:
+        yield path, port
 
 
 def test_two_concurrent_requests(server):

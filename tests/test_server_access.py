@@ -6,43 +6,17 @@ what to pass, before anything runs. `--allowed-origins` widens it as in mlx-lm, 
 the requests that are served load."""
 
 import json
-import socket
-import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
-from contextlib import contextmanager
 
 import pytest
 
+from conftest import running_server
+
 from mlx_falcon_h1.server_access import default_to_local_origins
-from test_server import free_port
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "temperature": 0.0}
 FOREIGN = "https://evil.example"
-
-
-@contextmanager
-def serving(*flags):
-    """The server with these flags on a free port; yields the port."""
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "mlx_falcon_h1.server", "--port", str(port),
-                             *flags], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if proc.poll() is not None or time.time() > deadline:
-                    raise RuntimeError(proc.stdout.read() if proc.poll() is not None else "no start")
-                time.sleep(0.2)
-        yield port
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def call(port, method, path, origin=None, host=None, body=None):
@@ -70,7 +44,7 @@ REQUESTS = [("POST", "/v1/chat/completions", CHAT), ("GET", "/v1/models", None),
 
 @pytest.fixture(scope="module")
 def default_port():
-    with serving() as port:
+    with running_server() as port:
         yield port
 
 
@@ -113,7 +87,7 @@ def test_a_foreign_host_is_refused(default_port):
 
 def test_allowed_origins_lists_more_pages():
     app = "http://app.example:3000"
-    with serving("--allowed-origins", f"{app},https://other.example") as port:
+    with running_server("--allowed-origins", f"{app},https://other.example") as port:
         status, headers, _ = call(port, "POST", "/v1/chat/completions", origin=app, body=CHAT)
         assert status == 200 and headers["Access-Control-Allow-Origin"] == app
         assert call(port, "GET", "/v1/models", origin="http://localhost:8000")[0] == 200
@@ -122,7 +96,7 @@ def test_allowed_origins_lists_more_pages():
 
 
 def test_allowed_origins_star_lets_every_page_and_host_in():
-    with serving("--allowed-origins", "*") as port:
+    with running_server("--allowed-origins", "*") as port:
         status, headers, _ = call(port, "GET", "/v1/models", origin=FOREIGN,
                                   host=f"evil.example:{port}")
         assert status == 200 and headers["Access-Control-Allow-Origin"] == "*"
@@ -131,7 +105,7 @@ def test_allowed_origins_star_lets_every_page_and_host_in():
 def test_binding_every_address_answers_any_host():
     """--host 0.0.0.0 serves other machines, which address it by their own name for
     it; pages there still need --allowed-origins."""
-    with serving("--host", "0.0.0.0") as port:
+    with running_server("--host", "0.0.0.0") as port:
         assert call(port, "GET", "/v1/models", host=f"192.168.1.20:{port}")[0] == 200
         assert call(port, "GET", "/v1/models", host=f"studio.lan:{port}")[0] == 200
         assert call(port, "GET", "/v1/models", origin="http://192.168.1.30:3000")[0] == 403

@@ -7,7 +7,6 @@ beyond the ideal (the longest prefix it shares with an earlier prompt or answer)
 import json
 import subprocess
 import sys
-import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
@@ -18,7 +17,7 @@ from mlx_lm.generate import generate_step
 from mlx_falcon_h1 import load
 from mlx_falcon_h1.commands import DEFAULT_MODEL
 from mlx_falcon_h1.prompt_cache import common_prefix
-from test_server import free_port
+from conftest import running_server
 
 INTERVAL = 128
 MAX_TOKENS = 6
@@ -30,30 +29,11 @@ def shipped():
     return load(str(DEFAULT_MODEL))
 
 
-def serve(*flags):
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlx_falcon_h1.server", "--port", str(port),
-         "--checkpoint-interval", str(INTERVAL), *flags],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1).close()
-            break
-        except OSError:
-            if proc.poll() is not None:
-                raise RuntimeError(proc.stdout.read())
-            time.sleep(0.3)
-    return proc, port
-
-
 @pytest.fixture(scope="module")
 def port():
-    proc, port = serve("--prompt-cache-size", "16")  # three conversations' branches: no eviction
-    yield port
-    proc.terminate()
-    proc.wait(timeout=30)
+    # Three conversations' branches at once: no eviction (--prompt-cache-size).
+    with running_server("--checkpoint-interval", str(INTERVAL), "--prompt-cache-size", "16") as port:
+        yield port
 
 
 def chat(port, messages, seed):
@@ -159,13 +139,9 @@ def test_with_a_draft_model_and_quantized_kv(shipped):
     the K/V in float below --quantized-kv-start (mlx-lm's default 5000), so
     this conversation's reuse is exact there (docs: what beyond it)."""
     model, tokenizer = shipped
-    proc, port = serve("--draft-model", str(DEFAULT_MODEL), "--num-draft-tokens", "2",
-                       "--kv-bits", "8")
-    try:
+    with running_server("--checkpoint-interval", str(INTERVAL), "--draft-model",
+                        str(DEFAULT_MODEL), "--num-draft-tokens", "2", "--kv-bits", "8") as port:
         check(converse(port, tokenizer, "draft", sequential=False), model, tokenizer)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 @pytest.mark.parametrize("value", ["x", "-3"])
