@@ -233,7 +233,10 @@ def start_server(name: str, launch: List[str], model: Path, args: List[str], sta
         if time.time() > deadline:
             raise RuntimeError(f"{name}'s server did not answer /health within {timeout:.0f} s (log: {log.name})")
         time.sleep(0.3)
-    return {"port": port, "pid": proc.pid, "command": shlex.join(cmd[1:]), "log": log.name}
+    command = shlex.join(cmd[1:])
+    if "--chat-template" in args:  # recorded once, in the result's chat_template
+        command = command.replace(shlex.quote(args[args.index("--chat-template") + 1]), "CHAT_TEMPLATE")
+    return {"port": port, "pid": proc.pid, "command": command, "log": log.name}
 
 
 def _stop(proc: subprocess.Popen):
@@ -403,10 +406,14 @@ def run(model: Path, servers: Dict[str, Tuple[List[str], List[str]]], context_to
         raise ValueError(f"{model} has no chat template: pass --chat-template chatml")
     config = json.loads((model / "config.json").read_text())
     pool = TextPool(tokenizer)
-    texts = script_texts(pool, context_tokens)
+    texts, longest = sized_texts(pool, tokenizer, context_tokens, max_tokens)
+    context = config.get("max_position_embeddings")
+    if context is not None and longest + max_tokens + 16 > context:
+        raise ValueError(f"--context-tokens {context_tokens} makes prompts of {longest} tokens; this model's "
+                         f"context is {context} (max_position_embeddings): ask for fewer, or run a random "
+                         "model of a released shape (--shape 0.5B --layers 2)")
     warmup = [{"role": "user", "content": pool.take(300)}]  # each server's first call pays set-up costs
     forced = forced_answer_token(tokenizer, texts, max_tokens) if forced_answers else None
-    _check_context(texts, tokenizer, max_tokens, config.get("max_position_embeddings"), context_tokens)
     template_flags = ["--chat-template", chat_template] if chat_template else []
 
     load_before = os.getloadavg()
@@ -463,23 +470,32 @@ def _shapes_in_order(client: Client) -> List[str]:
     return list(dict.fromkeys(r["shape"] for r in client.records if r["kind"] == "script"))
 
 
-def _check_context(texts: dict, tokenizer, max_tokens: int, context: Optional[int], wanted: int) -> None:
-    """Fails early if the script's longest request cannot fit the model's context."""
-    answer = " x" * max_tokens
-    longest = 0
-    gen = script(texts)
+def script_prompts(texts: dict, tokenizer, answer: str) -> List[List[int]]:
+    """Every prompt of the script, each answer being `answer`."""
+    prompts, gen = [], script(texts)
     request = next(gen)
     while True:
-        longest = max(longest, len(tokenizer.apply_chat_template(request[1], add_generation_prompt=True,
-                                                                 tokenize=True)))  # fmt: skip
+        prompts.append(tokenizer.apply_chat_template(request[1], add_generation_prompt=True, tokenize=True))
         try:
             request = gen.send(answer)
         except StopIteration:
+            return prompts
+
+
+def sized_texts(pool: TextPool, tokenizer, context_tokens: int, max_tokens: int) -> Tuple[dict, int]:
+    """The script's texts, scaled until its longest prompt reaches context_tokens
+    (documents are sized by their lines' token counts, which overstate the joined
+    text: a line's newline merges with the next one's indentation). Returns them
+    and that longest prompt's length."""
+    scale = context_tokens
+    for _ in range(4):
+        pool.position = 0
+        texts = script_texts(pool, scale)
+        longest = max(map(len, script_prompts(texts, tokenizer, " x" * max_tokens)))
+        if longest >= context_tokens:
             break
-    if context is not None and longest + max_tokens + 16 > context:
-        raise ValueError(f"--context-tokens {wanted} makes prompts of about {longest} tokens; this model's "
-                         f"context is {context} (max_position_embeddings): ask for fewer, or run a random "
-                         "model of a released shape (--shape 0.5B --layers 2)")
+        scale = scale * context_tokens // longest + 1
+    return texts, longest
 
 
 def _versions() -> dict:
@@ -497,9 +513,13 @@ def _versions() -> dict:
                                 capture_output=True, text=True, timeout=10).stdout.strip() or None
     except OSError:
         commit = None
+    from . import allocator, blas
+
     return {"mlx": mx.__version__, "mlx_lm": mlx_lm.__version__, "mlx_falcon_h1": ours, "commit": commit,
             "device": f"{mx.default_device()} ({platform.machine()}, {platform.system()})",
-            "cpus": os.cpu_count()}  # fmt: skip
+            "cpus": os.cpu_count(),
+            # This process's; each server that imports the package makes the same choice.
+            "blas": blas.in_use, "malloc": allocator.in_use}  # fmt: skip
 
 
 # -- the summary ------------------------------------------------------------------------

@@ -75,13 +75,14 @@ def test_script_is_a_chat_app_and_an_agent():
     assert msgs[11] == msgs[10] + [assistant(11), {"role": "tool", "content": "TOOL2"}]
 
 
-def test_script_texts_reach_the_context_and_share_no_document(tokenizer):
-    t = cr.script_texts(cr.TextPool(tokenizer), 1500)
+@pytest.mark.parametrize("context", [500, 3000])
+def test_script_texts_reach_the_context_and_share_no_document(tokenizer, context):
+    t, longest = cr.sized_texts(cr.TextPool(tokenizer), tokenizer, context, 16)
     docs = [t[k] for k in cr.SIZES if k not in ("system", "agent_system")]
     assert len(set(docs)) == len(docs) and all(not d[:1].isspace() for d in docs)
     requests = run_script(t)
     prompts = [tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=True) for _, m in requests]
-    assert max(map(len, prompts)) >= 1500
+    assert context <= max(map(len, prompts)) <= longest < 1.05 * context + 300  # whole lines, fixed text
     cold = cr.cold_variant(requests[2][1], 0)
     cold_prompt = tokenizer.apply_chat_template(cold, add_generation_prompt=True, tokenize=True)
     assert cr.ideal_prefix(cold_prompt, prompts) < 16  # the template's first tokens only
