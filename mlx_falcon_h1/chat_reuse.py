@@ -233,7 +233,7 @@ def start_server(name: str, launch: List[str], model: Path, args: List[str], sta
         if time.time() > deadline:
             raise RuntimeError(f"{name}'s server did not answer /health within {timeout:.0f} s (log: {log.name})")
         time.sleep(0.3)
-    command = shlex.join(cmd[1:])
+    command = shlex.join(cmd[1:]).replace(shlex.quote(str(model)), shlex.quote(shown_path(model)))
     if "--chat-template" in args:  # recorded once, in the result's chat_template
         command = command.replace(shlex.quote(args[args.index("--chat-template") + 1]), "CHAT_TEMPLATE")
     return {"port": port, "pid": proc.pid, "command": command, "log": log.name}
@@ -453,7 +453,7 @@ def run(model: Path, servers: Dict[str, Tuple[List[str], List[str]]], context_to
     elapsed = time.perf_counter() - started
     return {
         "what": "prompt-cache reuse on a chat app's and an agent's requests (mlx_falcon_h1/chat_reuse.py)",
-        "model": str(model), "model_type": config.get("model_type"), "layers": config.get("num_hidden_layers"),
+        "model": shown_path(model), "model_type": config.get("model_type"), "layers": config.get("num_hidden_layers"),
         "max_position_embeddings": config.get("max_position_embeddings"),
         "context_tokens": context_tokens, "max_tokens": max_tokens,
         "chat_template": chat_template or "the folder's",
@@ -464,6 +464,15 @@ def run(model: Path, servers: Dict[str, Tuple[List[str], List[str]]], context_to
         "summary": {c.name: summarise(c.records) for c in clients},
         "records": {c.name: c.records for c in clients},
     }  # fmt: skip
+
+
+def shown_path(path: Path) -> str:
+    """A path as a record shows it: from the checkout, or from ~, not from this machine's root."""
+    path = Path(path).resolve()
+    for base, shown in ((Path(__file__).resolve().parents[1], ""), (Path.home().resolve(), "~/")):
+        if path.is_relative_to(base):
+            return shown + str(path.relative_to(base))
+    return str(path)
 
 
 def _shapes_in_order(client: Client) -> List[str]:
