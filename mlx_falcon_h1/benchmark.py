@@ -457,7 +457,13 @@ def print_decode_details(result: dict, stock: bool) -> None:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Falcon-H1 benchmark: ours vs mlx-lm, same weights.")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--chat-reuse" in argv:  # its own command: the servers' prompt caches on chat requests
+        from . import chat_reuse
+
+        return chat_reuse.main([a for a in argv if a != "--chat-reuse"], make_random_model, RELEASED)
+    p = argparse.ArgumentParser(description="Falcon-H1 benchmark: ours vs mlx-lm, same weights "
+                                            "(--chat-reuse: the servers' prompt caches; --chat-reuse --help).")
     p.add_argument("--model", default=None, help="A converted folder (default: build a random one).")
     p.add_argument("--shape", default="0.5B", choices=list(SHAPES), help="Shape of the random model.")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
