@@ -9,9 +9,10 @@ regenerate, edit a message, branch, retry an agent step.
 
 So while a prompt is read, its caches keep the conv and SSM state at planned
 positions (cache.py: checkpoints): every `checkpoint_interval` tokens, at the
-boundaries the request marks (end of the system prompt, of each message), and
-one token before its end (what a regenerate or a retry needs: the model must
-read the last token again to give its logits). A checkpoint holds no K/V: the
+boundaries the request marks (end of the system prompt, of each message), one
+token before its end (what a regenerate or a retry needs: the model must read
+the last token again to give its logits), and 32, 128 and 512 tokens before that
+(an edit of the latest message's end). A checkpoint holds no K/V: the
 K/V at that position is cut back from the stored entry that holds it. A new
 prompt is served from the deepest position, over all entries, at which some
 entry both shares the prompt's tokens and has a state: its end (the prompt
@@ -20,8 +21,9 @@ beyond the longest prefix shared with anything stored.
 
 Memory. Entries and their checkpoints count toward `max_bytes`, and are
 evicted least recently used; an entry stored whose tokens extend another's
-takes over the shorter one's states as checkpoints (its K/V covers theirs), and
-an evicted entry hands the checkpoints another entry can still use to it.
+takes over the shorter one's states as checkpoints (its K/V covers theirs),
+keeping those every interval and the deepest few others (_thin), and an
+evicted entry hands the checkpoints another entry can still use to it.
 
 Used by the server (commands.ServerPromptCache: mlx-lm's prompt-cache
 interface over this) and by apps that run their own chat loop:
@@ -54,6 +56,17 @@ from .cache import FalconH1Cache
 # M4 Max; edits at a message's start re-read nothing more, boundaries are kept).
 # It is mlx-lm's prefill step too: a cold read's checkpoints fall on its chunk ends.
 DEFAULT_CHECKPOINT_INTERVAL = 2048
+
+# Checkpoints this many tokens before the last one too, within an interval: the
+# end of the latest message is where chat apps edit most (a question under a pasted
+# document), and an edit d tokens from the end then re-reads at most about 4d.
+TAIL_DISTANCES = (32, 128, 512)
+
+# Per entry, the checkpoints kept besides those every interval: the deepest this
+# many (the tail above, the last messages' boundaries). Older ones go when a
+# longer entry takes them over: there, an edit re-reads at most one interval, and
+# a conversation's checkpoints stay about its length / interval + this many.
+RECENT_CHECKPOINTS = 8
 
 # Message boundaries marked per prompt: the ends of its last this many messages
 # (each costs rendering the conversation up to it; older ones lie behind stored
@@ -129,11 +142,14 @@ class PromptCache:
             entry, position = found
             self._entries.move_to_end(id(entry))
             cache = _restore(entry, position)
+        last = len(tokens) - 1
+        every = self.checkpoint_interval
+        tail = [last - d for d in TAIL_DISTANCES if every and d < every]
         for c in cache or []:
             if isinstance(c, FalconH1Cache):
-                c.checkpoint_interval = self.checkpoint_interval
+                c.checkpoint_interval = every
                 c.checkpoint_positions = frozenset(
-                    p for p in (*boundaries, len(tokens) - 1) if position < p < len(tokens))
+                    p for p in (*boundaries, *tail, last) if position < p < len(tokens))
         return cache, tokens[position:]
 
     def _deepest(self, model, tokens: np.ndarray) -> Optional[Tuple[_Entry, int]]:
@@ -174,7 +190,7 @@ class PromptCache:
                 self._merge(entry, other)
         if entry.cache is None and self._give_to_holder(entry):
             return
-        entry.nbytes = _entry_bytes(entry)
+        self._thin(entry)
         self._entries[id(entry)] = entry
         self._shrink(self.max_entries, self.max_bytes)
 
@@ -204,11 +220,20 @@ class PromptCache:
                     and all(_can_cut_back(holder.cache, p) for p in states.checkpoints)):
                 for position, state in states.checkpoints.items():
                     holder.checkpoints.setdefault(position, state)
-                holder.nbytes = _entry_bytes(holder)
+                self._thin(holder)
                 return True
         return False
 
     # --- memory ---------------------------------------------------------------
+
+    def _thin(self, entry: _Entry) -> None:
+        """Keep the entry's checkpoints every interval and its RECENT_CHECKPOINTS
+        deepest others; count its bytes."""
+        every = self.checkpoint_interval
+        others = sorted((p for p in entry.checkpoints if not every or p % every), reverse=True)
+        for position in others[RECENT_CHECKPOINTS:]:
+            del entry.checkpoints[position]
+        entry.nbytes = _entry_bytes(entry)
 
     def trim_to(self, n_entries: Optional[int] = None, n_bytes: Optional[int] = None) -> None:
         """Evict least recently used entries until at most n_entries and n_bytes remain."""
@@ -238,7 +263,7 @@ class PromptCache:
                 if p <= depth and p not in heir.checkpoints and _can_cut_back(heir.cache, p)}
         if kept:
             heir.checkpoints.update(kept)
-            heir.nbytes = _entry_bytes(heir)
+            self._thin(heir)
 
 
 def message_boundaries(tokenizer, messages: List[dict], prompt: Sequence[int],

@@ -9,7 +9,7 @@ import mlx.core as mx
 from conftest import make_checkpoint
 from mlx_falcon_h1 import load_model
 from mlx_falcon_h1.cache import FalconH1Cache
-from mlx_falcon_h1.prompt_cache import PromptCache, common_prefix
+from mlx_falcon_h1.prompt_cache import RECENT_CHECKPOINTS, PromptCache, common_prefix
 
 INTERVAL = 64
 PREFILL_STEP = 50  # generate_step's chunks, smaller than the interval: checkpoints split them
@@ -149,8 +149,47 @@ def test_checkpoints_are_kept_where_planned(models):
     prompt = list(range(4, 94)) * 2  # 180 tokens
     cache, _ = store.fetch(prompt, boundaries=[10, 100, 500])
     model(mx.array([prompt[:-1]]), cache=cache)  # one call: split at each
-    assert all(set(c.checkpoints) == {10, 64, 100, 128, 179} for c in cache)
+    # every 64, at the boundaries inside the prompt, 32 before the last token (the
+    # tail's distances under the interval), and before the last token
+    assert all(set(c.checkpoints) == {10, 64, 100, 128, 147, 179} for c in cache)
     assert all(isinstance(c, FalconH1Cache) for c in cache)
+
+
+def test_an_edit_near_the_end_rereads_a_few_times_what_it_must(models):
+    """A question under a pasted document, edited: the tail checkpoints before the
+    prompt's end bound the re-read to about 4x the tokens after the edit."""
+    model = models[0]
+    rng = np.random.RandomState(6)
+    store = PromptCache(model.make_cache, checkpoint_interval=1024)
+    prompt = tokens(rng, 700) + tokens(rng, 20)  # a document, then a question
+    cache, rest = store.fetch(prompt)
+    read([model], cache, rest)
+    store.insert(prompt, cache)
+    edited = prompt[:705] + tokens(rng, 15)  # the question changed after 5 tokens
+    cache, rest = store.fetch(edited)
+    assert len(rest) <= 4 * (len(edited) - 705) + 1, len(rest)
+    assert_exact(read([model], cache, rest), cold([model], edited, model.make_cache))
+
+
+def test_a_long_conversation_keeps_checkpoints_every_interval_and_a_few_recent(models):
+    """Forty short turns: the conversation's entry keeps its checkpoints every
+    interval and the RECENT_CHECKPOINTS deepest others, not every turn's."""
+    model = models[0]
+    rng = np.random.RandomState(7)
+    store = PromptCache(model.make_cache, checkpoint_interval=128)
+    conversation = tokens(rng, 30)
+    for turn in range(40):
+        cache, rest = store.fetch(conversation, boundaries=[len(conversation) - 5])
+        model(mx.array([rest]), cache=cache)
+        mx.eval([c.state for c in cache])
+        conversation = conversation + tokens(rng, 10)
+        store.insert(conversation[:cache[0].offset], cache)
+    assert len(store) == 1
+    (entry,) = store._entries.values()
+    every = [p for p in entry.checkpoints if p % 128 == 0]
+    assert len(every) == len(conversation) // 128
+    assert len(entry.checkpoints) - len(every) == RECENT_CHECKPOINTS
+    assert min(p for p in entry.checkpoints if p % 128) > len(conversation) - 100
 
 
 def test_memory_stays_in_budget_under_random_branching(models):
