@@ -142,15 +142,21 @@ class PromptCache:
             entry, position = found
             self._entries.move_to_end(id(entry))
             cache = _restore(entry, position)
-        last = len(tokens) - 1
-        every = self.checkpoint_interval
-        tail = [last - d for d in TAIL_DISTANCES if every and d < every]
+        planned = frozenset(p for p in self.planned(len(tokens), boundaries) if p > position)
         for c in cache or []:
             if isinstance(c, FalconH1Cache):
-                c.checkpoint_interval = every
-                c.checkpoint_positions = frozenset(
-                    p for p in (*boundaries, *tail, last) if position < p < len(tokens))
+                c.checkpoint_interval = self.checkpoint_interval
+                c.checkpoint_positions = planned
         return cache, tokens[position:]
+
+    def planned(self, length: int, boundaries: Iterable[int] = (), every: bool = False) -> List[int]:
+        """Where reading a prompt of `length` tokens keeps checkpoints: the boundaries,
+        one token before the end and TAIL_DISTANCES before that (every: the
+        positions every interval too)."""
+        last, interval = length - 1, self.checkpoint_interval
+        tail = [last - d for d in TAIL_DISTANCES if interval and d < interval]
+        grid = range(interval, length, interval) if every and interval else ()
+        return sorted({p for p in (*boundaries, *tail, last, *grid) if 0 < p < length})
 
     def _deepest(self, model, tokens: np.ndarray) -> Optional[Tuple[_Entry, int]]:
         """The entry and position to continue from: the deepest at which an entry

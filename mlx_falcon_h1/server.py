@@ -92,8 +92,7 @@ class FalconResponseGenerator(mlx_server.ResponseGenerator):
         boundaries = [] if vision is not None else _message_boundaries(
             tokenizer, request, args, prompt, self.cli_args)
         self.prompt_cache.next_boundaries = boundaries
-        every = self.prompt_cache.checkpoint_interval
-        cuts = {*boundaries, *(range(every, len(prompt), every) if every else ())}
+        cuts = self.prompt_cache.planned(len(prompt), boundaries, every=True)
         segments, kinds = _split_segments(segments, kinds, cuts)
         return (prompt, segments, kinds, *rest)
 

@@ -167,7 +167,7 @@ def test_an_edit_near_the_end_rereads_a_few_times_what_it_must(models):
     store.insert(prompt, cache)
     edited = prompt[:705] + tokens(rng, 15)  # the question changed after 5 tokens
     cache, rest = store.fetch(edited)
-    assert len(rest) <= 4 * (len(edited) - 705) + 1, len(rest)
+    assert len(rest) <= max(4 * (len(edited) - 705), 33), len(rest)
     assert_exact(read([model], cache, rest), cold([model], edited, model.make_cache))
 
 
