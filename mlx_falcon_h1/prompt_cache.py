@@ -62,8 +62,9 @@ DEFAULT_CHECKPOINT_INTERVAL = 2048
 # document), and an edit d tokens from the end then re-reads at most about 4d.
 TAIL_DISTANCES = (32, 128, 512)
 
-# Per entry, the checkpoints kept besides those every interval: the deepest this
-# many (the tail above, the last messages' boundaries). Older ones go when a
+# Per entry, the checkpoints kept besides those every interval and the first (the
+# system prompt's end): the deepest this many (the tail above, the last
+# messages' boundaries). Older ones go when a
 # longer entry takes them over: there, an edit re-reads at most one interval, and
 # a conversation's checkpoints stay about its length / interval + this many.
 RECENT_CHECKPOINTS = 8
@@ -233,11 +234,12 @@ class PromptCache:
     # --- memory ---------------------------------------------------------------
 
     def _thin(self, entry: _Entry) -> None:
-        """Keep the entry's checkpoints every interval and its RECENT_CHECKPOINTS
-        deepest others; count its bytes."""
+        """Keep the entry's checkpoints every interval, its RECENT_CHECKPOINTS deepest
+        others and its first (where a conversation's system prompt ends, which new
+        chats share); count its bytes."""
         every = self.checkpoint_interval
         others = sorted((p for p in entry.checkpoints if not every or p % every), reverse=True)
-        for position in others[RECENT_CHECKPOINTS:]:
+        for position in others[RECENT_CHECKPOINTS:-1]:  # the first too: the system prompt's end
             del entry.checkpoints[position]
         entry.nbytes = _entry_bytes(entry)
 

@@ -173,7 +173,7 @@ def test_an_edit_near_the_end_rereads_a_few_times_what_it_must(models):
 
 def test_a_long_conversation_keeps_checkpoints_every_interval_and_a_few_recent(models):
     """Forty short turns: the conversation's entry keeps its checkpoints every
-    interval and the RECENT_CHECKPOINTS deepest others, not every turn's."""
+    interval, the RECENT_CHECKPOINTS deepest others and its first, not every turn's."""
     model = models[0]
     rng = np.random.RandomState(7)
     store = PromptCache(model.make_cache, checkpoint_interval=128)
@@ -188,8 +188,10 @@ def test_a_long_conversation_keeps_checkpoints_every_interval_and_a_few_recent(m
     (entry,) = store._entries.values()
     every = [p for p in entry.checkpoints if p % 128 == 0]
     assert len(every) == len(conversation) // 128
-    assert len(entry.checkpoints) - len(every) == RECENT_CHECKPOINTS
-    assert min(p for p in entry.checkpoints if p % 128) > len(conversation) - 100
+    others = sorted(p for p in entry.checkpoints if p % 128)
+    assert len(others) == RECENT_CHECKPOINTS + 1
+    assert others[0] == 25  # the first request's boundary: a system prompt's end
+    assert others[1] > len(conversation) - 100
 
 
 def test_memory_stays_in_budget_under_random_branching(models):
