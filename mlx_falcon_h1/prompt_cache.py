@@ -349,7 +349,7 @@ def _restore(entry: _Entry, position: int) -> list:
     restored = []
     for i, c in enumerate(entry.cache):
         c = copy.deepcopy(c)
-        if position < len(entry.tokens):
+        if not _all_at(entry.cache, position):  # a checkpoint (a draft may end there)
             kv = c.kv if isinstance(c, FalconH1Cache) else c
             kv.trim(kv.offset - position)
             if isinstance(c, FalconH1Cache):
