@@ -1,0 +1,215 @@
+"""PromptCache(spill_dir=...): an entry evicted from memory is written to disk and
+served from there exactly as from memory (the logits of reading the prompt cold,
+no more re-read than before it was evicted), by this store and by a new one on
+the folder (an app restarted); a file that does not fit the model, is truncated
+or half-written is never used; the folder stays within its bound."""
+
+import os
+import time
+
+import numpy as np
+import pytest
+
+from conftest import make_checkpoint
+from mlx_falcon_h1 import load_model
+from mlx_falcon_h1 import prompt_cache_spill
+from mlx_falcon_h1.prompt_cache import PromptCache
+from test_prompt_cache import INTERVAL, assert_exact, cold, read, tokens
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """The model, a draft of the same vocabulary, and a model of other sizes (SSM state
+    size 16, not 8): head_dim 32 for --kv-bits groups of 32."""
+    loaded = []
+    for seed, sizes in ((0, {}), (1, {}), (2, {"mamba_d_state": 16})):
+        path = tmp_path_factory.mktemp(f"m{seed}")
+        make_checkpoint(path, seed=seed, head_dim=32, **sizes)
+        loaded.append(load_model(path)[0])
+    return loaded
+
+
+def files(folder):
+    return sorted(p.name for p in folder.iterdir())
+
+
+def store_of(models, folder, setting="plain", **kwargs):
+    used = models[:2] if setting == "draft" else models[:1]
+    window = 512 if setting == "max-kv-size" else None
+
+    def make_cache():
+        return [c for m in used for c in m.make_cache(max_kv_size=window)]
+
+    kwargs.setdefault("max_entries", 1)
+    return PromptCache(make_cache, checkpoint_interval=INTERVAL, spill_dir=folder,
+                       spill_models=lambda key: used, **kwargs), used
+
+
+def answered(store, used, prompt, kv_bits=None, boundaries=()):
+    """A request served and stored, as an app does: the prompt read, the cache stored."""
+    cache, rest = store.fetch(prompt, boundaries=boundaries)
+    read(used, cache, rest, kv_bits)
+    store.insert(prompt, cache)
+
+
+def a_conversation(rng):
+    """A first prompt, and requests that share a known prefix with it."""
+    first = tokens(rng, 300)
+    return first, [
+        ("regenerate", first),
+        ("next turn", first + tokens(rng, 40)),
+        ("edit the last message", first[:250] + tokens(rng, 30)),
+        ("edit at a boundary", first[:90] + tokens(rng, 50)),
+    ]
+
+
+@pytest.mark.parametrize("setting", ["plain", "kv-bits", "max-kv-size", "draft"])
+def test_an_evicted_entry_comes_back_from_disk_exact(models, tmp_path, setting):
+    rng = np.random.RandomState(1)
+    kv_bits = 8 if setting == "kv-bits" else None
+    store, used = store_of(models, tmp_path, setting)
+    first, requests = a_conversation(rng)
+    answered(store, used, first, kv_bits, boundaries=[90])
+    before = {name: len(store.fetch(prompt)[1]) for name, prompt in requests}
+    assert before["regenerate"] == 1 and before["edit at a boundary"] == 50
+    answered(store, used, tokens(rng, 120), kv_bits)  # another conversation: the first is spilled
+    assert len(store) == 1 and len(store.spill) == 1
+    written = store.spill.entries(None)
+    for name, prompt in requests:
+        store.trim_to(0)  # every entry to disk: each request is served from its file
+        assert len(store) == 0
+        cache, rest = store.fetch(prompt)
+        assert len(rest) == before[name], name
+        want = cold(used, prompt, store.make_cache, kv_bits)
+        assert_exact(read(used, cache, rest, kv_bits), want)
+    assert all(s.path.exists() for s in written)  # brought back and evicted unchanged: kept
+
+
+def test_a_new_store_on_the_folder_reuses_it(models, tmp_path):
+    """The app restarted: the entries its last run spilled (evicted, or all of them at
+    exit with spill_all) serve the next run's prompts."""
+    rng = np.random.RandomState(2)
+    store, used = store_of(models, tmp_path, max_entries=2)
+    first, second = tokens(rng, 200), tokens(rng, 150)
+    answered(store, used, first)
+    answered(store, used, second)
+    store.trim_to(1)  # the first to disk; the second stays in memory...
+    assert len(store.spill) == 1
+    store.spill_all()  # ...until the app exits
+    assert len(store.spill) == 2
+    del store
+    later, _ = store_of(models, tmp_path)
+    for prompt in (first + tokens(rng, 20), second + tokens(rng, 7)):
+        cache, rest = later.fetch(prompt)
+        assert len(rest) == len(prompt) - (200 if prompt[:200] == first else 150)
+        assert_exact(read(used, cache, rest), cold(used, prompt, later.make_cache))
+
+
+def test_a_file_for_another_model_is_skipped_with_a_warning_and_removed(models, tmp_path):
+    """One folder, several models: a file under another model key is left alone; one
+    under the same key but of other sizes (the folder's model was replaced) is
+    skipped with a warning naming it, removed, and the prompt read cold."""
+    rng = np.random.RandomState(3)
+    prompt = tokens(rng, 200)
+    other, _ = store_of(models[2:], tmp_path)  # same key (None), SSM state size 16
+    answered(other, models[2:], prompt)
+    other.trim_to(0)
+    keyed = PromptCache(models[0].make_cache, spill_dir=tmp_path)  # same model, its own key
+    cache, rest = keyed.fetch(prompt, model="model-a")
+    read(models[:1], cache, rest)
+    keyed.insert(prompt, cache, model="model-a")
+    keyed.trim_to(0)
+    (mismatched,) = [s.path for s in other.spill.entries(None)]
+    assert len(files(tmp_path)) == 2
+
+    store, used = store_of(models, tmp_path)
+    assert len(store.fetch(prompt, model="model-b")[1]) == len(prompt)  # no file of model-b
+    with pytest.warns(UserWarning, match=f"{mismatched}.*SSM state"):
+        cache, rest = store.fetch(prompt)
+    assert rest == prompt and not mismatched.exists() and len(files(tmp_path)) == 1
+    assert len(store.fetch(prompt, model="model-a")[1]) == 1  # model-a's file still serves it
+
+
+@pytest.mark.parametrize("when", ["before the folder is opened", "after"])
+def test_a_truncated_file_is_skipped_with_a_warning_and_removed(models, tmp_path, when):
+    rng = np.random.RandomState(4)
+    prompt = tokens(rng, 200)
+    store, used = store_of(models, tmp_path)
+    answered(store, used, prompt)
+    store.trim_to(0)
+    (path,) = tmp_path.iterdir()
+
+    def truncate():
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) - 1000])
+
+    if when == "after":
+        store, _ = store_of(models, tmp_path)
+        truncate()
+        with pytest.warns(UserWarning, match=str(path)):
+            cache, rest = store.fetch(prompt)
+    else:
+        truncate()
+        with pytest.warns(UserWarning, match=f"{path}.*truncated"):
+            store, _ = store_of(models, tmp_path)
+        cache, rest = store.fetch(prompt)
+    assert rest == prompt and not path.exists()
+    assert_exact(read(used, cache, rest), cold(used, prompt, store.make_cache))
+
+
+def test_the_folder_stays_within_its_bound(models, tmp_path):
+    """Least recently used (written or read) files go first."""
+    rng = np.random.RandomState(5)
+    store, used = store_of(models, tmp_path)
+    prompts = [tokens(rng, 150) for _ in range(6)]
+    answered(store, used, prompts[0])
+    store.trim_to(0)
+    (one,) = tmp_path.iterdir()
+    bound = int(2.5 * one.stat().st_size)  # two entries of this length fit, not three
+    store, _ = store_of(models, tmp_path, spill_bytes=bound)
+    for i, prompt in enumerate(prompts[1:], 1):
+        if i == 4:
+            store.fetch(prompts[2])  # read back from disk (prompts[3] goes to disk after it)
+        answered(store, used, prompt)
+        on_disk = sum(p.stat().st_size for p in tmp_path.iterdir())
+        assert on_disk <= bound, (i, on_disk, bound)
+    # Written in the order 0, 1, 2, 3, 4; prompts[2] was read back and used (evicted
+    # again) after 3 was written: 0, 1 and 3 go.
+    kept = [prompts.index(list(s.tokens)) for s in store.spill.entries(None)]
+    assert sorted(kept) == [2, 4] and len(list(tmp_path.iterdir())) == 2
+
+
+def test_nothing_half_written_is_read(models, tmp_path, monkeypatch):
+    """A write that fails leaves no file under an entry's name; a temporary file (a
+    write under way, or one a crash left) is never read, and goes once stale."""
+    rng = np.random.RandomState(6)
+    prompt = tokens(rng, 200)
+    store, used = store_of(models, tmp_path)
+    answered(store, used, prompt)
+    save = prompt_cache_spill.save_prompt_cache
+
+    def dies_half_way(path, cache, metadata):
+        save(path, cache, metadata)
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) // 2)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(prompt_cache_spill, "save_prompt_cache", dies_half_way)
+    with pytest.warns(UserWarning, match="No space left"):
+        store.trim_to(0)
+    assert files(tmp_path) == [] and len(store.spill) == 0
+    monkeypatch.setattr(prompt_cache_spill, "save_prompt_cache", save)
+
+    answered(store, used, prompt)
+    store.trim_to(0)
+    (path,) = tmp_path.iterdir()
+    fresh = tmp_path / f".{path.stem}.{'1' * 32}.tmp.safetensors"
+    stale = tmp_path / f".{path.stem}.{'2' * 32}.tmp.safetensors"
+    for temp in (fresh, stale):
+        temp.write_bytes(path.read_bytes()[:5000])
+    old = time.time() - 2 * prompt_cache_spill.STALE_TEMP_SECONDS
+    os.utime(stale, (old, old))
+    path.unlink()  # only the temporary files hold this prompt now
+    store, _ = store_of(models, tmp_path)
+    assert len(store.spill) == 0 and files(tmp_path) == [fresh.name]
+    assert store.fetch(prompt)[1] == prompt
