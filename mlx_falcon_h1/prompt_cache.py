@@ -103,7 +103,8 @@ class PromptCache:
     from, in this run and the next (prompt_cache_spill.py); spill_bytes: its files'
     total at most (None: no bound). The files are checked against the models
     spill_models(model key) gives (the model, then a draft model's, as the cache
-    list holds them); by default the model whose make_cache makes the caches.
+    list holds them; None: not now); by default the model whose make_cache makes
+    the caches.
     """
 
     def __init__(self, make_cache: Optional[Callable[[], list]] = None, *, max_entries: int = 10,
@@ -200,28 +201,31 @@ class PromptCache:
                                 if p <= limit and _can_cut_back(entry.cache, p)), default=0)
             if position > best_position:
                 best, best_position = entry, position
-        if self.spill is not None:
-            for spilled in self.spill.entries(model):
-                limit = min(common_prefix(spilled.tokens, tokens), len(tokens) - 1)
-                position = max((p for p in spilled.positions if p <= limit), default=0)
-                if position > best_position:
-                    best, best_position = spilled, position
+        models = self._spill_models(model) if self.spill is not None else None
+        for spilled in self.spill.entries(model) if models is not None else ():
+            limit = min(common_prefix(spilled.tokens, tokens), len(tokens) - 1)
+            position = max((p for p in spilled.positions if p <= limit), default=0)
+            if position > best_position:
+                best, best_position = spilled, position
         if isinstance(best, SpilledEntry):
-            best = self._bring_back(best, model)
+            best = self._bring_back(best, model, models)
             if best is None:  # a file that cannot be used (warned, removed): look again
                 return self._deepest(model, tokens)
         return None if best is None else (best, best_position)
 
-    def _bring_back(self, spilled: SpilledEntry, model) -> Optional[_Entry]:
-        """A spilled entry read from its file into memory (None if it cannot be used)."""
+    def _spill_models(self, model) -> Optional[list]:
+        """The models the spilled files of this model key are checked against; None
+        while they cannot be (the server has another model loaded)."""
         if self.spill_models is not None:
-            models = self.spill_models(model)
-        else:
-            owner = getattr(self.make_cache, "__self__", None)  # make_cache: a model's method
-            models = [owner] if hasattr(owner, "layers") else None
-        if models is None:
+            return self.spill_models(model)
+        owner = getattr(self.make_cache, "__self__", None)  # make_cache: a model's method
+        if not hasattr(owner, "layers"):
             raise ValueError("PromptCache: spilled entries are checked against the model they are "
                              "for: give spill_models, or a model's make_cache as make_cache")
+        return [owner]
+
+    def _bring_back(self, spilled: SpilledEntry, model, models: list) -> Optional[_Entry]:
+        """A spilled entry read from its file into memory (None if it cannot be used)."""
         loaded = self.spill.load(spilled, models)
         if loaded is None:
             return None

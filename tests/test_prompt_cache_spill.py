@@ -5,6 +5,8 @@ the folder (an app restarted); a file that does not fit the model, is truncated
 or half-written is never used; the folder stays within its bound."""
 
 import os
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -213,3 +215,67 @@ def test_nothing_half_written_is_read(models, tmp_path, monkeypatch):
     store, _ = store_of(models, tmp_path)
     assert len(store.spill) == 0 and files(tmp_path) == [fresh.name]
     assert store.fetch(prompt)[1] == prompt
+
+
+def test_the_server_reuses_a_conversation_spilled_to_disk_and_after_a_restart(tmp_path):
+    """`--prompt-cache-dir` with room for one conversation in memory: two alternate,
+    each evicting the other to disk, and each next turn still reads only its new
+    messages; a new server on the folder does too. Answers are those of a cold read."""
+    from mlx_falcon_h1 import load
+    from mlx_falcon_h1.commands import DEFAULT_MODEL
+    from mlx_falcon_h1.prompt_cache import common_prefix
+    from test_server_prompt_cache import INTERVAL as SERVER_INTERVAL
+    from test_server_prompt_cache import TEXT, chat, cold as cold_logprobs, serve
+
+    model, tokenizer = load(str(DEFAULT_MODEL))
+    conversations = {name: [{"role": "system", "content": f"{name} reviews. " + TEXT[i:i + 1500]}]
+                     for name, i in (("Ann", 0), ("Bob", 4000))}
+    seen, turn = [], iter(range(100))
+
+    def next_turn(port, name):
+        """The conversation's next question, answered; how many tokens it reused."""
+        messages = conversations[name]
+        i = next(turn)
+        question = TEXT[8000 + 300 * i:8300 + 300 * i]
+        messages.append({"role": "user", "content": f"Q{i}: {question}"})
+        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        text, usage, logprobs, ids = chat(port, messages, seed=False)
+        messages.append({"role": "assistant", "content": text})
+        ideal = min(max([common_prefix(s, prompt) for s in seen], default=0), len(prompt) - 1)
+        seen.append(prompt + ids)
+        assert np.allclose(logprobs, cold_logprobs(model, tokenizer, prompt), rtol=0, atol=1e-4)
+        return usage["prompt_tokens_details"]["cached_tokens"], ideal
+
+    flags = ("--prompt-cache-dir", str(tmp_path), "--prompt-cache-size", "1")
+    proc, port = serve(*flags)
+    try:
+        assert next_turn(port, "Ann")[0] == 0 and next_turn(port, "Bob")[0] == 0
+        assert len(list(tmp_path.glob("*.safetensors"))) == 1  # Ann's, evicted by Bob's
+        for name in ("Ann", "Bob"):  # each brought back from disk, the other spilled
+            cached, ideal = next_turn(port, name)
+            assert ideal > SERVER_INTERVAL, "without the folder this turn would reuse nothing"
+            assert ideal - SERVER_INTERVAL <= cached <= ideal, (name, cached, ideal)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    proc, port = serve(*flags)  # Bob's last turn was in memory: only Ann's survives
+    try:
+        cached, ideal = next_turn(port, "Ann")
+        assert ideal - SERVER_INTERVAL <= cached <= ideal, (cached, ideal)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.mark.parametrize("flags, error", [
+    (["--prompt-cache-dir-bytes", "5GB"],
+     "error: --prompt-cache-dir-bytes bounds the folder --prompt-cache-dir names; give that too"),
+    (["--prompt-cache-dir", "{dir}", "--prompt-cache-dir-bytes", "5XB"],
+     "error: --prompt-cache-dir-bytes needs a size in bytes (10GB, 500M), not '5XB'"),
+    (["--prompt-cache-dir"], "error: --prompt-cache-dir needs a folder"),
+])
+def test_bad_folder_flags_are_refused_in_one_line(tmp_path, flags, error):
+    flags = [f.format(dir=tmp_path) for f in flags]
+    done = subprocess.run([sys.executable, "-m", "mlx_falcon_h1.server", *flags],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and done.stderr.strip().splitlines() == [error]
