@@ -126,7 +126,8 @@ class SpillFolder:
             if spilled.model == key and _holds(spilled, tokens, positions):
                 self._touch(spilled)
                 return spilled
-        checkpoints = sorted(states)
+        # (a checkpoint at the end, when the end is a state, is the caches' own state)
+        checkpoints = sorted(p for p in states if not (end_is_state and p == len(tokens)))
         parts = list(cache) + [_checkpoint_cache(states[p]) for p in checkpoints]
         arrays = [a for _, a in tree_flatten([c.state for c in parts]) if isinstance(a, mx.array)]
         size = sum(a.nbytes for a in arrays)
