@@ -128,6 +128,9 @@ class PromptCache:
     def spill_to(self, folder, max_bytes: Optional[int] = None) -> None:
         """From now on write evicted entries holding K/V to `folder` (at most
         `max_bytes` of files), and serve prompts from the entries there too."""
+        if self.spill_models is None and not hasattr(_maker_model(self.make_cache), "layers"):
+            raise ValueError("PromptCache: spilled entries are checked against the model they are "
+                             "for: give spill_models, or a model's make_cache as make_cache")
         self.spill = SpillFolder(folder, max_bytes)
 
     def spill_all(self) -> None:
@@ -218,11 +221,7 @@ class PromptCache:
         while they cannot be (the server has another model loaded)."""
         if self.spill_models is not None:
             return self.spill_models(model)
-        owner = getattr(self.make_cache, "__self__", None)  # make_cache: a model's method
-        if not hasattr(owner, "layers"):
-            raise ValueError("PromptCache: spilled entries are checked against the model they are "
-                             "for: give spill_models, or a model's make_cache as make_cache")
-        return [owner]
+        return [_maker_model(self.make_cache)]
 
     def _bring_back(self, spilled: SpilledEntry, model, models: list) -> Optional[_Entry]:
         """A spilled entry read from its file into memory (None if it cannot be used)."""
@@ -357,6 +356,11 @@ def message_boundaries(tokenizer, messages: List[dict], prompt: Sequence[int],
             continue
         found.add(common_prefix(getattr(tokens, "input_ids", tokens), prompt))
     return sorted(p for p in found if 0 < p < len(prompt))
+
+
+def _maker_model(make_cache):
+    """The model whose method make_cache is (model.make_cache), or None."""
+    return getattr(make_cache, "__self__", None)
 
 
 # --- one entry's caches ---------------------------------------------------------

@@ -40,6 +40,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
+import mlx.core as mx
 from mlx_lm import server as mlx_server
 from mlx_lm.models import cache as mlx_lm_cache
 
@@ -87,6 +88,11 @@ class FalconResponseGenerator(mlx_server.ResponseGenerator):
         prompt_cache.checkpoint_interval = self.checkpoint_interval
         prompt_cache.make_cache = self._new_cache
         if self.prompt_cache_dir is not None:
+            if mx.distributed.init().size() > 1:
+                raise ValueError(
+                    "--prompt-cache-dir cannot be used under mlx.launch: each process holds its "
+                    "shard of every cache, and a file one process could not use would leave the "
+                    "processes at different states")
             prompt_cache.spill_models = self._models_of
             prompt_cache.spill_to(self.prompt_cache_dir, self.prompt_cache_dir_bytes)
         super().__init__(model_provider, prompt_cache)

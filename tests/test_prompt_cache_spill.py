@@ -279,3 +279,23 @@ def test_bad_folder_flags_are_refused_in_one_line(tmp_path, flags, error):
     done = subprocess.run([sys.executable, "-m", "mlx_falcon_h1.server", *flags],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode != 0 and done.stderr.strip().splitlines() == [error]
+
+
+def test_the_server_refuses_a_folder_under_mlx_launch(monkeypatch, tmp_path):
+    """Each process of a distributed server holds its shard of every cache: a file one
+    could not use would leave them at different states."""
+    from types import SimpleNamespace
+
+    from mlx_falcon_h1 import server
+    from mlx_falcon_h1.commands import ServerPromptCache
+
+    monkeypatch.setattr(server.FalconResponseGenerator, "prompt_cache_dir", str(tmp_path))
+    monkeypatch.setattr(server.mx.distributed, "init", lambda: SimpleNamespace(size=lambda: 2))
+    provider = SimpleNamespace(cli_args=SimpleNamespace(prompt_cache_bytes=None))
+    with pytest.raises(ValueError, match="mlx.launch"):
+        server.FalconResponseGenerator(provider, ServerPromptCache())
+
+
+def test_a_store_that_cannot_check_its_files_is_refused(models, tmp_path):
+    with pytest.raises(ValueError, match="spill_models"):
+        PromptCache(lambda: models[0].make_cache(), spill_dir=tmp_path)
