@@ -53,8 +53,8 @@ from .prompt_cache import DEFAULT_CHECKPOINT_INTERVAL, message_boundaries
 
 
 # --prompt-cache-dir's bound unless --prompt-cache-dir-bytes sets one: at a 7B's
-# shapes an 8K-token conversation spills ~2 GB (its K/V and ~13 checkpoints), so
-# about five conversations.
+# shapes an 8K-token conversation spills ~2 GB (its K/V and ~12 checkpoints: one
+# every 2048 tokens and 8 others), so about five conversations.
 DEFAULT_PROMPT_CACHE_DIR_BYTES = 10 * 10**9
 
 

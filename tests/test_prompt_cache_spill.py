@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import make_checkpoint
+from conftest import make_checkpoint, running_server
 from mlx_falcon_h1 import load_model
 from mlx_falcon_h1 import prompt_cache_spill
 from mlx_falcon_h1.prompt_cache import PromptCache
@@ -225,7 +225,7 @@ def test_the_server_reuses_a_conversation_spilled_to_disk_and_after_a_restart(tm
     from mlx_falcon_h1.commands import DEFAULT_MODEL
     from mlx_falcon_h1.prompt_cache import common_prefix
     from test_server_prompt_cache import INTERVAL as SERVER_INTERVAL
-    from test_server_prompt_cache import TEXT, chat, cold as cold_logprobs, serve
+    from test_server_prompt_cache import TEXT, chat, cold as cold_logprobs
 
     model, tokenizer = load(str(DEFAULT_MODEL))
     conversations = {name: [{"role": "system", "content": f"{name} reviews. " + TEXT[i:i + 1500]}]
@@ -246,25 +246,18 @@ def test_the_server_reuses_a_conversation_spilled_to_disk_and_after_a_restart(tm
         assert np.allclose(logprobs, cold_logprobs(model, tokenizer, prompt), rtol=0, atol=1e-4)
         return usage["prompt_tokens_details"]["cached_tokens"], ideal
 
-    flags = ("--prompt-cache-dir", str(tmp_path), "--prompt-cache-size", "1")
-    proc, port = serve(*flags)
-    try:
+    flags = ("--checkpoint-interval", str(SERVER_INTERVAL), "--prompt-cache-dir", str(tmp_path),
+             "--prompt-cache-size", "1")
+    with running_server(*flags) as port:
         assert next_turn(port, "Ann")[0] == 0 and next_turn(port, "Bob")[0] == 0
         assert len(list(tmp_path.glob("*.safetensors"))) == 1  # Ann's, evicted by Bob's
         for name in ("Ann", "Bob"):  # each brought back from disk, the other spilled
             cached, ideal = next_turn(port, name)
             assert ideal > SERVER_INTERVAL, "without the folder this turn would reuse nothing"
             assert ideal - SERVER_INTERVAL <= cached <= ideal, (name, cached, ideal)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-    proc, port = serve(*flags)  # Bob's last turn was in memory: only Ann's survives
-    try:
+    with running_server(*flags) as port:  # Bob's last turn was in memory: only Ann's survives
         cached, ideal = next_turn(port, "Ann")
         assert ideal - SERVER_INTERVAL <= cached <= ideal, (cached, ideal)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 @pytest.mark.parametrize("flags, error", [
