@@ -31,20 +31,34 @@ class ServerPromptCache(PromptCache):
 
     def fetch_nearest_cache(self, model, tokens):
         boundaries, self.next_boundaries = self.next_boundaries, ()
-        return self.fetch(tokens, model, boundaries)
+        return self.fetch(tokens, self.model_identity(model), boundaries)
 
     def insert_cache(self, model, tokens, prompt_cache, *, cache_type: str = "assistant"):
         # mlx-lm stores a request's cache at the end of each segment of its prompt
         # (types system and user) and once it has answered (assistant): the first are
         # checkpoints of the last, which holds the K/V.
-        self.insert(tokens, prompt_cache, model, keep_kv=cache_type == "assistant")
+        self.insert(tokens, prompt_cache, self.model_identity(model),
+                    keep_kv=cache_type == "assistant")
+
+    @staticmethod
+    def model_identity(model_key):
+        """mlx-lm's model key (the model's, adapter's and draft model's paths or Hub ids)
+        with local paths made absolute: what a spilled entry's file records
+        (--prompt-cache-dir), the same whichever folder the server starts in."""
+        if not isinstance(model_key, tuple):
+            return model_key
+        return tuple(str(Path(p).resolve()) if isinstance(p, str) and Path(p).exists() else p
+                     for p in model_key)
 
     def trim_to(self, *, n_sequences=None, n_bytes=None):
         super().trim_to(n_sequences, n_bytes)
 
     def stats_by_type(self):
-        return {"entries": {"n_sequences": len(self), "n_bytes": self.nbytes},
-                "checkpoints": {"n_sequences": self.checkpoint_count, "n_bytes": 0}}
+        stats = {"entries": {"n_sequences": len(self), "n_bytes": self.nbytes},
+                 "checkpoints": {"n_sequences": self.checkpoint_count, "n_bytes": 0}}
+        if self.spill is not None:  # on disk: --prompt-cache-dir
+            stats["spilled"] = {"n_sequences": len(self.spill), "n_bytes": self.spill.nbytes}
+        return stats
 
 
 def run_mlx_lm_command(name: str, require_model: bool = True, **replace) -> None:

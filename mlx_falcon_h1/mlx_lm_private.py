@@ -20,6 +20,8 @@ from mlx_lm.models.cache import (
     RotatingKVCache,
 )
 from mlx_lm.models.cache import _BaseCache as BaseCache  # noqa: F401  (cache.py's base)
+# Sizes as mlx-lm's --prompt-cache-bytes takes them (10GB, 500M): server.py's size flag.
+from mlx_lm.utils import _parse_size as parse_size  # noqa: F401
 
 
 def kv_signature(kv) -> Optional[tuple]:

@@ -25,6 +25,11 @@ takes over the shorter one's states as checkpoints (its K/V covers theirs),
 keeping those every interval and the deepest few others (_thin), and an
 evicted entry hands the checkpoints another entry can still use to it.
 
+Disk. With a folder (spill_dir), an evicted entry that holds K/V is written
+there instead of dropped, and prompts are served from the entries there too
+(prompt_cache_spill.py: the files, their checks and their bound); the
+files outlive the process.
+
 Used by the server (commands.ServerPromptCache: mlx-lm's prompt-cache
 interface over this) and by apps that run their own chat loop:
 
@@ -43,10 +48,10 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
-import mlx.core as mx
 import numpy as np
 
 from .cache import FalconH1Cache
+from .prompt_cache_spill import LayerState, SpillFolder, SpilledEntry
 
 # Tokens between checkpoints, by default (docs/generation-and-caches.md#prompt-cache-reuse
 # has the measurement). A checkpoint costs each layer's conv and SSM state: at the
@@ -74,10 +79,6 @@ RECENT_CHECKPOINTS = 8
 # entries' ends, and every interval has a checkpoint anyway).
 BOUNDARY_MESSAGES = 8
 
-# One layer's (conv_state, ssm_state), or None for a cache that is cut back as
-# it is (a plain K/V cache: a draft model of another architecture).
-LayerState = Optional[Tuple[mx.array, mx.array]]
-
 
 @dataclass(eq=False)
 class _Entry:
@@ -97,11 +98,20 @@ class PromptCache:
     prompts at most (mlx-lm's --prompt-cache-size); max_bytes: their bytes at most,
     checkpoints included (--prompt-cache-bytes). checkpoint_interval: tokens between
     checkpoints (None: only at boundaries and before a prompt's last token).
+
+    spill_dir: a folder where evicted entries holding K/V are written, and reused
+    from, in this run and the next (prompt_cache_spill.py); spill_bytes: its files'
+    total at most (None: no bound). The files are checked against the models
+    spill_models(model key) gives (the model, then a draft model's, as the cache
+    list holds them; None: not now); by default the model whose make_cache makes
+    the caches.
     """
 
     def __init__(self, make_cache: Optional[Callable[[], list]] = None, *, max_entries: int = 10,
                  max_bytes: Optional[int] = None,
-                 checkpoint_interval: Optional[int] = DEFAULT_CHECKPOINT_INTERVAL):
+                 checkpoint_interval: Optional[int] = DEFAULT_CHECKPOINT_INTERVAL,
+                 spill_dir=None, spill_bytes: Optional[int] = None,
+                 spill_models: Optional[Callable[[Any], Optional[list]]] = None):
         if checkpoint_interval is not None and checkpoint_interval < 1:
             raise ValueError(f"checkpoint_interval must be a positive number of tokens, "
                              f"not {checkpoint_interval}")
@@ -110,6 +120,25 @@ class PromptCache:
         self.max_bytes = max_bytes
         self.checkpoint_interval = checkpoint_interval
         self._entries: "OrderedDict[int, _Entry]" = OrderedDict()  # least recently used first
+        self.spill_models = spill_models
+        self.spill: Optional[SpillFolder] = None
+        if spill_dir is not None:
+            self.spill_to(spill_dir, spill_bytes)
+
+    def spill_to(self, folder, max_bytes: Optional[int] = None) -> None:
+        """From now on write evicted entries holding K/V to `folder` (at most
+        `max_bytes` of files), and serve prompts from the entries there too."""
+        if self.spill_models is None and not hasattr(_maker_model(self.make_cache), "layers"):
+            raise ValueError("PromptCache: spilled entries are checked against the model they are "
+                             "for: give spill_models, or a model's make_cache as make_cache")
+        self.spill = SpillFolder(folder, max_bytes)
+
+    def spill_all(self) -> None:
+        """Write every entry holding K/V to the spill folder, keeping it in memory
+        too: before an app exits, so that its next run finds them all."""
+        for entry in list(self._entries.values()):
+            if entry.cache is not None:
+                self._spill(entry)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -141,7 +170,8 @@ class PromptCache:
             position = 0
         else:
             entry, position = found
-            self._entries.move_to_end(id(entry))
+            if id(entry) in self._entries:  # (one brought back from disk may not fit the budget)
+                self._entries.move_to_end(id(entry))
             cache = _restore(entry, position)
         planned = frozenset(p for p in self.planned(len(tokens), boundaries) if p > position)
         for c in cache or []:
@@ -174,7 +204,35 @@ class PromptCache:
                                 if p <= limit and _can_cut_back(entry.cache, p)), default=0)
             if position > best_position:
                 best, best_position = entry, position
+        models = self._spill_models(model) if self.spill is not None else None
+        for spilled in self.spill.entries(model) if models is not None else ():
+            limit = min(common_prefix(spilled.tokens, tokens), len(tokens) - 1)
+            position = max((p for p in spilled.positions if p <= limit), default=0)
+            if position > best_position:
+                best, best_position = spilled, position
+        if isinstance(best, SpilledEntry):
+            best = self._bring_back(best, model, models)
+            if best is None:  # a file that cannot be used (warned, removed): look again
+                return self._deepest(model, tokens)
         return None if best is None else (best, best_position)
+
+    def _spill_models(self, model) -> Optional[list]:
+        """The models the spilled files of this model key are checked against; None
+        while they cannot be (the server has another model loaded)."""
+        if self.spill_models is not None:
+            return self.spill_models(model)
+        return [_maker_model(self.make_cache)]
+
+    def _bring_back(self, spilled: SpilledEntry, model, models: list) -> Optional[_Entry]:
+        """A spilled entry read from its file into memory (None if it cannot be used)."""
+        loaded = self.spill.load(spilled, models)
+        if loaded is None:
+            return None
+        entry = _Entry(model, spilled.tokens, *loaded)
+        entry.nbytes = _entry_bytes(entry)
+        self._entries[id(entry)] = entry
+        self._shrink(self.max_entries, self.max_bytes)
+        return entry
 
     # --- storing --------------------------------------------------------------
 
@@ -252,12 +310,21 @@ class PromptCache:
         checkpoints-only ones of prompts being read count toward the bytes."""
         def evict(entry):
             del self._entries[id(entry)]
+            if self.spill is not None and entry.cache is not None:
+                self._spill(entry)
             self._hand_on(entry)
 
         while n_entries is not None and self.kv_entry_count > max(0, n_entries):
             evict(next(e for e in self._entries.values() if e.cache is not None))
         while self._entries and n_bytes is not None and self.nbytes > max(0, n_bytes):
             evict(next(iter(self._entries.values())))
+
+    def _spill(self, entry: _Entry) -> None:
+        """Write an entry holding K/V to the spill folder, with the states it can be
+        served from (checkpoint-only entries are not: their states are handed on)."""
+        states = {p: s for p, s in entry.checkpoints.items() if _can_cut_back(entry.cache, p)}
+        self.spill.put(entry.model, entry.tokens, entry.cache, states,
+                       end_is_state=_all_at(entry.cache, len(entry.tokens)))
 
     def _hand_on(self, evicted: _Entry) -> None:
         """The checkpoints of an evicted entry that another entry's K/V can still be cut
@@ -289,6 +356,11 @@ def message_boundaries(tokenizer, messages: List[dict], prompt: Sequence[int],
             continue
         found.add(common_prefix(getattr(tokens, "input_ids", tokens), prompt))
     return sorted(p for p in found if 0 < p < len(prompt))
+
+
+def _maker_model(make_cache):
+    """The model whose method make_cache is (model.make_cache), or None."""
+    return getattr(make_cache, "__self__", None)
 
 
 # --- one entry's caches ---------------------------------------------------------

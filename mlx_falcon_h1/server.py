@@ -21,10 +21,12 @@ most one checkpoint interval, where mlx-lm's re-reads all of it. Each request's
 prompt is read in segments that end at its messages' boundaries and every
 --checkpoint-interval tokens, where the state is kept.
 
-And two flags more: `--max-kv-size N` (mlx-lm's generate and chat have it, its
-server not), bounding every request's attention K/V (cache.py), and
+And flags more: `--max-kv-size N` (mlx-lm's generate and chat have it, its
+server not), bounding every request's attention K/V (cache.py),
 `--checkpoint-interval N`, the tokens between checkpoints (0: only at message
-boundaries).
+boundaries), and `--prompt-cache-dir DIR` (with `--prompt-cache-dir-bytes`), a
+folder where entries evicted from the prompt cache are written and reused from,
+by this run and the next (prompt_cache_spill.py).
 
 And one default, about who may call it: only pages on this machine and clients
 that send no Origin, and requests addressed to this machine (server_access.py;
@@ -38,14 +40,22 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
+import mlx.core as mx
 from mlx_lm import server as mlx_server
 from mlx_lm.models import cache as mlx_lm_cache
 
 from . import server_access
 from .cli import read_model_first
-from .commands import check_window_flags, run_mlx_lm_command
+from .commands import ServerPromptCache, check_window_flags, run_mlx_lm_command
 from .loading import load
+from .mlx_lm_private import parse_size
 from .prompt_cache import DEFAULT_CHECKPOINT_INTERVAL, message_boundaries
+
+
+# --prompt-cache-dir's bound unless --prompt-cache-dir-bytes sets one: at a 7B's
+# shapes an 8K-token conversation spills ~2 GB (its K/V and ~12 checkpoints: one
+# every 2048 tokens and 8 others), so about five conversations.
+DEFAULT_PROMPT_CACHE_DIR_BYTES = 10 * 10**9
 
 
 class RequestRejected(ValueError):
@@ -70,12 +80,31 @@ class FalconResponseGenerator(mlx_server.ResponseGenerator):
     cache keeps checkpoints (commands.ServerPromptCache)."""
 
     checkpoint_interval: Optional[int] = DEFAULT_CHECKPOINT_INTERVAL  # --checkpoint-interval
+    prompt_cache_dir: Optional[str] = None  # --prompt-cache-dir
+    prompt_cache_dir_bytes: Optional[int] = DEFAULT_PROMPT_CACHE_DIR_BYTES  # --prompt-cache-dir-bytes
 
     def __init__(self, model_provider, prompt_cache):
         prompt_cache.max_bytes = model_provider.cli_args.prompt_cache_bytes
         prompt_cache.checkpoint_interval = self.checkpoint_interval
         prompt_cache.make_cache = self._new_cache
+        if self.prompt_cache_dir is not None:
+            if mx.distributed.init().size() > 1:
+                raise ValueError(
+                    "--prompt-cache-dir cannot be used under mlx.launch: each process holds its "
+                    "shard of every cache, and a file one process could not use would leave the "
+                    "processes at different states")
+            prompt_cache.spill_models = self._models_of
+            prompt_cache.spill_to(self.prompt_cache_dir, self.prompt_cache_dir_bytes)
         super().__init__(model_provider, prompt_cache)
+
+    def _models_of(self, model_key) -> Optional[list]:
+        """The models whose caches an entry of this model key holds (the model, then
+        the draft model), which its spilled file is checked against; None unless
+        they are the ones loaded."""
+        provider = self.model_provider
+        if provider.model is None or ServerPromptCache.model_identity(provider.model_key) != model_key:
+            return None
+        return [provider.model] + ([provider.draft_model] if provider.draft_model is not None else [])
 
     def _new_cache(self) -> list:
         provider = self.model_provider
@@ -312,16 +341,19 @@ def _run_http_server(host, port, response_generator, **kwargs):
 _MLX_RUN_HTTP_SERVER = mlx_server._run_http_server
 
 
-def _take_flag(argv, flag: str, what: str) -> Optional[int]:
-    """A flag of ours that mlx-lm's server lacks (--max-kv-size, --checkpoint-interval):
-    removed from argv before mlx-lm parses it, and its number returned."""
+def _take_flag(argv, flag: str, what: str, parse=int):
+    """A flag of ours that mlx-lm's server lacks (--max-kv-size, --checkpoint-interval,
+    --prompt-cache-dir): removed from argv before mlx-lm parses it, and its value
+    returned, parsed (a number by default)."""
     for i, arg in enumerate(argv):
         if arg == flag or arg.startswith(flag + "="):
             value = arg.partition("=")[2] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else "")
+            if not value or value.startswith("--"):  # the next flag: no value given
+                sys.exit(f"error: {flag} needs {what}")
             del argv[i : i + (1 if "=" in arg else 2)]
             try:
-                return int(value)
-            except ValueError:
+                return parse(value)
+            except (ValueError, KeyError, ArithmeticError):  # parse_size: a bad unit, not a number
                 sys.exit(f"error: {flag} needs {what}, not {value!r}")
     return None
 
@@ -347,6 +379,7 @@ def main() -> None:
         if interval < 0:
             sys.exit(f"error: --checkpoint-interval needs a number of tokens (0: none), not {interval}")
         FalconResponseGenerator.checkpoint_interval = interval or None
+    _take_prompt_cache_dir(sys.argv)
     if max_kv_size is not None:
         check_window_flags(sys.argv[1:] + ["--max-kv-size", str(max_kv_size)])
         replace["load"] = _with_window(load, max_kv_size)
@@ -358,6 +391,26 @@ def main() -> None:
             print(OUR_FLAGS_HELP)
 
 
+def _take_prompt_cache_dir(argv) -> None:
+    """--prompt-cache-dir DIR and --prompt-cache-dir-bytes SIZE: the folder, created
+    now (a path that cannot be one ends the command in one line), and its bound."""
+    folder = _take_flag(argv, "--prompt-cache-dir", "a folder", parse=str)
+    bound = _take_flag(argv, "--prompt-cache-dir-bytes", "a size in bytes (10GB, 500M)",
+                       parse=parse_size)
+    if folder is None:
+        if bound is not None:
+            sys.exit("error: --prompt-cache-dir-bytes bounds the folder --prompt-cache-dir "
+                     "names; give that too")
+        return
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        sys.exit(f"error: --prompt-cache-dir {folder}: {e.strerror or e}")
+    FalconResponseGenerator.prompt_cache_dir = folder
+    if bound is not None:
+        FalconResponseGenerator.prompt_cache_dir_bytes = bound
+
+
 OUR_FLAGS_HELP = f"""
 flags of mlx_falcon_h1.server beyond mlx-lm's:
   --max-kv-size N       bound every request's attention K/V to N tokens (conv and
@@ -367,6 +420,13 @@ flags of mlx_falcon_h1.server beyond mlx-lm's:
                         prompt is read, so an edited or branched conversation
                         re-reads at most N tokens before the edit (default:
                         {DEFAULT_CHECKPOINT_INTERVAL}; 0: only at message boundaries)
+  --prompt-cache-dir DIR
+                        write prompt-cache entries evicted from memory to DIR, and
+                        reuse them from there, in this run and the next (files
+                        checked against the model; off by default)
+  --prompt-cache-dir-bytes SIZE
+                        the most DIR's files take, least recently used deleted
+                        first (default: {DEFAULT_PROMPT_CACHE_DIR_BYTES // 10**9}GB)
   --allowed-origins     defaults to web pages on this machine (mlx-lm's: *)
 """
 

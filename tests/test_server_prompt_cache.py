@@ -164,3 +164,4 @@ def test_help_lists_our_flags_after_mlx_lms():
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0
     assert "--prompt-cache-bytes" in done.stdout and "--checkpoint-interval N" in done.stdout
+    assert "--prompt-cache-dir DIR" in done.stdout and "--prompt-cache-dir-bytes SIZE" in done.stdout
