@@ -13,52 +13,10 @@ from . import mlx_lm_patches
 from . import prompt_cache_files
 from .cache import FalconH1Cache, PromptCacheError
 from .loading import load, sharded_load
-from .prompt_cache import PromptCache
 
 # The small Falcon-H1 trained on Python's standard library that ships with the
 # package (examples/train_tiny_falcon_h1.py), 8-bit: the default --model.
 DEFAULT_MODEL = Path(__file__).parent / "default_model"
-
-
-class ServerPromptCache(PromptCache):
-    """mlx-lm's server prompt cache (LRUPromptCache's interface) over ours, which
-    reuses any shared prefix (prompt_cache.py). The server (server.py) gives it
-    the boundaries of each request's messages, its budget and a cache maker."""
-
-    def __init__(self, max_size: int = 10):
-        super().__init__(max_entries=max_size)
-        self.next_boundaries = ()  # the boundaries of the prompt fetched next
-
-    def fetch_nearest_cache(self, model, tokens):
-        boundaries, self.next_boundaries = self.next_boundaries, ()
-        return self.fetch(tokens, self.model_identity(model), boundaries)
-
-    def insert_cache(self, model, tokens, prompt_cache, *, cache_type: str = "assistant"):
-        # mlx-lm stores a request's cache at the end of each segment of its prompt
-        # (types system and user) and once it has answered (assistant): the first are
-        # checkpoints of the last, which holds the K/V.
-        self.insert(tokens, prompt_cache, self.model_identity(model),
-                    keep_kv=cache_type == "assistant")
-
-    @staticmethod
-    def model_identity(model_key):
-        """mlx-lm's model key (the model's, adapter's and draft model's paths or Hub ids)
-        with local paths made absolute: what a spilled entry's file records
-        (--prompt-cache-dir), the same whichever folder the server starts in."""
-        if not isinstance(model_key, tuple):
-            return model_key
-        return tuple(str(Path(p).resolve()) if isinstance(p, str) and Path(p).exists() else p
-                     for p in model_key)
-
-    def trim_to(self, *, n_sequences=None, n_bytes=None):
-        super().trim_to(n_sequences, n_bytes)
-
-    def stats_by_type(self):
-        stats = {"entries": {"n_sequences": len(self), "n_bytes": self.nbytes},
-                 "checkpoints": {"n_sequences": self.checkpoint_count, "n_bytes": 0}}
-        if self.spill is not None:  # on disk: --prompt-cache-dir
-            stats["spilled"] = {"n_sequences": len(self.spill), "n_bytes": self.spill.nbytes}
-        return stats
 
 
 def run_mlx_lm_command(name: str, require_model: bool = True, **replace) -> None:
@@ -76,8 +34,6 @@ def run_mlx_lm_command(name: str, require_model: bool = True, **replace) -> None
     module.load = load  # mlx-lm's commands look their loader up at call time
     if hasattr(module, "sharded_load"):  # chat and server under mlx.launch
         module.sharded_load = sharded_load
-    if name == "server":
-        module.LRUPromptCache = ServerPromptCache
     check_window_flags(sys.argv[1:])
     if name == "generate":
         _check_prompt_cache_files(module, with_draft="--draft-model" in flags)

@@ -30,7 +30,7 @@ there instead of dropped, and prompts are served from the entries there too
 (prompt_cache_spill.py: the files, their checks and their bound); the
 files outlive the process.
 
-Used by the server (commands.ServerPromptCache: mlx-lm's prompt-cache
+Used by the server (server.ServerPromptCache: mlx-lm's prompt-cache
 interface over this) and by apps that run their own chat loop:
 
     prompt_cache = PromptCache(model.make_cache)

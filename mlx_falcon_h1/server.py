@@ -46,10 +46,10 @@ from mlx_lm.models import cache as mlx_lm_cache
 
 from . import server_access
 from .cli import read_model_first
-from .commands import ServerPromptCache, check_window_flags, run_mlx_lm_command
+from .commands import check_window_flags, run_mlx_lm_command
 from .loading import load
 from .mlx_lm_private import parse_size
-from .prompt_cache import DEFAULT_CHECKPOINT_INTERVAL, message_boundaries
+from .prompt_cache import DEFAULT_CHECKPOINT_INTERVAL, PromptCache, message_boundaries
 
 
 # --prompt-cache-dir's bound unless --prompt-cache-dir-bytes sets one: at a 7B's
@@ -73,11 +73,52 @@ def _vocab_size(model_provider):
     return getattr(args, "vocab_size", None)
 
 
+class ServerPromptCache(PromptCache):
+    """mlx-lm's server prompt cache (LRUPromptCache's interface) over ours, which
+    reuses any shared prefix (prompt_cache.py). FalconResponseGenerator gives it
+    the boundaries of each request's messages, its budget and a cache maker."""
+
+    def __init__(self, max_size: int = 10):
+        super().__init__(max_entries=max_size)
+        self.next_boundaries = ()  # the boundaries of the prompt fetched next
+
+    def fetch_nearest_cache(self, model, tokens):
+        boundaries, self.next_boundaries = self.next_boundaries, ()
+        return self.fetch(tokens, self.model_identity(model), boundaries)
+
+    def insert_cache(self, model, tokens, prompt_cache, *, cache_type: str = "assistant"):
+        # mlx-lm stores a request's cache at the end of each segment of its prompt
+        # (types system and user) and once it has answered (assistant): the first are
+        # checkpoints of the last, which holds the K/V.
+        self.insert(tokens, prompt_cache, self.model_identity(model),
+                    keep_kv=cache_type == "assistant")
+
+    @staticmethod
+    def model_identity(model_key):
+        """mlx-lm's model key (the model's, adapter's and draft model's paths or Hub ids)
+        with local paths made absolute: what a spilled entry's file records
+        (--prompt-cache-dir), the same whichever folder the server starts in."""
+        if not isinstance(model_key, tuple):
+            return model_key
+        return tuple(str(Path(p).resolve()) if isinstance(p, str) and Path(p).exists() else p
+                     for p in model_key)
+
+    def trim_to(self, *, n_sequences=None, n_bytes=None):
+        super().trim_to(n_sequences, n_bytes)
+
+    def stats_by_type(self):
+        stats = {"entries": {"n_sequences": len(self), "n_bytes": self.nbytes},
+                 "checkpoints": {"n_sequences": self.checkpoint_count, "n_bytes": 0}}
+        if self.spill is not None:  # on disk: --prompt-cache-dir
+            stats["spilled"] = {"n_sequences": len(self.spill), "n_bytes": self.spill.nbytes}
+        return stats
+
+
 class FalconResponseGenerator(mlx_server.ResponseGenerator):
     """mlx-lm's generation loop; prompts are checked once tokenized (on the
     generation thread, where the tokenizer lives) so that an empty prompt or one
     longer than the context never reaches the model, and split where the prompt
-    cache keeps checkpoints (commands.ServerPromptCache)."""
+    cache keeps checkpoints (ServerPromptCache)."""
 
     checkpoint_interval: Optional[int] = DEFAULT_CHECKPOINT_INTERVAL  # --checkpoint-interval
     prompt_cache_dir: Optional[str] = None  # --prompt-cache-dir
@@ -154,7 +195,7 @@ def _message_boundaries(tokenizer, request, args, prompt, cli_args) -> List[int]
 def _split_segments(segments, kinds, cuts):
     """mlx-lm's segments of a prompt, also split at `cuts` (positions in the prompt).
     Every piece is a system or user segment: the server stores only checkpoints at
-    their ends (commands.ServerPromptCache), the whole cache once answered."""
+    their ends (ServerPromptCache), the whole cache once answered."""
     pieces, piece_kinds, start = [], [], 0
     for segment, kind in zip(segments, kinds):
         end = start + len(segment)
@@ -385,6 +426,7 @@ def main() -> None:
         replace["load"] = _with_window(load, max_kv_size)
     try:
         run_mlx_lm_command("server", ResponseGenerator=FalconResponseGenerator,
+                           LRUPromptCache=ServerPromptCache,
                            _run_http_server=_run_http_server, **replace)
     finally:
         if {"-h", "--help"} & set(sys.argv[1:]):  # mlx-lm's parser printed its flags

@@ -280,7 +280,7 @@ def test_the_server_refuses_a_folder_under_mlx_launch(monkeypatch, tmp_path):
     from types import SimpleNamespace
 
     from mlx_falcon_h1 import server
-    from mlx_falcon_h1.commands import ServerPromptCache
+    from mlx_falcon_h1.server import ServerPromptCache
 
     monkeypatch.setattr(server.FalconResponseGenerator, "prompt_cache_dir", str(tmp_path))
     monkeypatch.setattr(server.mx.distributed, "init", lambda: SimpleNamespace(size=lambda: 2))

@@ -98,7 +98,7 @@ def test_prompt_cache_exact_hit_leaves_one_token_to_read(tmp_path):
 
     from mlx_falcon_h1 import load_model
     from mlx_falcon_h1.cache import FalconH1Cache
-    from mlx_falcon_h1.commands import ServerPromptCache
+    from mlx_falcon_h1.server import ServerPromptCache
 
     make_checkpoint(tmp_path)
     model = load_model(tmp_path)[0]
