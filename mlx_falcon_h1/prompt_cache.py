@@ -343,14 +343,17 @@ class PromptCache:
 
 def message_boundaries(tokenizer, messages: List[dict], prompt: Sequence[int],
                        **template_args) -> List[int]:
-    """Where a chat prompt's last messages (BOUNDARY_MESSAGES) end: the tokens it
-    shares with the conversation rendered up to each (template_args: what the
-    prompt was rendered with, e.g. tools). Any position is a valid checkpoint;
-    these are where edits and branches start. Pass them to fetch()."""
+    """Where a chat prompt's last messages (BOUNDARY_MESSAGES) start: after the
+    header the template writes before each one's content (as mlx-lm finds the end
+    of the system prompt), which every edit of that content shares. Found as the
+    tokens the prompt shares with the conversation up to the message, rendered
+    with the message empty (template_args: what the prompt was rendered with,
+    e.g. tools). Any position is a valid checkpoint; pass these to fetch()."""
     found = set()
     for k in range(max(1, len(messages) - BOUNDARY_MESSAGES), len(messages)):
+        emptied = messages[:k] + [{"role": messages[k]["role"], "content": ""}]
         try:
-            tokens = tokenizer.apply_chat_template(messages[:k], add_generation_prompt=False,
+            tokens = tokenizer.apply_chat_template(emptied, add_generation_prompt=False,
                                                    tokenize=True, **template_args)
         except Exception:  # a template that cannot render a part of the conversation
             continue
