@@ -36,7 +36,9 @@ naming the flag that allows it.
 
 import logging
 import math
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import List, Optional
 
@@ -137,6 +139,12 @@ class FalconResponseGenerator(mlx_server.ResponseGenerator):
             prompt_cache.spill_models = self._models_of
             prompt_cache.spill_to(self.prompt_cache_dir, self.prompt_cache_dir_bytes)
         super().__init__(model_provider, prompt_cache)
+
+    def _generate(self):
+        store = self.prompt_cache
+        super()._generate()  # returns once the server stops
+        if store.spill is not None:  # what is in memory too, for the next run
+            store.spill_all()
 
     def _models_of(self, model_key) -> Optional[list]:
         """The models whose caches an entry of this model key holds (the model, then
@@ -376,7 +384,16 @@ def _hub_cache_models():
 
 def _run_http_server(host, port, response_generator, **kwargs):
     kwargs.setdefault("handler_class", FalconAPIHandler)
+    if threading.current_thread() is threading.main_thread():
+        # SIGTERM (how apps and service managers stop a server) stops it as Ctrl-C
+        # does in mlx-lm's loop: the generation thread ends, and the prompt cache
+        # goes to --prompt-cache-dir (FalconResponseGenerator._generate).
+        signal.signal(signal.SIGTERM, _interrupt)
     return _MLX_RUN_HTTP_SERVER(host, port, response_generator, **kwargs)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 _MLX_RUN_HTTP_SERVER = mlx_server._run_http_server
