@@ -133,12 +133,12 @@ class FalconH1Cache(BaseCache):
     # Checkpoints: where to keep (conv_state, ssm_state) while reading (set on a
     # cache by prompt_cache.py), and, per instance, `checkpoints`: what was kept,
     # by position (tokens read). call_start: the position the current call starts
-    # at (begin_call; None: it keeps none), checkpoint_base: the same, for the
-    # scan's pieces once scan_cuts has taken it.
+    # at (begin_call; None: it keeps none); checkpoint_cuts: the current call's
+    # cuts whose state is kept, with their positions (scan_cuts).
     checkpoint_interval: Optional[int] = None
     checkpoint_positions: FrozenSet[int] = frozenset()
     call_start: Optional[int] = None
-    checkpoint_base: Optional[int] = None
+    checkpoint_cuts: Dict[int, int] = {}
 
     def __init__(self, max_rollback: int = MAX_ROLLBACK_TOKENS, max_kv_size: Optional[int] = None):
         if max_kv_size is None:
@@ -239,23 +239,19 @@ class FalconH1Cache(BaseCache):
         self.call_start = self.kv.offset if planned and single else None
 
     def scan_cuts(self, length: int) -> List[int]:
-        cuts = {self.rollback_split(length), length}
         start, self.call_start = self.call_start, None
+        planned = set()
         if start is not None:
             every = self.checkpoint_interval
             if every:
-                cuts.update(range(every - start % every, length + 1, every))
-            cuts.update(p - start for p in self.checkpoint_positions if start < p <= start + length)
-        self.checkpoint_base = start
-        return sorted(cuts - {0})
+                planned.update(range(every - start % every, length + 1, every))
+            planned.update(p - start for p in self.checkpoint_positions if start < p <= start + length)
+        self.checkpoint_cuts = {cut: start + cut for cut in planned}
+        return sorted(({self.rollback_split(length), length} | planned) - {0})
 
     def keep_checkpoint(self, cut: int) -> None:
-        if self.checkpoint_base is None:
-            return
-        position = self.checkpoint_base + cut
-        every = self.checkpoint_interval
-        if (every and position % every == 0) or position in self.checkpoint_positions:
-            self.checkpoints[position] = (self.conv_state, self.ssm_state)
+        if cut in self.checkpoint_cuts:
+            self.checkpoints[self.checkpoint_cuts[cut]] = (self.conv_state, self.ssm_state)
 
     def take_checkpoints(self) -> Dict[int, Tuple[mx.array, mx.array]]:
         """The checkpoints kept so far, handed over (the cache keeps none after)."""

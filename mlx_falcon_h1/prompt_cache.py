@@ -162,7 +162,7 @@ class PromptCache:
         """(cache, tokens still to read) for a prompt: a copy of the deepest stored
         state the prompt can continue from (a fresh cache when none, or None without
         make_cache). Reading the rest keeps checkpoints every interval, at
-        `boundaries` (positions the request marks) and one token before the end."""
+        `boundaries` (positions the request marks) and before the end (planned)."""
         tokens = list(tokens)
         found = self._deepest(model, np.asarray(tokens, dtype=np.int64))
         if found is None:
@@ -272,9 +272,8 @@ class PromptCache:
         states = dict(old.checkpoints)
         if old.cache is not None and _all_at(old.cache, len(old.tokens)):
             states[len(old.tokens)] = _end_states(old.cache)
-        for position, state in states.items():
-            if new.cache is None or position < len(new.tokens):  # new's end is its own
-                new.checkpoints.setdefault(position, state)
+        self._adopt(new, {p: state for p, state in states.items()
+                          if new.cache is None or p < len(new.tokens)})  # new's end is its own
         del self._entries[id(old)]
 
     def _give_to_holder(self, states: _Entry) -> bool:
@@ -283,13 +282,17 @@ class PromptCache:
             if (holder.model == states.model and holder.cache is not None
                     and common_prefix(holder.tokens, states.tokens) == len(states.tokens)
                     and all(_can_cut_back(holder.cache, p) for p in states.checkpoints)):
-                for position, state in states.checkpoints.items():
-                    holder.checkpoints.setdefault(position, state)
-                self._thin(holder)
+                self._adopt(holder, states.checkpoints)
                 return True
         return False
 
     # --- memory ---------------------------------------------------------------
+
+    def _adopt(self, entry: _Entry, states: Dict[int, List[LayerState]]) -> None:
+        """Checkpoints from another entry, where this one has none, then thinned."""
+        for position, state in states.items():
+            entry.checkpoints.setdefault(position, state)
+        self._thin(entry)
 
     def _thin(self, entry: _Entry) -> None:
         """Keep the entry's checkpoints every interval, its RECENT_CHECKPOINTS deepest
@@ -334,11 +337,8 @@ class PromptCache:
             return
         shared = [common_prefix(e.tokens, evicted.tokens) for e in heirs]
         heir, depth = max(zip(heirs, shared), key=lambda pair: pair[1])
-        kept = {p: s for p, s in evicted.checkpoints.items()
-                if p <= depth and p not in heir.checkpoints and _can_cut_back(heir.cache, p)}
-        if kept:
-            heir.checkpoints.update(kept)
-            self._thin(heir)
+        self._adopt(heir, {p: s for p, s in evicted.checkpoints.items()
+                           if p <= depth and _can_cut_back(heir.cache, p)})
 
 
 def message_boundaries(tokenizer, messages: List[dict], prompt: Sequence[int],
