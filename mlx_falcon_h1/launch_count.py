@@ -119,11 +119,11 @@ def as_on_a_mac():
     ops are stand-ins that count their launches (yields the counter)."""
     import mlx_lm.models.ssm as mlx_lm_ssm
 
-    from .kernels import conv1d, mixer_step, residual_norm, rope, ssd_scan, ssm_step
+    from .kernels import conv1d, gated_norm, mixer_step, residual_norm, rope, ssd_scan, ssm_step
 
     counter = _StandIns()
     kernel, fast = _stand_ins(counter)
-    ours = (ssm_step, conv1d, ssd_scan, mixer_step, rope, residual_norm)
+    ours = (ssm_step, conv1d, ssd_scan, mixer_step, gated_norm, rope, residual_norm)
     kernels = [(mlx_lm_ssm, "_ssm_kernel")] + [(m, "_KERNEL") for m in ours]
     patches = [(m, name, kernel) for m, name in kernels]
     patches += [(mx.fast, name, fn) for name, fn in fast.items()]

@@ -37,7 +37,8 @@ from .fused_projections import fused_layer, unfuse_projections
 from .kernels.attention import causal_attention
 from .kernels.conv1d import causal_conv1d
 from .kernels.elementwise import silu_gate
-from .kernels.mixer_step import gated_rms_norm, mixer_step, with_prefix
+from .kernels.gated_norm import gated_rms_norm, with_prefix
+from .kernels.mixer_step import mixer_step
 from .kernels.residual_norm import residual_rms_norm
 from .kernels.rope import rope_qk
 from .kernels.ssd_scan import ssd_scan

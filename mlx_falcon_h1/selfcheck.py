@@ -4,7 +4,7 @@
     python -m mlx_falcon_h1.selfcheck --emulate  # also (or elsewhere: only) the emulator
 
 On Apple Silicon, runs each custom kernel (ssd_scan, causal_conv1d, ssm_step,
-mixer_step, rope_qk, residual_rms_norm)
+mixer_step, gated_norm, rope_qk, residual_rms_norm)
 and its reference on the GPU at Falcon-H1-7B sizes, in float32 and bfloat16,
 and prints the largest error and the time per call of each. Elsewhere there is
 no Metal: it says what it could not check and, if g++ is there, runs each
@@ -19,12 +19,12 @@ import time
 
 import mlx.core as mx
 
-from .kernels import (conv1d, kernels_enabled, metal_available, mixer_step, residual_norm, rope,
-                      runtime_check, ssd_scan, ssm_step)
+from .kernels import (conv1d, gated_norm, kernels_enabled, metal_available, mixer_step,
+                      residual_norm, rope, runtime_check, ssd_scan, ssm_step)
 from .kernels.descriptor import KernelOp, output_errors
 
 OPS = (ssd_scan.KERNEL_OP, conv1d.KERNEL_OP, ssm_step.KERNEL_OP, mixer_step.KERNEL_OP,
-       rope.KERNEL_OP, residual_norm.KERNEL_OP)
+       gated_norm.KERNEL_OP, rope.KERNEL_OP, residual_norm.KERNEL_OP)
 # Falcon-H1-7B's mixer: 24 heads of 128, state 256, one group, conv width 4.
 GPU_SIZES = dict(batch=1, length=2048, heads=24, head_dim=128, groups=1, n=256, width=4)
 EMULATOR_SIZES = dict(batch=2, length=37, heads=2, head_dim=32, groups=1, n=32, width=4)
@@ -58,6 +58,8 @@ def _describe(sizes, op: KernelOp):
         return f"B{s['batch']} H{s['heads']} P{s['head_dim']} G{s['groups']} N{s['n']}"
     if op.name == "rope_qk":  # the attention's heads, taken as many as the mixer's here
         return f"B{s['batch']} L{s['length']} H{s['heads']} D{s['head_dim']}"
+    if op.name == "gated_norm":  # one token's H*P mixer channels
+        return f"B{s['batch']} D{s['heads'] * s['head_dim']} G{s['groups']}"
     if op.name == "residual_rms_norm":
         return f"B{s['batch']} L{s['length']} D{s['heads'] * s['head_dim']}"
     if op.name == "causal_conv1d":

@@ -10,7 +10,9 @@ from mlx_lm.models.cache import KVCache, QuantizedKVCache
 from conftest import make_checkpoint, make_tokenizer
 from mlx_falcon_h1 import load, load_model
 from mlx_falcon_h1.decode import CompiledDecode
+from mlx_falcon_h1.benchmark import load_ours, make_random_model
 from mlx_falcon_h1.launch_count import decode_step_launches, our_decode_step
+from mlx_falcon_h1.released_shapes import RELEASED
 from mlx_falcon_h1_convert import convert
 
 PROMPT = mx.array([[3, 17, 5, 40, 9, 11, 60, 2, 33]])
@@ -121,31 +123,59 @@ def test_launch_counter(tmp_path):
     assert compiled["per_layer"] < theirs["per_layer"]
 
 
-@pytest.mark.parametrize("bits", [None, 4])
-def test_launches_of_a_generation_layer(tmp_path, bits):
-    """A layer of the step as load() gives it for generation (projections fused),
-    bfloat16 or 4-bit weights, a mixer without the gated norm (the 0.5B's kind): 4
-    matmuls, 2 K/V writes, the MLP's gate and 5 kernels (residual add + norm twice,
-    RoPE, attention, the mixer's step writing out_proj's whole input): 12, with no
-    cast of a weight, no concatenate and no separate add."""
-    counts = []
-    for layers in (1, 2):
-        hf, mlx = tmp_path / f"hf{layers}", tmp_path / f"mlx{layers}"
-        make_checkpoint(hf, num_hidden_layers=layers, intermediate_size=128)
-        convert(str(hf), str(mlx), dtype="bfloat16", quantize=bits is not None, q_bits=bits,
-                q_group_size=32)
-        make_tokenizer(mlx)
-        counts.append(decode_step_launches(load(str(mlx))[0], our_decode_step)["by_primitive"])
+def layer_launches(folders, count=our_decode_step) -> dict:
+    """Launches of one layer of the step as a Mac runs it, by kind: the difference
+    between models of 1 and 2 layers (folders[0], folders[1]), loaded for generation."""
+    counts = [decode_step_launches(load_ours(folder), count)["by_primitive"] for folder in folders]
     layer = {}
     for k in counts[1]:
         # mx.compile names a fused node after its ops (CompiledSigmoidMultiplyMultiply
         # in mlx 0.32, from how nn.silu is written): MLX's naming, counted as one kind.
         kind = "fused elementwise" if k.startswith("Compiled") else k
         layer[kind] = layer.get(kind, 0) + counts[1].get(k, 0) - counts[0].get(k, 0)
-    layer = {k: v for k, v in layer.items() if v}
+    return {k: v for k, v in layer.items() if v}
+
+
+def generation_layer(bits, norm: bool) -> dict:
+    """A decode layer's launches when load() fuses its projections: 4 matmuls, 2 K/V
+    writes, the MLP's gate and the kernels: residual add + norm twice, RoPE,
+    attention and the mixer's step writing out_proj's whole input, and with the
+    gated norm its kernel after the step's (12 launches, 13 with the norm); no
+    cast of a weight, no concatenate, no separate add."""
     matmul = "QuantizedMatmul" if bits else "Matmul"
-    assert layer == {matmul: 4, "DynamicSliceUpdate": 2, "fused elementwise": 1,
-                     "custom kernels and mx.fast ops": 5}
+    return {matmul: 4, "DynamicSliceUpdate": 2, "fused elementwise": 1,
+            "custom kernels and mx.fast ops": 6 if norm else 5}
+
+
+@pytest.mark.parametrize("bits", [None, 4])
+@pytest.mark.parametrize("norm", [False, True], ids=["no_norm", "gated_norm"])
+def test_launches_of_a_generation_layer(tmp_path, bits, norm):
+    """A converted checkpoint's layer (bfloat16 or 4-bit weights; the 0.5B's kind of
+    mixer, or the gated norm's: 1.5B-Deep, 7B, 34B): generation_layer's breakdown."""
+    folders = []
+    for layers in (1, 2):
+        hf, mlx = tmp_path / f"hf{layers}", tmp_path / f"mlx{layers}"
+        make_checkpoint(hf, num_hidden_layers=layers, intermediate_size=128, mamba_rms_norm=norm)
+        convert(str(hf), str(mlx), dtype="bfloat16", quantize=bits is not None, q_bits=bits,
+                q_group_size=32)
+        folders.append(mlx)
+    assert layer_launches(folders) == generation_layer(bits, norm)
+
+
+@pytest.mark.parametrize("bits", [None, 4])
+@pytest.mark.parametrize("shape", list(RELEASED))
+def test_launches_per_layer_at_every_released_shape(tmp_path, shape, bits):
+    """Every released shape's decode layer, bf16 and 4-bit (group size 64): the
+    breakdown above, at most 13. The layers keep the shape's attention heads and
+    head dim, its mixer's heads, head dim, state size and groups, and its norm
+    (what decides which kernel takes a call); the hidden and MLP widths are cut to
+    256 and the vocabulary to 1,024, which decide no dispatch (the benchmark's
+    --mac-prediction counts the full widths)."""
+    cut = dict(hidden_size=256, intermediate_size=256, vocab_size=1024)
+    folders = [make_random_model(shape, tmp_path / str(n), "bfloat16", n, cut, bits) for n in (1, 2)]
+    layer = layer_launches(folders)
+    assert layer == generation_layer(bits, RELEASED[shape].get("mamba_rms_norm", False))
+    assert sum(layer.values()) <= 13
 
 
 def test_batch_generation_uses_it(tmp_path, monkeypatch):

@@ -6,10 +6,11 @@ import pytest
 
 mx = pytest.importorskip("mlx.core")
 from mlx_falcon_h1 import kernels  # noqa: E402
-from mlx_falcon_h1.kernels import conv1d, mixer_step, residual_norm, rope, ssd_scan, ssm_step  # noqa: E402
+from mlx_falcon_h1.kernels import conv1d, gated_norm, mixer_step, residual_norm, rope, ssd_scan, ssm_step  # noqa: E402
 
 OPS = [(conv1d, "causal_conv1d"), (ssd_scan, "ssd_scan"), (ssm_step, "ssm_step"),
-       (mixer_step, "mixer_step"), (rope, "rope_qk"), (residual_norm, "residual_rms_norm")]
+       (mixer_step, "mixer_step"), (gated_norm, "gated_norm"), (rope, "rope_qk"),
+       (residual_norm, "residual_rms_norm")]
 # The ops model.py calls.
 MODEL_OPS = [op for _, op in OPS]
 

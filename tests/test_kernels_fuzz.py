@@ -19,8 +19,8 @@ import mlx.core as mx
 import pytest
 
 from mlx_falcon_h1 import msl_emu
-from mlx_falcon_h1.kernels import (conv1d, mixer_step, residual_norm, rope, runtime_check, ssd_scan,
-                                   ssm_step)
+from mlx_falcon_h1.kernels import (conv1d, gated_norm, mixer_step, residual_norm, rope, runtime_check,
+                                   ssd_scan, ssm_step)
 from mlx_falcon_h1.msl_emu.testing import emulated
 
 pytestmark = pytest.mark.skipif(not msl_emu.available(), reason="the emulator needs g++")
@@ -28,7 +28,8 @@ pytestmark = pytest.mark.skipif(not msl_emu.available(), reason="the emulator ne
 BUDGET_S = float(os.environ.get("MLX_FALCON_H1_FUZZ_SECONDS", "15"))
 SEED = int(os.environ.get("MLX_FALCON_H1_FUZZ_SEED", "0"))
 MODULES = {"ssd_scan": ssd_scan, "causal_conv1d": conv1d, "ssm_step": ssm_step,
-           "mixer_step": mixer_step, "rope_qk": rope, "residual_rms_norm": residual_norm}
+           "mixer_step": mixer_step, "rope_qk": rope, "residual_rms_norm": residual_norm,
+           "gated_norm": gated_norm}
 DTYPES = [mx.float32, mx.float16, mx.bfloat16]
 
 
@@ -56,13 +57,18 @@ def draw(rng):
         sizes.update(dim=rng.choice([64, 1024, 1280, 3072, rng.randint(1, 4200)]),
                      delta=rng.choice([dtype, dtype, None, rng.choice(DTYPES)]),
                      out_dtype=rng.choice([dtype, mx.float32, mx.bfloat16]))
+    if op == "gated_norm":  # d = H*P channels in G groups; a gate (norm first) or none
+        sizes.update(dim=groups * rng.choice([8, 1536, 3072, rng.randint(1, 2100)]),
+                     gate=rng.choice([dtype, None, rng.choice(DTYPES)]), wdtype=mx.float32)
     keep = {"ssd_scan": ("heads", "head_dim", "groups", "n", "dtype"),
             "causal_conv1d": ("channels", "width", "dtype", "wdtype"),
             "ssm_step": ("heads", "head_dim", "groups", "n", "width", "dtype", "wdtype"),
             "mixer_step": ("heads", "head_dim", "groups", "n", "width", "dtype", "wdtype", "norm",
                            "out_dtype", "prefix", "prefix_dtype"),
             "rope_qk": ("heads", "kv_heads", "head_dim", "dtype"),
-            "residual_rms_norm": ("dim", "dtype", "delta", "wdtype", "out_dtype")}[op]
+            "residual_rms_norm": ("dim", "dtype", "delta", "wdtype", "out_dtype"),
+            "gated_norm": ("dim", "groups", "dtype", "gate", "wdtype", "out_dtype", "prefix",
+                           "prefix_dtype")}[op]
     sizes = {k: sizes[k] for k in keep}
     one_token = op in ("ssm_step", "mixer_step")
     length = 1 if one_token else rng.choice([1, 2, 7, 16, 31, 32, 33, rng.randint(1, 70)])
@@ -72,20 +78,23 @@ def draw(rng):
 def run_case(op, sizes, batch, length, layout, seed):
     module = MODULES[op]
     inputs = runtime_check.check_inputs(op, sizes, batch=batch, length=length, seed=seed)
-    with emulated(module, schedules=("forward", "random:1"), layout=layout) as (kernel,):
+    # A mixer with the norm finishes it in gated_norm's kernel.
+    followers = [gated_norm] if op == "mixer_step" else []
+    with emulated(module, *followers, schedules=("forward", "random:1"), layout=layout) as kernels:
         ours = getattr(module, op)(**inputs)
         mx.eval(ours)
-        took_kernel = bool(kernel.last)
+        took_kernel = bool(kernels[0].last)
     ref = getattr(module, op + "_reference")(**inputs)
     rel = runtime_check.relative_error(ours, ref)
     # The scan's tolerance does not depend on the dtype (float32 outputs from
     # exactly representable inputs); the others' follow the activation dtype
     # (residual_rms_norm's: the coarser of its sum's and its output's).
     assert rel <= module.KERNEL_OP.tolerance_at(sizes), rel
-    if op == "mixer_step":  # its output on its own scale too (the state's can hide it)
+    if op in ("mixer_step", "gated_norm"):  # its output on its own scale too (the state's can hide it)
         n_prefix = sizes["prefix"]  # the prefix: exact (one multiply, one rounding), then the rest
-        assert mx.array_equal(ours[0][:, :n_prefix], ref[0][:, :n_prefix]).item()
-        out_rel = runtime_check.relative_error([ours[0][:, n_prefix:]], [ref[0][:, n_prefix:]])
+        out, out_ref = (ours[0], ref[0]) if op == "mixer_step" else (ours, ref)
+        assert mx.array_equal(out[:, :n_prefix], out_ref[:, :n_prefix]).item()
+        out_rel = runtime_check.relative_error([out[:, n_prefix:]], [out_ref[:, n_prefix:]])
         tolerance = max(runtime_check.TOLERANCE[(op, d)] for d in (sizes["dtype"], sizes["out_dtype"]))
         assert out_rel <= tolerance, out_rel
     return took_kernel

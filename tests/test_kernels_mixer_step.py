@@ -8,7 +8,7 @@ import pytest
 mx = pytest.importorskip("mlx.core")
 from mlx_falcon_h1 import msl_emu  # noqa: E402
 from mlx_falcon_h1.kernels import mixer_step as mod  # noqa: E402
-from mlx_falcon_h1.kernels import runtime_check, ssm_step  # noqa: E402
+from mlx_falcon_h1.kernels import gated_norm, runtime_check, ssm_step  # noqa: E402
 from mlx_falcon_h1.msl_emu import MSLEmuError  # noqa: E402
 from mlx_falcon_h1.msl_emu.testing import emulated, gradients_through_kernel, refuse_kernel  # noqa: E402
 
@@ -33,10 +33,13 @@ def make_inputs(seed, batch, heads, head_dim, groups, n, width, dtype, wdtype, n
 
 
 def check(inp, **options):
-    with emulated(mod, **options) as (kernel,):
+    """The dispatcher on the emulated kernels (mixer_step's, and gated_norm's after it
+    for a mixer with the norm), against the reference."""
+    with emulated(mod, gated_norm, **options) as (kernel, norm_kernel):
         out, conv_state, state = mod.mixer_step(**inp)
         mx.eval(out, conv_state, state)
         assert kernel.last, "the dispatcher did not take the kernel"
+        assert bool(norm_kernel.last) == (inp["norm_weight"] is not None), "the norm's kernel"
     out_ref, conv_ref, state_ref = mod.mixer_step_reference(**inp)
     assert (out.dtype, conv_state.dtype, state.dtype) == (out_ref.dtype, conv_ref.dtype, state_ref.dtype)
     assert out.shape == out_ref.shape and state.shape == state_ref.shape

@@ -12,12 +12,15 @@ import pytest
 
 from conftest import assert_close_logits, make_checkpoint, reference_logits
 from mlx_falcon_h1 import load_model, msl_emu
-from mlx_falcon_h1.kernels import conv1d, mixer_step, rope, ssd_scan
+from mlx_falcon_h1.fused_projections import fuse_projections
+from mlx_falcon_h1.kernels import conv1d, gated_norm, mixer_step, residual_norm, rope, ssd_scan
 from mlx_falcon_h1.msl_emu.testing import emulated
 
 pytestmark = pytest.mark.skipif(not msl_emu.available(), reason="the emulator needs g++")
 
-MODULES = (conv1d, ssd_scan, mixer_step, rope)  # mixer_step: the decode step
+# mixer_step and gated_norm: the decode step (the norm's kernel after the step's)
+MODULES = (conv1d, ssd_scan, mixer_step, gated_norm, rope)
+GREEDY_STEPS = 256  # decode steps compared with every kernel on (~9 s here)
 
 
 @pytest.fixture(autouse=True)
@@ -55,3 +58,33 @@ def test_kernels_off_gives_the_reference_path(model_pair, rng, monkeypatch):
     with emulated(*MODULES) as kernels:
         model(ids)
         assert not any(k.last for k in kernels)
+
+
+def greedy(model, prompt, steps):
+    """Greedy tokens and every step's logits after `prompt` (1, L)."""
+    cache = model.make_cache()
+    logits = model(prompt, cache=cache)[:, -1:]
+    tokens, all_logits = [], []
+    for _ in range(steps):
+        all_logits.append(np.array(logits[0, -1]))
+        token = mx.argmax(logits[:, -1], axis=-1)
+        tokens.append(token.item())
+        logits = model(token[:, None], cache=cache)
+    return tokens, np.stack(all_logits)
+
+
+def test_generation_with_every_kernel_is_the_unfused_models(tmp_path, rng, monkeypatch):
+    """The model as a Mac runs generation (projections fused, every kernel: the decode
+    step's gated norm writing out_proj's fused input) against the plain model on
+    the reference path: logits within 1e-5 of the largest, greedy tokens identical."""
+    make_checkpoint(tmp_path, mamba_n_groups=2, mamba_rms_norm=True)
+    plain, fused = load_model(tmp_path)[0], load_model(tmp_path)[0]
+    fuse_projections(fused)
+    prompt = mx.array(rng.integers(0, 96, size=(1, 11)))
+    with emulated(*MODULES, residual_norm, schedules=("forward",)) as kernels:
+        tokens, logits = greedy(fused, prompt, GREEDY_STEPS)
+        assert all(k.last for k in kernels), "a kernel was not used"
+    monkeypatch.setenv("MLX_FALCON_H1_KERNELS", "0")
+    want_tokens, want_logits = greedy(plain, prompt, GREEDY_STEPS)
+    assert tokens == want_tokens
+    assert np.abs(logits - want_logits).max() <= 1e-5 * np.abs(want_logits).max()

@@ -39,8 +39,8 @@ import mlx.core as mx
 import pytest
 
 from mlx_falcon_h1 import msl_emu
-from mlx_falcon_h1.kernels import (conv1d, mixer_step, residual_norm, rope, runtime_check, ssd_scan,
-                                   ssm_step)
+from mlx_falcon_h1.kernels import (conv1d, gated_norm, mixer_step, residual_norm, rope, runtime_check,
+                                   ssd_scan, ssm_step)
 from mlx_falcon_h1.msl_emu.testing import emulated
 from mlx_falcon_h1.released_shapes import RELEASED as CONFIGS
 
@@ -98,10 +98,12 @@ def test_released_shape(model, op):
     module = MODULES[op]
     length = 9 if op == "ssd_scan" and model in SHORT_PREFILL else 33
     inputs = runtime_check.check_inputs(op, sizes_for(op, model, *RELEASED[model]), length=length)
-    with emulated(module, **OPTIONS[op]) as (kernel,):
+    followers = [gated_norm] if op == "mixer_step" else []  # the norm's kernel after the step's
+    with emulated(module, *followers, **OPTIONS[op]) as (kernel, *norm_kernel):
         ours = getattr(module, op)(**inputs)  # the dispatcher, as the model calls it
         mx.eval(ours)
         assert kernel.last, f"{op} did not take the kernel at {model}'s shape"
+        assert all(bool(k.last) == (model in NORMED) for k in norm_kernel)
     ref = getattr(module, op + "_reference")(**inputs)
     rel = runtime_check.relative_error(ours, ref)
     assert rel <= runtime_check.TOLERANCE[(op, DTYPE)], (model, op, rel)
@@ -118,10 +120,11 @@ def test_released_shape_mixer_step_with_prefix(model):
     n_prefix = heads * head_dim
     sizes = dict(sizes_for("mixer_step", model, *RELEASED[model]), prefix=n_prefix)
     inputs = runtime_check.check_inputs("mixer_step", sizes)
-    with emulated(mixer_step, **OPTIONS["mixer_step"]) as (kernel,):
+    with emulated(mixer_step, gated_norm, **OPTIONS["mixer_step"]) as (kernel, norm_kernel):
         ours = mixer_step.mixer_step(**inputs)
         mx.eval(ours)
         assert kernel.last, f"mixer_step did not take the kernel at {model}'s shape"
+        assert bool(norm_kernel.last) == (model in NORMED)
     ref = mixer_step.mixer_step_reference(**inputs)
     assert ours[0].shape == (1, n_prefix + RELEASED[model][0] * RELEASED[model][1])
     assert mx.array_equal(ours[0][:, :n_prefix], ref[0][:, :n_prefix]).item()
@@ -130,3 +133,25 @@ def test_released_shape_mixer_step_with_prefix(model):
     assert rel <= tolerance, (model, rel)
     assert runtime_check.relative_error(ours, ref) <= tolerance
     assert mx.array_equal(ours[1], ref[1]).item()
+
+
+@pytest.mark.parametrize("model", NORMED)
+@pytest.mark.parametrize("norm_before_gate", [True, False])
+def test_released_shape_gated_norm(model, norm_before_gate):
+    """The norm's own kernel at each normed shape: d = H*P channels in G groups, the
+    mixer step's float32 output, the gate (norm first) in bfloat16, the attention's
+    output as the prefix; out_proj's whole input in bfloat16."""
+    h, p, _, g, _ = RELEASED[model]
+    heads, _, head_dim = ATTENTION[model]
+    sizes = dict(dim=h * p, groups=g, dtype=mx.float32, gate=DTYPE if norm_before_gate else None,
+                 wdtype=mx.float32, out_dtype=DTYPE, prefix=heads * head_dim, prefix_dtype=DTYPE)
+    inputs = runtime_check.check_inputs("gated_norm", sizes)
+    with emulated(gated_norm, schedules=("forward",)) as (kernel,):
+        ours = gated_norm.gated_norm(**inputs)
+        mx.eval(ours)
+        assert kernel.last, f"gated_norm did not take the kernel at {model}'s shape"
+    ref = gated_norm.gated_norm_reference(**inputs)
+    n_prefix = heads * head_dim
+    assert mx.array_equal(ours[:, :n_prefix], ref[:, :n_prefix]).item()
+    rel = runtime_check.relative_error([ours[:, n_prefix:]], [ref[:, n_prefix:]])
+    assert rel <= runtime_check.TOLERANCE[("gated_norm", DTYPE)], (model, rel)

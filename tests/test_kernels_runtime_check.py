@@ -16,13 +16,13 @@ import pytest
 
 from conftest import assert_close_logits, make_checkpoint
 from mlx_falcon_h1 import load_model, msl_emu, selfcheck
-from mlx_falcon_h1.kernels import conv1d, residual_norm, runtime_check, ssd_scan, mixer_step
+from mlx_falcon_h1.kernels import conv1d, gated_norm, residual_norm, runtime_check, ssd_scan, mixer_step
 from mlx_falcon_h1.msl_emu import metal_kernel
 from mlx_falcon_h1.msl_emu.testing import emulated
 
 pytestmark = pytest.mark.skipif(not msl_emu.available(), reason="the emulator needs g++")
 
-MODULES = (conv1d, ssd_scan, mixer_step, residual_norm)
+MODULES = (conv1d, ssd_scan, mixer_step, residual_norm, gated_norm)
 FAST = dict(schedules=("forward",), track_races=False)
 # The decode kernel with its output scaled by 1.01: a plausible wrong-layout bug,
 # small enough that only a comparison with the reference catches it.
@@ -121,14 +121,17 @@ def test_real_kernels_pass_and_stay_on(on_gpu, model, reference):
         logits = run(model)
     assert not kernel_warnings(record)
     entries = cached(on_gpu)
-    assert sorted(k.split()[0] for k in entries) == ["causal_conv1d", "mixer_step", "residual_rms_norm",
-                                                     "residual_rms_norm", "ssd_scan"]
+    assert sorted(k.split()[0] for k in entries) == ["causal_conv1d", "gated_norm", "mixer_step",
+                                                     "residual_rms_norm", "residual_rms_norm", "ssd_scan"]
     assert all(e["ok"] and e["max_rel_err"] <= e["tolerance"] for e in entries.values()), entries
     assert "mixer_step H6 P16 G2 N8 K4 float32/float32 norm_first out=float32" in entries
     # Each kernel: one check launch per key, then the model's own launches (2 layers;
     # the norm: 2 per layer and the final one, in each of the 4 forward calls).
-    conv, scan, step, norm = (c.calls for c in counters)
-    assert (conv, scan, step, norm) == (1 + 2, 1 + 2, 1 + 2 * 3, 2 + 4 * 5), (conv, scan, step, norm)
+    # gated_norm: once per mixer step, after it (the model's mixers have the norm),
+    # its own check, and once in mixer_step's check (which runs the whole step).
+    conv, scan, step, norm, gated = (c.calls for c in counters)
+    assert (conv, scan, step, norm, gated) == (1 + 2, 1 + 2, 1 + 2 * 3, 2 + 4 * 5, 2 + 2 * 3), (
+        conv, scan, step, norm, gated)
     assert_close_logits(logits, reference)
 
 

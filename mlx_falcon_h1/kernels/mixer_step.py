@@ -5,8 +5,9 @@ size, K conv width, C conv channels (H*P + 2*G*N); d = H*P (d_ssm).
 
 `mixer_step_reference` is the pure-MLX oracle (the math of the unfused path:
 ssm_step_reference, then the SiLU gate or the grouped gated RMSNorm, as
-`gated_rms_norm`); `mixer_step_kernel` runs it as one Metal dispatch plus, for
-a mixer with the norm, the norm's statistics; `mixer_step` picks between them.
+`gated_rms_norm`); `mixer_step_kernel` runs it as one Metal dispatch, two for
+a mixer with the norm (this kernel, then gated_norm.py's); `mixer_step` picks
+between them.
 The three share signature and docstring.
 
 Metal kernel
@@ -19,8 +20,9 @@ cast before out_proj are gone. With the norm, its statistics are over a
 group's d/G channels, spread over many threadgroups: a dispatch has no grid-wide
 barrier, and one threadgroup per group would stream a whole group's state
 (3 MB per layer at 7B) through one GPU core. So the kernel writes the gated
-float32 y (norm_before_gate False) or y itself (True), and mx.fast.rms_norm
-and the weight (and gate) follow as in the reference.
+float32 y (norm_before_gate False) or y itself (True), and gated_norm.py's
+kernel, one threadgroup per group over those d/G floats, finishes the norm, the
+weight, the gate (norm first), the scales and the prefix: two launches in all.
 
 The prefix: out_proj's fused input
 ----------------------------------
@@ -33,8 +35,7 @@ lanes of the batch row's H*P rows (31*H*P threads: 0.5B has 47616, its prefix 51
 copy the prefix, lane l of row (h, p) its columns (h*P + p)*31 + l - 1, then
 every 31*H*P-th one after, read through its strides (attention's output is a
 transposed view). Both scales are kernel inputs (one compiled kernel for every
-multiplier). With the norm the prefix cannot join the kernel's write (the norm
-follows it in MLX), so the scales and the concatenate follow the norm there.
+multiplier). With the norm the prefix and the scales are gated_norm's to write.
 """
 
 from typing import Optional, Sequence, Tuple
@@ -43,53 +44,14 @@ import mlx.core as mx
 
 from . import build_metal_kernel, with_reference_vjp
 from .descriptor import KernelOp, RandomInputs, register
-from .elementwise import silu, silu_gate
+from .elementwise import silu_gate
+from .gated_norm import check_prefix, gated_norm, gated_rms_norm, with_prefix
 from .runtime_check import kernel_allowed
 from .ssm_step import (_FLOATS, _HEADER, _MAX_N, _ROWS, _STEP_SOURCE, fits_step_source,
                        _param_dtype, _random_inputs as _step_inputs, ssm_step_reference,
                        step_parameters)
 
 NORMS = ("none", "gate_first", "norm_first")  # the op sizes' "norm": no norm, or norm_before_gate
-
-
-def group_rms_norm(y: mx.array, weight: mx.array, groups: int, eps: float) -> mx.array:
-    """weight * RMS over `groups` equal slices of y's last axis, in float32."""
-    shape = y.shape
-    y = mx.fast.rms_norm(y.reshape(*shape[:-1], groups, -1), None, eps)
-    return (weight.astype(mx.float32).reshape(groups, -1) * y).reshape(shape)
-
-
-def gated_rms_norm(y: mx.array, gate: mx.array, weight: mx.array, groups: int, eps: float,
-                   norm_before_gate: bool) -> mx.array:
-    """Falcon-H1's grouped gated RMSNorm, in float32: norm_before_gate:
-    w * RMS_g(y) * SiLU(gate); otherwise w * RMS_g(y * SiLU(gate))."""
-    gate = silu(gate.astype(mx.float32))
-    y = y.astype(mx.float32)
-    if not norm_before_gate:
-        y = y * gate
-    y = group_rms_norm(y, weight, groups, eps)
-    return y * gate if norm_before_gate else y
-
-
-def _check_prefix(prefix: Optional[mx.array], batch: int) -> None:
-    if prefix is not None and (prefix.ndim != 2 or prefix.shape[0] != batch
-                               or prefix.shape[1] == 0
-                               or not mx.issubdtype(prefix.dtype, mx.floating)):
-        raise ValueError(f"mixer_step: prefix has shape {prefix.shape} and dtype {prefix.dtype}; "
-                         f"expected (B, n_p) = ({batch}, n_p > 0) of a float dtype")
-
-
-def with_prefix(out: mx.array, prefix: Optional[mx.array], prefix_scale: float,
-                out_scale: float) -> mx.array:
-    """[prefix * prefix_scale | out * out_scale] (out alone without a prefix), float32."""
-    if out_scale != 1.0:  # x * 1.0 is x: the multiply would be a launch for nothing
-        out = out * out_scale
-    if prefix is None:
-        return out
-    prefix = prefix.astype(mx.float32)
-    if prefix_scale != 1.0:
-        prefix = prefix * prefix_scale
-    return mx.concatenate([prefix, out], axis=-1)
 
 
 def mixer_step_reference(
@@ -136,7 +98,7 @@ def mixer_step_reference(
         out: (B, d), or (B, n_p + d) with a prefix, in out_dtype; the new
         conv_state (B, K-1, C); the new state (B, H, P, N) float32.
     """
-    _check_prefix(prefix, xBC.shape[0])
+    check_prefix(prefix, xBC.shape[0], "mixer_step")
     y, conv_state, state = ssm_step_reference(xBC, dt, conv_state, conv_weight, conv_bias,
                                               dt_bias, A_log, D, state, time_step_limit, n_groups)
     y = y.reshape(y.shape[0], -1)
@@ -259,12 +221,11 @@ def mixer_step_kernel(
     # docstring: mixer_step_reference's (assigned below)
     if _KERNEL is None:
         raise RuntimeError("mixer_step_kernel needs Metal; use mixer_step")
-    _check_prefix(prefix, xBC.shape[0])
+    check_prefix(prefix, xBC.shape[0], "mixer_step")
     params = step_parameters(conv_weight, conv_bias, dt_bias, A_log, D)
     limit = tuple(time_step_limit)
     normed = norm_weight is not None
     gate = not (normed and norm_before_gate)  # norm first: the gate follows the norm, below
-    kernel_dtype = mx.float32 if normed else out_dtype
     # The differentiable arrays: the step's, then the norm weight and the prefix if given.
     optional = {k: a for k, a in (("norm_weight", norm_weight), ("prefix", prefix)) if a is not None}
 
@@ -273,15 +234,14 @@ def mixer_step_kernel(
         if not normed:  # one dispatch writes the whole output
             return _launch(_KERNEL, xBC, dt, z, conv_state, *arrays, extra.get("prefix"), limit,
                            n_groups, gate, out_dtype, prefix_scale, out_scale)
-        # The norm's statistics span threadgroups (module docstring): it, the scales
-        # and the prefix follow the kernel in MLX.
-        out, conv, ssm = _launch(_KERNEL, xBC, dt, z, conv_state, *arrays, None, limit, n_groups,
-                                 gate, kernel_dtype, 1.0, 1.0)
-        out = group_rms_norm(out, extra["norm_weight"], n_groups, eps)
-        if norm_before_gate:
-            out = out * silu(z.astype(mx.float32))
-        out = with_prefix(out, extra.get("prefix"), prefix_scale, out_scale)
-        return out.astype(out_dtype), conv, ssm
+        # The norm's statistics span threadgroups (module docstring): gated_norm's
+        # kernel finishes it from the gated float32 y (or y and z, norm first).
+        y, conv, ssm = _launch(_KERNEL, xBC, dt, z, conv_state, *arrays, None, limit, n_groups,
+                               gate, mx.float32, 1.0, 1.0)
+        out = gated_norm(y, z if norm_before_gate else None, extra["norm_weight"], n_groups, eps,
+                         out_dtype, prefix=extra.get("prefix"), prefix_scale=prefix_scale,
+                         out_scale=out_scale)
+        return out, conv, ssm
 
     def reference_fn(xBC, dt, z, conv_state, *rest):
         arrays, extra = rest[:6], dict(zip(optional, rest[6:]))

@@ -83,7 +83,8 @@ def describe(op: Union[KernelOp, str], sizes: dict) -> str:
     """'ssm_step H24 P128 G1 N256 K4 bfloat16/float32': the key of one check; with
     mixer_step's sizes also its norm mode, output dtype and prefix, as in
     'mixer_step H24 P128 G1 N256 K4 bfloat16/float32 norm_first out=bfloat16
-    prefix=1536/bfloat16' (each a different kernel or output); a second input's dtype follows the
+    prefix=1536/bfloat16' (each a different kernel or output), gated_norm's gate
+    dtype or none as 'gate=...'; a second input's dtype follows the
     activations' after '+' (residual_rms_norm's delta)."""
     parts = [_op(op).name]
     for field, letter in (("heads", "H"), ("head_dim", "P"), ("groups", "G"), ("n", "N"),
@@ -98,6 +99,8 @@ def describe(op: Union[KernelOp, str], sizes: dict) -> str:
     parts.append(dtypes)
     if "norm" in sizes:
         parts.append(sizes["norm"])
+    if "gate" in sizes:  # gated_norm's: a gate after the norm, or none
+        parts.append("gate=" + ("none" if sizes["gate"] is None else _dtype_name(sizes["gate"])))
     if "out_dtype" in sizes:
         parts.append(f"out={_dtype_name(sizes['out_dtype'])}")
     if sizes.get("prefix"):
