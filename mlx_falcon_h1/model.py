@@ -35,7 +35,7 @@ from .config import ModelArgs  # noqa: F401  (mlx-lm reads a model module's Mode
 from .decode import decode_step
 from .fused_projections import fused_layer, unfuse_projections
 from .kernels.attention import causal_attention
-from .kernels.conv1d import causal_conv1d
+from .kernels.conv1d import causal_conv1d, conv_state_at
 from .kernels.elementwise import silu_gate
 from .kernels.gated_norm import gated_rms_norm, with_prefix
 from .kernels.mixer_step import mixer_step
@@ -230,8 +230,7 @@ class Mixer(nn.Module):
         b, l, _ = zxbcdt.shape
         z, xBC_dt = mx.split(zxbcdt, [self.d_ssm], axis=-1)
         xBC, dt = mx.split(xBC_dt, [xBC_dt.shape[-1] - self.n_heads], axis=-1)
-        scales = dict(prefix=None if prefix is None else prefix[:, 0], prefix_scale=prefix_scale,
-                      out_scale=out_scale)
+        scales = dict(prefix=prefix if prefix is None else prefix[:, 0], prefix_scale=prefix_scale, out_scale=out_scale)
         if cache is None:
             y, _, _ = self.conv_and_scan(xBC, dt, None, None)
         elif (out := self._decode_step(xBC, dt, z, xBC_dt, cache, dtype, scales)) is not None:
@@ -239,17 +238,12 @@ class Mixer(nn.Module):
         else:
             y = self._conv_and_scan_cached(xBC, dt, xBC_dt, cache)
         y = y.reshape(b, l, self.d_ssm)  # float32
-        if "norm" in self:
-            y = self.norm(y, z)
-        else:
-            y = silu_gate(z.astype(mx.float32), y)
+        y = self.norm(y, z) if "norm" in self else silu_gate(z.astype(mx.float32), y)
         return with_prefix(y, prefix, prefix_scale, out_scale).astype(dtype)  # as mixer_step joins them
 
     def _decode_step(self, xBC, dt, z, rows, cache: LayerCache, dtype, scales) -> Optional[mx.array]:
-        """One token from a cache with state: conv, SSM, gate and norm as one step
-        (mixer_step), out_proj's input in `dtype` (with mix's prefix and scales); None
-        for any other call (what _conv_and_scan_cached does for one such token,
-        keeping its rollback inputs)."""
+        """One token from a cache with state as one step (mixer_step): mix's output;
+        None for any other call (_conv_and_scan_cached's, keeping rollback inputs)."""
         norm = self.get("norm")
         if (xBC.shape[1] != 1 or cache.lengths is not None or cache.conv_state is None
                 or cache.ssm_state is None or cache.rollback_split(1)):
@@ -340,7 +334,7 @@ class Mixer(nn.Module):
         if lengths is not None:
             # dt = 0 is an exact no-op step (no decay, no input) for padded positions.
             dt = mx.where((mx.arange(l) < lengths[:, None])[..., None], dt, 0.0)
-            new_conv_state = _conv_state_at(xBC_raw, conv_state, lengths, self.conv_width)
+            new_conv_state = conv_state_at(xBC_raw, conv_state, lengths, self.conv_width)
         y, ssm_state = ssd_scan(
             x.reshape(b, l, self.n_heads, self.head_dim),
             dt,
@@ -352,16 +346,6 @@ class Mixer(nn.Module):
             min(self.chunk_size, l),  # a short call (replay, prompt tail) needs no padding
         )
         return y, new_conv_state, ssm_state
-
-
-def _conv_state_at(xBC, conv_state, lengths, width):
-    """The K-1 raw conv inputs ending at each row's last real token."""
-    if conv_state is None:
-        conv_state = mx.zeros((xBC.shape[0], width - 1, xBC.shape[-1]), xBC.dtype)
-    padded = mx.concatenate([conv_state, xBC], axis=1)  # (B, K-1+L, C)
-    ends = mx.clip(lengths, 0, xBC.shape[1])
-    rows = ends[:, None] + mx.arange(width - 1)  # padded index of the K-1 inputs
-    return mx.take_along_axis(padded, rows[..., None], axis=1)
 
 
 class MLP(nn.Module):

@@ -75,6 +75,17 @@ def causal_conv1d_reference(
     return silu(y).astype(x.dtype), new_state
 
 
+def conv_state_at(xBC, conv_state, lengths, width):
+    """The new conv state of a right-padded batch: the K-1 raw conv inputs ending at
+    each row's last real token (xBC: (B, L, C); lengths: (B,) real tokens per row)."""
+    if conv_state is None:
+        conv_state = mx.zeros((xBC.shape[0], width - 1, xBC.shape[-1]), xBC.dtype)
+    padded = mx.concatenate([conv_state, xBC], axis=1)  # (B, K-1+L, C)
+    ends = mx.clip(lengths, 0, xBC.shape[1])
+    rows = ends[:, None] + mx.arange(width - 1)  # padded index of the K-1 inputs
+    return mx.take_along_axis(padded, rows[..., None], axis=1)
+
+
 @mx.compile
 def _conv_taps(w, bias, *taps):
     y = taps[0].astype(mx.float32) * w[:, 0]
