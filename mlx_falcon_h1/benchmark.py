@@ -279,15 +279,29 @@ QUANT_GROUP = 64
 MAC_KINDS = {"bf16": None, "4-bit": 4}  # weights as a Mac runs them: bfloat16, or affine 4-bit g64
 MAC_TABLE_CHIPS = ("M1 Ultra", "M3 Max", "M4 Max", "M5 Max")
 COUNT_VOCAB = 1024  # the counting models' vocabulary: the head's launches do not depend on it
+# Decode at long context, where the K/V read decides: 4-bit weights, K/V in bf16 or
+# --kv-bits (group size 64, mlx-lm's default). mlx-lm's falcon_h1 cache (a CacheList)
+# has no to_quantized, so its --kv-bits does nothing: its K/V stays bf16.
+LONG_CONTEXT_SHAPES = ("1.5B", "7B")
+LONG_CONTEXTS = (32768, 131072)
+KV_KINDS = {"bf16": None, "8-bit": 8, "4-bit": 4}
+KV_GROUP = 64
+FLOAT_TAIL_MEAN = 128  # ours keep a decode's newest <= 256 tokens' K/V in float (cache.py)
+# MLX's one-query sdpa is two kernels (key blocks, then a combine) from 1,024 keys on
+# Max and Ultra chips and from 4,096 with grouped K/V heads on any chip
+# (mlx/backend/metal/scaled_dot_product_attention.cpp, ml-explore/mlx); the counter's
+# stand-in counts one. At these contexts every float-K/V step pays the second.
+SDPA_SECOND_PASS_KEYS = 4096
 
 
-def _shape_launches(shape: str, bits: Optional[int], cache_dir: Path) -> dict:
+def _shape_launches(shape: str, bits: Optional[int], cache_dir: Path, kv_bits: Optional[int] = None) -> dict:
     """Launches of one decode step as on a Mac, ours (its default step) and
     mlx-lm's, for `shape`'s layers: counted on models of 1 and 2 layers loaded
     from folders as users load them (so whatever load-time transform the model
     does counts), then launches per token = fixed + per layer x layers. The
     layers keep the shape's widths; the vocabulary is COUNT_VOCAB (the head is
-    one matmul, the lookup one gather, at any size), so a 34B layer fits here."""
+    one matmul, the lookup one gather, at any size), so a 34B layer fits here.
+    kv_bits: ours with its K/V quantized (mlx-lm's cache ignores it: counted as is)."""
     import mlx_lm.utils
 
     totals = {}
@@ -301,8 +315,10 @@ def _shape_launches(shape: str, bits: Optional[int], cache_dir: Path) -> dict:
         # published mlx-community one included); our folder keeps the SSM parameters and
         # norms in float32, which would add casts to mlx-lm's step that its users never run.
         models["mlx-lm"].set_dtype(mx.bfloat16)
-        totals[layers] = {name: decode_step_launches(model, our_decode_step if name == "ours" else None)["total"]
-                          for name, model in models.items()}  # fmt: skip
+        totals[layers] = {
+            "ours": decode_step_launches(models["ours"], our_decode_step, kv_bits=kv_bits,
+                                         kv_group_size=KV_GROUP)["total"],
+            "mlx-lm": decode_step_launches(models["mlx-lm"])["total"]}
         del models
         mx.clear_cache()
     out = {}
@@ -312,9 +328,11 @@ def _shape_launches(shape: str, bits: Optional[int], cache_dir: Path) -> dict:
     return out
 
 
-def _shape_bytes(shape: str, bits: Optional[int]) -> dict:
+def _shape_bytes(shape: str, bits: Optional[int], context: int = mac_speed_model.PUBLISHED_CONTEXT,
+                 kv_bits: Optional[int] = None) -> dict:
     """Bytes a decode step reads at the full shape, ours and mlx-lm's: weights from
-    models built lazily (never evaluated: shapes only), plus the cache's state."""
+    models built lazily (never evaluated: shapes only), plus the cache's state at
+    `context` tokens (ours with kv_bits: quantized K/V but its float tail)."""
     import mlx_lm.models.falcon_h1 as stock
 
     model, config = random_model(dict(SHAPES[shape]), "bfloat16")
@@ -323,8 +341,9 @@ def _shape_bytes(shape: str, bits: Optional[int]) -> dict:
     if bits:
         for m in (model, theirs):
             nn.quantize(m, group_size=QUANT_GROUP, bits=bits)
-    state = mac_speed_model.state_bytes_per_token(config, mac_speed_model.PUBLISHED_CONTEXT, 2)
-    return {name: weight_bytes_read_per_token(m) + state for name, m in (("ours", model), ("mlx-lm", theirs))}
+    state = {"ours": mac_speed_model.state_bytes_per_token(config, context, 2, kv_bits, KV_GROUP, FLOAT_TAIL_MEAN),
+             "mlx-lm": mac_speed_model.state_bytes_per_token(config, context, 2)}
+    return {name: weight_bytes_read_per_token(m) + state[name] for name, m in (("ours", model), ("mlx-lm", theirs))}
 
 
 def mac_prediction(cache_dir: Path, shapes=None) -> dict:
@@ -358,7 +377,8 @@ def mac_prediction(cache_dir: Path, shapes=None) -> dict:
             "model_tps_at_fit": speed.predicted_tokens_per_s(*args, fitted[point.chip]),
             "command_buffers": speed.command_buffers(args[0], args[1], chip),
         })  # fmt: skip
-    for row in rows:
+    long_rows = _long_context_rows(cache_dir, rows) if set(LONG_CONTEXT_SHAPES) <= set(shapes) else []
+    for row in rows + long_rows:
         row["predicted_tps"] = {}
         for chip_name, chip in speed.CHIPS.items():
             low, high = speed.t_launch_band(fitted, chip_name)
@@ -376,7 +396,34 @@ def mac_prediction(cache_dir: Path, shapes=None) -> dict:
         "context_tokens": speed.PUBLISHED_CONTEXT, "count_vocab": COUNT_VOCAB,
         "chips": {name: vars(chip) for name, chip in speed.CHIPS.items()},
         "calibration": calibration, "rows": rows,
+        "long_context": {"what": "4-bit weights; K/V bf16 or --kv-bits (group size 64); mlx-lm's --kv-bits does "
+                                 "nothing for falcon_h1 (its K/V stays bf16); MLX's sdpa counted as its 2 kernels",
+                         "rows": long_rows},
     }  # fmt: skip
+
+
+def _long_context_rows(cache_dir: Path, rows) -> list:
+    """Decode at LONG_CONTEXTS for LONG_CONTEXT_SHAPES (4-bit weights), K/V in bf16 or
+    --kv-bits: launches per token counted (with the second pass MLX's sdpa takes
+    there) and bytes read at that context."""
+    out = []
+    for shape in LONG_CONTEXT_SHAPES:
+        layers = SHAPES[shape]["num_hidden_layers"]
+        weights_row = next(r for r in rows if r["shape"] == shape and r["weights"] == "4-bit")
+        for kv_kind, kv_bits in KV_KINDS.items():
+            counts = _shape_launches(shape, 4, cache_dir, kv_bits) if kv_bits else {
+                name: {"per_layer": weights_row[f"{name}_per_layer"], "fixed": weights_row[f"{name}_fixed"]}
+                for name in ("ours", "mlx-lm")}
+            for context in LONG_CONTEXTS:
+                second_pass = {"ours": kv_bits is None, "mlx-lm": True}  # float K/V: MLX's sdpa
+                row = {"shape": shape, "weights": "4-bit", "kv": kv_kind, "context": context,
+                       "layers": layers, "bytes_per_token": _shape_bytes(shape, 4, context, kv_bits)}
+                for name, c in counts.items():
+                    per_layer = c["per_layer"] + (second_pass[name] and context >= SDPA_SECOND_PASS_KEYS)
+                    row[f"{name}_per_layer"] = per_layer
+                    row[f"{name}_per_token"] = c["fixed"] + per_layer * layers
+                out.append(row)
+    return out
 
 
 def print_mac_prediction(result: dict, chips=MAC_TABLE_CHIPS) -> None:
@@ -404,6 +451,17 @@ def print_mac_prediction(result: dict, chips=MAC_TABLE_CHIPS) -> None:
         print("| " + " | ".join(cells) + " |")
     fitted = ", ".join(c["chip"] for c in result["calibration"])
     print(f"(tok/s on {fitted}: at that chip's fitted t_launch; on the others, a-b: at the fitted values' range)")
+    if result["long_context"]["rows"]:
+        print(f"Long context: {result['long_context']['what']}")
+        header = ["shape", "K/V", "context", "launches/layer ours", "mlx-lm", "GB read/token ours", "mlx-lm"]
+        header += [f"{chip} {name}" for chip in chips for name in ("ours", "mlx-lm")]
+        print("| " + " | ".join(header) + " |")
+        print("|" + "---|" * len(header))
+        for r in result["long_context"]["rows"]:
+            cells = [r["shape"], r["kv"], f"{r['context'] // 1024}K", str(r["ours_per_layer"]),
+                     str(r["mlx-lm_per_layer"])] + [f"{r['bytes_per_token'][n] / 1e9:.2f}" for n in ("ours", "mlx-lm")]
+            cells += [tps(r["predicted_tps"][chip][name]) for chip in chips for name in ("ours", "mlx-lm")]
+            print("| " + " | ".join(cells) + " |")
 
 
 # What each measure is called in the table: header, and in the ratio columns.

@@ -122,16 +122,26 @@ def weight_bytes_read_per_token(model) -> int:
     return weight_bytes(model) - (0 if model.args.tie_word_embeddings else table)
 
 
-def state_bytes_per_token(config: dict, context: int, kv_itemsize: int) -> int:
+def kv_bytes_per_value(itemsize: int, kv_bits: Optional[int] = None, group_size: int = 64) -> float:
+    """Bytes of one K or V element: its float item size, or with --kv-bits the
+    packed bits plus its share of its group's scale and bias (in the float dtype)."""
+    return itemsize if kv_bits is None else kv_bits / 8 + 2 * itemsize / group_size
+
+
+def state_bytes_per_token(config: dict, context: int, kv_itemsize: int, kv_bits: Optional[int] = None,
+                          kv_group_size: int = 64, float_tokens: int = 0) -> int:
     """Cache bytes a decode step moves: the conv and SSM states read and written
     (SSM state float32, conv state at the K/V's item size) and every layer's K/V
-    read at `context` tokens."""
+    read at `context` tokens: with kv_bits, quantized but for the newest
+    `float_tokens` (ours keep up to 256 in float while decoding: cache.py)."""
     layers = config["num_hidden_layers"]
     conv_channels = config["mamba_d_ssm"] + 2 * config["mamba_n_groups"] * config["mamba_d_state"]
     conv = (config["mamba_d_conv"] - 1) * conv_channels * kv_itemsize
     ssm = config["mamba_n_heads"] * config["mamba_d_head"] * config["mamba_d_state"] * 4
-    kv = 2 * config["num_key_value_heads"] * config["head_dim"] * context * kv_itemsize
-    return layers * (2 * (conv + ssm) + kv)
+    float_tokens = 0 if kv_bits is None else min(float_tokens, context)
+    per_token = (context - float_tokens) * kv_bytes_per_value(kv_itemsize, kv_bits, kv_group_size)
+    kv = 2 * config["num_key_value_heads"] * config["head_dim"] * (per_token + float_tokens * kv_itemsize)
+    return int(layers * (2 * (conv + ssm) + kv))
 
 
 def command_buffers(launches: float, bytes_read: float, chip: Chip) -> int:
