@@ -3,15 +3,34 @@ before anything is generated, in one line naming head_dim and what would work
 (kv_quantization.py, commands.check_kv_flags); combinations that work still
 generate. mlx-lm would fail --quantized-kv-start tokens into the answer."""
 
+import subprocess
+import sys
+
 import mlx.core as mx
 import pytest
+from mlx_lm.models.cache import save_prompt_cache
 
+from conftest import make_checkpoint, make_tokenizer
+from mlx_falcon_h1 import cli, load_model
+from mlx_falcon_h1.commands import DEFAULT_MODEL
 from mlx_falcon_h1.kv_quantization import (
     AFFINE_BITS,
     AFFINE_GROUP_SIZES,
     KVQuantizationError,
     check_kv_quantization,
 )
+
+GENERATE = [sys.executable, "-m", "mlx_falcon_h1.generate", "--prompt", "def", "--max-tokens", "4"]
+EVERY_K_V_FLAG = ["--kv-bits", "8", "--quantized-kv-start", "0"]
+
+
+@pytest.fixture(scope="module")
+def head_dim_64(tmp_path_factory):
+    """A small model whose head_dim (64) groups of 32 and 64 divide, 128 not."""
+    path = tmp_path_factory.mktemp("head_dim_64")
+    make_checkpoint(path, head_dim=64, max_position_embeddings=256)
+    make_tokenizer(path)
+    return path
 
 
 def _quantizes(head_dim, bits, group_size) -> bool:
@@ -59,3 +78,64 @@ def test_the_message_names_head_dim_and_what_works(head_dim, bits, group_size, m
     with pytest.raises(KVQuantizationError) as refused:
         check_kv_quantization(head_dim, bits, group_size)
     assert str(refused.value) == message
+
+
+def _assert_refused(done, *parts):
+    """One `error:` line (the last), exit status 2, no traceback, nothing generated."""
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == cli.USER_ERROR_EXIT, done.stderr
+    assert [line for line in lines if line.startswith("error: ")] == lines[-1:], done.stderr
+    assert "Traceback" not in done.stderr
+    assert done.stdout == ""  # mlx-lm prints its "==========" before the first token
+    for part in parts:
+        assert part in lines[-1], lines[-1]
+
+
+def test_generate_refuses_the_shipped_model(tmp_path):
+    """The new user's command: head_dim 48, which no group size divides."""
+    done = subprocess.run(GENERATE + EVERY_K_V_FLAG, capture_output=True, text=True,
+                          cwd=tmp_path, timeout=120)
+    _assert_refused(done, f"error: {DEFAULT_MODEL}: --kv-bits cannot be used with this model",
+                    "head_dim 48")
+
+
+@pytest.mark.parametrize("flags, parts", [
+    (["--kv-bits", "8", "--kv-group-size", "128"], ["use --kv-group-size 32 or 64"]),
+    (["--kv-bits=8", "--kv-group-size=128"], ["use --kv-group-size 32 or 64"]),
+    (["--kv-bits", "7"], ["--kv-bits 7: MLX quantizes the K/V with 1, 2, 3, 4, 5, 6 or 8 bits"]),
+])
+def test_generate_refuses_a_group_size_or_bits(head_dim_64, flags, parts):
+    # The default --quantized-kv-start: mlx-lm would have failed 5000 tokens in.
+    done = subprocess.run(GENERATE + ["--model", str(head_dim_64), *flags],
+                          capture_output=True, text=True, timeout=120)
+    _assert_refused(done, f"error: {head_dim_64}: ", *parts)
+
+
+def test_generate_refuses_a_draft_model_it_cannot_quantize(head_dim_64):
+    """mlx-lm quantizes the draft model's K/V too."""
+    done = subprocess.run(GENERATE + ["--model", str(head_dim_64), "--draft-model",
+                                      str(DEFAULT_MODEL), *EVERY_K_V_FLAG],
+                          capture_output=True, text=True, timeout=120)
+    _assert_refused(done, f"error: {DEFAULT_MODEL}: ", "head_dim 48")
+
+
+def test_generate_refuses_the_model_of_a_prompt_cache_file(tmp_path):
+    """Without --model, the model is the one the prompt-cache file names: checked as it loads."""
+    model = load_model(DEFAULT_MODEL)[0]
+    cache = model.make_cache()
+    mx.eval(model(mx.array([[5, 6, 7]]), cache=cache))
+    file = tmp_path / "prompt.safetensors"
+    save_prompt_cache(str(file), cache, {"model": str(DEFAULT_MODEL), "chat_template": "",
+                                         "tokenizer_config": "{}"})
+    done = subprocess.run(GENERATE + ["--prompt-cache-file", str(file), *EVERY_K_V_FLAG],
+                          capture_output=True, text=True, timeout=120)
+    _assert_refused(done, f"error: {DEFAULT_MODEL}: --kv-bits cannot be used", "head_dim 48")
+
+
+@pytest.mark.parametrize("group_size", ["32", "64"])
+def test_generate_quantizes_what_works(head_dim_64, group_size):
+    done = subprocess.run(GENERATE + ["--model", str(head_dim_64), "--kv-group-size", group_size,
+                                      *EVERY_K_V_FLAG], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    answer = done.stdout.split("==========")[1]  # mlx-lm's lines around the answer
+    assert answer.strip(), done.stdout
