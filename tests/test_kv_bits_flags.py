@@ -3,6 +3,7 @@ before anything is generated, in one line naming head_dim and what would work
 (kv_quantization.py, commands.check_kv_flags); combinations that work still
 generate. mlx-lm would fail --quantized-kv-start tokens into the answer."""
 
+import shutil
 import subprocess
 import sys
 
@@ -10,7 +11,7 @@ import mlx.core as mx
 import pytest
 from mlx_lm.models.cache import save_prompt_cache
 
-from conftest import make_checkpoint, make_tokenizer
+from conftest import make_checkpoint, make_tokenizer, running_server
 from mlx_falcon_h1 import cli, load_model
 from mlx_falcon_h1.commands import DEFAULT_MODEL
 from mlx_falcon_h1.kv_quantization import (
@@ -19,6 +20,7 @@ from mlx_falcon_h1.kv_quantization import (
     KVQuantizationError,
     check_kv_quantization,
 )
+from test_server import post
 
 GENERATE = [sys.executable, "-m", "mlx_falcon_h1.generate", "--prompt", "def", "--max-tokens", "4"]
 EVERY_K_V_FLAG = ["--kv-bits", "8", "--quantized-kv-start", "0"]
@@ -139,3 +141,29 @@ def test_generate_quantizes_what_works(head_dim_64, group_size):
     assert done.returncode == 0, done.stderr
     answer = done.stdout.split("==========")[1]  # mlx-lm's lines around the answer
     assert answer.strip(), done.stdout
+
+
+def test_server_refuses_at_startup(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "mlx_falcon_h1.server", "--port", "0",
+                           *EVERY_K_V_FLAG], capture_output=True, text=True, cwd=tmp_path,
+                          timeout=60)  # a server not refused would run on
+    _assert_refused(done, f"error: {DEFAULT_MODEL}: --kv-bits cannot be used", "head_dim 48")
+
+
+def test_server_refuses_a_request_for_another_model_and_serves_on(head_dim_64, tmp_path):
+    served = tmp_path / "served"
+    shutil.copytree(head_dim_64, served)
+    with running_server("--model", str(served), "--kv-group-size", "32",
+                        *EVERY_K_V_FLAG) as port:
+        ask = {"prompt": "def return", "max_tokens": 4, "temperature": 0.0}
+        status, first = post(port, "/v1/completions", ask)
+        assert status == 200 and first["choices"][0]["text"].strip(), first
+        # The served model stays loaded through the refusal: were it dropped
+        # (mlx-lm's loader drops it before loading another), it could not come back.
+        for weights in served.glob("*.safetensors"):
+            weights.unlink()
+        status, body = post(port, "/v1/completions", {**ask, "model": str(DEFAULT_MODEL)})
+        assert status == 400, body
+        assert "--kv-bits cannot be used" in body["error"] and "head_dim 48" in body["error"]
+        status, body = post(port, "/v1/completions", ask)
+        assert status == 200 and body["choices"][0]["text"] == first["choices"][0]["text"], body
