@@ -22,6 +22,10 @@ from .loading import load, make_args, read_config, resolve_path, sharded_load
 DEFAULT_MODEL = Path(__file__).parent / "default_model"
 
 
+# mlx-lm 0.32.2's commands that take --kv-bits; its chat has none (and says so).
+TAKE_KV_BITS = ("generate", "server")
+
+
 def run_mlx_lm_command(name: str, require_model: bool = True, **replace) -> None:
     """Run `mlx_lm.<name>`'s main() with our loader. Without --model it runs the
     model shipped with the package (require_model: whether a model is needed).
@@ -38,7 +42,7 @@ def run_mlx_lm_command(name: str, require_model: bool = True, **replace) -> None
     if hasattr(module, "sharded_load"):  # chat and server under mlx.launch
         module.sharded_load = sharded_load
     check_window_flags(sys.argv[1:])
-    if (kv := check_kv_flags(sys.argv[1:])) is not None:
+    if name in TAKE_KV_BITS and (kv := check_kv_flags(sys.argv[1:])) is not None:
         # Any other model the command loads (a prompt-cache file's, a server
         # request's) is checked before it loads, so before it generates.
         module.load = checking_kv_quantization(module.load, *kv)
