@@ -1,7 +1,7 @@
 """`python -m mlx_falcon_h1.server`: mlx-lm's OpenAI-compatible server (same flags,
 continuous batching, prompt cache) on our Falcon-H1.
 
-Three things differ from mlx-lm's, all about holding up under bad input:
+Four things differ from mlx-lm's, all about holding up under bad input:
 - `GET /v1/models` lists the model being served, and works on a machine with
   no Hugging Face cache folder (mlx-lm's scan raises CacheNotFound there and
   the client gets an empty reply).
@@ -14,6 +14,10 @@ Three things differ from mlx-lm's, all about holding up under bad input:
 - mlx-lm answers every error raised while preparing a request with 404; here
   a rejected prompt is a 400, a failed model load stays 404 and a dead
   generation thread is a 503.
+- --kv-bits and --kv-group-size that cannot quantize the model's K/V
+  (kv_quantization.py) stop the server at startup, and a request naming such a
+  model gets a 400 while the served one stays loaded (FalconModelProvider);
+  mlx-lm fails --quantized-kv-start tokens into an answer.
 
 The prompt cache reuses any prefix a request shares with an earlier one
 (prompt_cache.py): an edited, regenerated or branched conversation re-reads at
@@ -48,7 +52,7 @@ from mlx_lm.models import cache as mlx_lm_cache
 
 from . import server_access
 from .cli import read_model_first
-from .commands import check_window_flags, run_mlx_lm_command
+from .commands import check_model_kv_quantization, check_window_flags, run_mlx_lm_command
 from .loading import load
 from .mlx_lm_private import parse_size
 from .prompt_cache import DEFAULT_CHECKPOINT_INTERVAL, PromptCache, message_boundaries
@@ -114,6 +118,20 @@ class ServerPromptCache(PromptCache):
         if self.spill is not None:  # on disk: --prompt-cache-dir
             stats["spilled"] = {"n_sequences": len(self.spill), "n_bytes": self.spill.nbytes}
         return stats
+
+
+class FalconModelProvider(mlx_server.ModelProvider):
+    """mlx-lm's model provider; with --kv-bits, a request naming a model whose K/V
+    cannot be quantized so is refused (400) before the served model is dropped
+    (mlx-lm's _load drops it first), and the server goes on serving it."""
+
+    def _load(self, model_path, adapter_path=None, draft_model_path=None):
+        if self.cli_args.kv_bits is not None:
+            for path in (model_path, draft_model_path):
+                if path is not None:
+                    check_model_kv_quantization(path, self.cli_args.kv_bits,
+                                                self.cli_args.kv_group_size)
+        super()._load(model_path, adapter_path, draft_model_path)
 
 
 class FalconResponseGenerator(mlx_server.ResponseGenerator):
@@ -442,7 +460,8 @@ def main() -> None:
         check_window_flags(sys.argv[1:] + ["--max-kv-size", str(max_kv_size)])
         replace["load"] = _with_window(load, max_kv_size)
     try:
-        run_mlx_lm_command("server", ResponseGenerator=FalconResponseGenerator,
+        run_mlx_lm_command("server", ModelProvider=FalconModelProvider,
+                           ResponseGenerator=FalconResponseGenerator,
                            LRUPromptCache=ServerPromptCache,
                            _run_http_server=_run_http_server, **replace)
     finally:
