@@ -12,7 +12,7 @@ from mlx_falcon_h1 import load, load_model
 from mlx_falcon_h1.decode import CompiledDecode
 from mlx_falcon_h1.launch_count import decode_step_launches, our_decode_step
 from mlx_falcon_h1.prompt_cache_files import load_prompt_cache
-from mlx_falcon_h1.quantized_kv import TAIL_TOKENS, QuantizedKVWithTail
+from mlx_falcon_h1.quantized_kv import QuantizedKVWithTail
 from mlx_falcon_h1_convert import convert
 
 PROMPT = mx.array([[3, 17, 5, 40, 9, 11, 60, 2, 33]])
