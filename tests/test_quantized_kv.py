@@ -111,6 +111,21 @@ def test_the_newest_tokens_attend_in_float(model, monkeypatch):
     assert relative(outs["tail"], outs["float"]) < relative(outs["flushed"], outs["float"])
 
 
+def test_until_the_tail_fills_it_is_the_float_cache(model, monkeypatch):
+    """Quantized from the first token (mlx-lm's --quantized-kv-start 0) and read one
+    token at a time, every key is still in the tail: the float K/V's logits."""
+    monkeypatch.setenv("MLX_FALCON_H1_COMPILE", "1")
+    tokens = [(11 * i) % 90 + 4 for i in range(20)]
+    outs = {}
+    for kind in ("float", "quantized"):
+        cache = model.make_cache()
+        if kind == "quantized":
+            cache = [c.to_quantized(group_size=64, bits=4) for c in cache]
+        outs[kind] = np.array(mx.concatenate([model(mx.array([[t]]), cache=cache) for t in tokens], axis=1))
+    assert cache[0].kv.tail_len == len(tokens) and cache[0].kv.bulk.offset == 0
+    assert relative(outs["quantized"], outs["float"]) <= 1e-5
+
+
 def test_the_store_holds_what_mlx_lm_quantized_cache_holds(short_tail):
     """Fed the same keys (one at a time, then a chunk, with a trim into the bulk), its
     file state is QuantizedKVCache's, array for array; nbytes, deepcopy, offsets."""
