@@ -136,8 +136,9 @@ class QuantizedKVWithTail(QuantizedKVCache):
         return (0 if self.bulk.empty() else self.bulk.nbytes) + tail
 
     def mlx_lm(self) -> QuantizedKVCache:
-        """mlx-lm's QuantizedKVCache of the same tokens, the tail quantized (a copy;
-        this cache is left as it is): what prompt-cache files hold."""
+        """mlx-lm's QuantizedKVCache of the same tokens, the tail quantized into a copy
+        (this cache is left as it is; with an empty tail, the bulk itself): what
+        prompt-cache files hold."""
         if not self.tail_len:
             return self.bulk
         n, used = self.tail_len, self.bulk.offset
