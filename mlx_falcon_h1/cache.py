@@ -53,11 +53,11 @@ from mlx_lm.models.cache import (
     BatchKVCache,
     BatchRotatingKVCache,
     KVCache,
-    QuantizedKVCache,
     RotatingKVCache,
 )
 
 from .mlx_lm_private import BaseCache, kv_signature, make_room, store_step
+from .quantized_kv import QuantizedKVWithTail
 
 
 class PromptCacheError(ValueError):
@@ -179,9 +179,12 @@ class FalconH1Cache(BaseCache):
 
     def whole_buffers(self):
         """(keys, values, real): the K/V buffers after update_and_fetch, of which the
-        first `real` positions hold keys; None unless a plain KVCache holds them.
-        One-token attention reads these: a view of their first keys would be
-        copied by every matmul that reads it."""
+        first `real` positions hold keys (--kv-bits: the bulk's and the tail's,
+        quantized_kv.py); None for other K/V caches than those two. One-token
+        attention reads these: a view of their first keys would be copied by
+        every matmul that reads it."""
+        if type(self.kv) is QuantizedKVWithTail:
+            return self.kv.whole_buffers()
         if type(self.kv) is not KVCache:
             return None
         return self.kv.keys, self.kv.values, self.kv.offset
@@ -192,11 +195,11 @@ class FalconH1Cache(BaseCache):
     @property
     def bits(self) -> Optional[int]:
         """The K/V's bits once quantized (--kv-bits), else None."""
-        return self.kv.bits if isinstance(self.kv, QuantizedKVCache) else None
+        return self.kv.bits if isinstance(self.kv, QuantizedKVWithTail) else None
 
     @property
     def group_size(self) -> Optional[int]:
-        return self.kv.group_size if isinstance(self.kv, QuantizedKVCache) else None
+        return self.kv.group_size if isinstance(self.kv, QuantizedKVWithTail) else None
 
     @property
     def max_kv_size(self) -> Optional[int]:
@@ -204,13 +207,14 @@ class FalconH1Cache(BaseCache):
         return getattr(self.kv, "max_size", None)
 
     def to_quantized(self, group_size: int = 64, bits: int = 4) -> "FalconH1Cache":
-        """--kv-bits: quantize the attention K/V; conv and SSM state stay as they are."""
+        """--kv-bits: quantize the attention K/V, its newest tokens to come kept in float
+        (quantized_kv.py); conv and SSM state stay as they are."""
         if self.max_kv_size is not None:
             raise ValueError(
                 f"--kv-bits cannot be combined with --max-kv-size ({self.max_kv_size}): mlx-lm "
                 "cannot quantize a bounded (rotating) K/V cache; use one or the other")
         if isinstance(self.kv, KVCache):
-            self.kv = self.kv.to_quantized(group_size=group_size, bits=bits)
+            self.kv = QuantizedKVWithTail.from_float(self.kv, group_size, bits)
         return self
 
     def size(self):
@@ -343,19 +347,30 @@ class FalconH1Cache(BaseCache):
             or self.unverified_kv
         ):
             return None
+        if type(self.kv) is QuantizedKVWithTail:
+            return self.kv.step_signature()
         return kv_signature(self.kv)
 
     def make_room(self) -> Tuple[int, int]:
         """Before a compiled step, eagerly: room in the K/V buffers for one more token.
-        Returns (where this token's K/V goes, how many buffer positions then hold keys)."""
+        Returns (where this token's K/V goes, how many buffer positions then hold keys;
+        --kv-bits: tail positions)."""
+        if type(self.kv) is QuantizedKVWithTail:
+            return self.kv.make_room()
         return make_room(self.kv)
 
     def step_state(self):
+        if type(self.kv) is QuantizedKVWithTail:  # (bulk triple, tail) pairs
+            return (*self.kv.step_state(), self.conv_state, self.ssm_state)
         return self.kv.keys, self.kv.values, self.conv_state, self.ssm_state
 
     def take_step_state(self, keys, values, conv_state, ssm_state, rows) -> None:
-        """After a compiled step: its new buffers and states, one more token."""
-        store_step(self.kv, keys, values)
+        """After a compiled step: its new buffers (--kv-bits: tails) and states, one
+        more token."""
+        if type(self.kv) is QuantizedKVWithTail:
+            self.kv.take_step(keys, values)
+        else:
+            store_step(self.kv, keys, values)
         self.conv_state, self.ssm_state = conv_state, ssm_state
         self.keep_rollback_inputs(rows)
 
@@ -401,7 +416,10 @@ class FalconH1Cache(BaseCache):
         """Every array the cache holds, the rollback rows as their parts: what a
         decode step leaves behind, without the join that reading `state` does
         (launch_count counts a step's launches from these)."""
-        kv = [a for _, a in tree_flatten(self.kv.state) if isinstance(a, mx.array)]
+        if type(self.kv) is QuantizedKVWithTail:
+            kv = self.kv.arrays()  # its state would quantize the tail into a copy
+        else:
+            kv = [a for _, a in tree_flatten(self.kv.state) if isinstance(a, mx.array)]
         mixer = [self.conv_state, self.ssm_state, self.rollback_start_state, self.lengths]
         return kv + [a for a in mixer if a is not None] + list(self._rollback_parts)
 
@@ -409,9 +427,11 @@ class FalconH1Cache(BaseCache):
     def state(self):
         # Every array, so mlx-lm evaluates all of them after each step, plus what
         # rebuilds the object (load_prompt_cache calls from_state with this list).
+        # --kv-bits: mlx-lm's QuantizedKVCache, the float tail quantized into a copy.
+        kv = self.kv.mlx_lm() if type(self.kv) is QuantizedKVWithTail else self.kv
         return [
-            type(self.kv).__name__,
-            self.kv.state,
+            type(kv).__name__,
+            kv.state,
             self.conv_state,
             self.ssm_state,
             self.rollback_start_state,
@@ -426,6 +446,8 @@ class FalconH1Cache(BaseCache):
     def state(self, v):
         kv_class, kv_state, *arrays, self.rollback_window, self.max_rollback, replay_to = v
         self.kv = getattr(mlx_lm_cache, kv_class).from_state(kv_state)
+        if kv_class == "QuantizedKVCache":  # decoding on, newest tokens go into a float tail
+            self.kv = QuantizedKVWithTail(bulk=self.kv)
         self.conv_state, self.ssm_state, self.rollback_start_state, self.rollback_inputs, self.lengths = arrays
         self.replay_to = None if replay_to < 0 else replay_to
         self.unverified_mixer = self.unverified_kv = True

@@ -11,8 +11,9 @@ It serves single sequences (mlx-lm's KVCache, or RotatingKVCache under
 
 One source of truth: the compiled function runs the model's own layers, with
 each layer's cache replaced by a `StepCache` that holds the same state as
-plain arrays (the K/V buffers, plain or --kv-bits quantized, the write position
-and RoPE offsets, one mask of the keys held, the conv and SSM states) and
+plain arrays (the K/V buffers, or with --kv-bits the quantized bulk and the
+float tail (quantized_kv.py), the write position and RoPE offsets, which
+positions hold keys, the conv and SSM states) and
 implements the same protocol as FalconH1Cache (cache.LayerCache), so the math
 is the layer code's, only traced once.
 
@@ -34,9 +35,11 @@ import os
 from typing import List, Optional
 
 import mlx.core as mx
-from mlx_lm.models.cache import BatchKVCache, QuantizedKVCache
+from mlx.utils import tree_flatten
+from mlx_lm.models.cache import BatchKVCache
 
 from .cache import FalconH1Cache
+from .quantized_kv import QuantizedKVWithTail
 
 
 # Traces kept at once (one per batch size and K/V capacity met): enough for a
@@ -88,36 +91,40 @@ class StepCache:
 
 
 class QuantizedStepCache(StepCache):
-    """--kv-bits: the buffers are mlx-lm's QuantizedKVCache triples (packed, scales,
-    biases), quantized as that cache quantizes them."""
+    """--kv-bits (quantized_kv.py): keys and values are (bulk, tail) pairs, the bulk
+    mlx-lm's QuantizedKVCache triples (packed, scales, biases), read only, the tail
+    the newest tokens' float K/V (B, Hkv, Ct, D), where this token is written at
+    `position` as the float step writes it; `key_mask` is (bulk_len, tail_len), how
+    many leading positions of each hold keys, this token's included."""
 
     def __init__(self, bits, group_size, *args):
         super().__init__(*args)
         self.bits, self.group_size = bits, group_size
 
     def update_and_fetch(self, keys, values):
+        (bulk_keys, tail_keys), (bulk_values, tail_values) = self.keys, self.values
         at = self.position[None]
-        new_k = mx.quantize(keys, group_size=self.group_size, bits=self.bits)
-        new_v = mx.quantize(values, group_size=self.group_size, bits=self.bits)
-        self.keys = tuple(mx.slice_update(b, n, at, axes=(2,)) for b, n in zip(self.keys, new_k))
-        self.values = tuple(mx.slice_update(b, n, at, axes=(2,)) for b, n in zip(self.values, new_v))
+        self.keys = bulk_keys, mx.slice_update(tail_keys, keys, at, axes=(2,))
+        self.values = bulk_values, mx.slice_update(tail_values, values, at, axes=(2,))
         return self.keys, self.values
 
 
 def _step(model, quantized, tokens, position, filled, offset, left_padding, states):
-    # One mask for every layer (the buffers share their capacity): keys from the
-    # row's left padding (batch generation's) to the last written position.
-    capacity = (states[0][0][0] if quantized else states[0][0]).shape[2]
-    keys = mx.arange(capacity)
-    key_mask = (keys >= left_padding[:, None]) & (keys < filled)
-    key_mask = key_mask[:, None, None, :]
     if quantized:  # (bits, group_size): constants of the trace, as shapes tell them apart
-        caches = [QuantizedStepCache(*quantized, k, v, position, offset, key_mask, c, s)
+        # The tail holds the tokens after the bulk's: this one goes at `position`.
+        real = (offset - position, filled)  # (bulk_len, tail_len), one for every layer
+        caches = [QuantizedStepCache(*quantized, k, v, position, offset, real, c, s)
                   for k, v, c, s in states]  # fmt: skip
     else:
+        # One mask for every layer (the buffers share their capacity): keys from the
+        # row's left padding (batch generation's) to the last written position.
+        keys = mx.arange(states[0][0].shape[2])
+        key_mask = ((keys >= left_padding[:, None]) & (keys < filled))[:, None, None, :]
         caches = [StepCache(k, v, position, offset, key_mask, c, s) for k, v, c, s in states]
     logits = model.forward(tokens, caches)
-    return logits, [(c.keys, c.values, c.conv_state, c.ssm_state, c.rows) for c in caches]
+    # The step's new K/V buffers: with --kv-bits the tails (the bulk is only read).
+    written = [(c.keys[1], c.values[1]) if quantized else (c.keys, c.values) for c in caches]
+    return logits, [(*kv, c.conv_state, c.ssm_state, c.rows) for kv, c in zip(written, caches)]
 
 
 class CompiledDecode:
@@ -172,9 +179,10 @@ class CompiledDecode:
         position, filled = mx.array(position, mx.int32), mx.array(filled, mx.int32)
         # Sampled tokens come as uint32, prompt tokens as int32: one dtype, one trace.
         tokens = tokens.astype(mx.int32)
-        quantized = (kv.bits, kv.group_size) if type(kv) is QuantizedKVCache else None
+        quantized = (kv.bits, kv.group_size) if type(kv) is QuantizedKVWithTail else None
         states = [c.step_state() for c in cache]
-        shape = (tokens.shape, offset.shape, (states[0][0][0] if quantized else states[0][0]).shape)
+        buffers = tuple(a.shape for _, a in tree_flatten(states[0][:2]))  # their capacities
+        shape = (tokens.shape, offset.shape, buffers)
         if quantized != self._quantized or (
             shape not in self._shapes and len(self._shapes) >= MAX_TRACES
         ):

@@ -29,7 +29,7 @@ import os
 import re
 import tempfile
 from collections import Counter, defaultdict
-from typing import Callable, Dict, List, NamedTuple
+from typing import Callable, Dict, List, NamedTuple, Optional
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
@@ -56,16 +56,19 @@ class _StandIns:
 
     def __init__(self):
         self.launches = 0
+        self.inputs: List[List[mx.array]] = []  # per launch, the arrays it was handed
 
     def outputs(self, shapes_dtypes, inputs):
         self.launches += 1
         arrays = [a for a in inputs if isinstance(a, mx.array)]
+        self.inputs.append(arrays)
         outs = []
         for shape, dtype in shapes_dtypes:
             source = next((a for a in arrays if a.dtype == dtype), None)
-            if source is None:  # no input of that dtype to view: a cast (one more launch)
-                source = arrays[0].astype(dtype)
-            outs.append(mx.broadcast_to(source.reshape(-1)[:1].reshape(()), tuple(shape)))
+            # No input of that dtype to view (a kernel's float32 partial results): a
+            # constant, no node (a kernel writes any dtype; a cast would count a launch).
+            source = mx.array(0, dtype) if source is None else source.reshape(-1)[:1].reshape(())
+            outs.append(mx.broadcast_to(source, tuple(shape)))
         return mx.depends(outs, arrays)
 
 
@@ -119,12 +122,15 @@ def as_on_a_mac():
     ops are stand-ins that count their launches (yields the counter)."""
     import mlx_lm.models.ssm as mlx_lm_ssm
 
-    from .kernels import conv1d, gated_norm, mixer_step, residual_norm, rope, ssd_scan, ssm_step
+    from .kernels import (conv1d, gated_norm, mixer_step, quantized_attention, residual_norm, rope,
+                          ssd_scan, ssm_step)
 
     counter = _StandIns()
     kernel, fast = _stand_ins(counter)
-    ours = (ssm_step, conv1d, ssd_scan, mixer_step, gated_norm, rope, residual_norm)
-    kernels = [(mlx_lm_ssm, "_ssm_kernel")] + [(m, "_KERNEL") for m in ours]
+    ours = (ssm_step, conv1d, ssd_scan, mixer_step, gated_norm, rope, residual_norm, quantized_attention)
+    # Every kernel a module builds (_KERNEL, and a second pass's _KERNEL_COMBINE ...).
+    kernels = [(mlx_lm_ssm, "_ssm_kernel")] + [(m, name) for m in ours for name in vars(m)
+                                               if name.startswith("_KERNEL")]
     patches = [(m, name, kernel) for m, name in kernels]
     patches += [(mx.fast, name, fn) for name, fn in fast.items()]
     patches += [(mx, "dequantize", _dequantize_stand_in(counter, mx.dequantize))]
@@ -232,16 +238,19 @@ def weight_traffic(graph: Graph, parameters: Dict[str, mx.array]) -> Dict:
     return {"weight_casts": sum(casts.values()), "cast_parameters": dict(casts), "weight_bytes_read": read}
 
 
-def decode_step_launches(model, step: Callable = None, prompt_tokens: int = 8) -> Dict:
+def decode_step_launches(model, step: Callable = None, prompt_tokens: int = 8,
+                         kv_bits: Optional[int] = None, kv_group_size: int = 64) -> Dict:
     """Launching primitives, weight casts and weight bytes read of one decode step
     of `model` (ours, or any model with mlx-lm's interface: a consumer's model
     loaded from a folder) as on a Mac.
 
-    The cache (make_prompt_cache's) is filled by a short prompt first; `step(model,
+    The cache (make_prompt_cache's) is filled by a short prompt first, then with
+    kv_bits quantized as mlx-lm's --kv-bits quantizes it (to_quantized); `step(model,
     token, cache)` makes the step's logits (default: model(token, cache=cache)).
     Returns {"total", "per_layer" (total / layers), "by_primitive", and
     weight_traffic's "weight_casts" (AsType nodes reading a parameter),
-    "cast_parameters" (name -> casts) and "weight_bytes_read"}.
+    "cast_parameters" (name -> casts) and "weight_bytes_read"; "kernel_inputs":
+    per custom kernel or mx.fast op launched, the arrays it read}.
     """
     cache = make_prompt_cache(model)
     vocab = model.model.embed_tokens.weight.shape[0]
@@ -253,7 +262,10 @@ def decode_step_launches(model, step: Callable = None, prompt_tokens: int = 8) -
         # leaves states in other dtypes (float32 where the Mac's are bfloat16),
         # which would send the step down another path than a Mac's.
         mx.eval(model(prompt, cache=cache), [c.state for c in cache])
-        kernels.launches = 0
+        if kv_bits is not None:  # mlx-lm's maybe_quantize_kv_cache, outside the step
+            cache = [c.to_quantized(group_size=kv_group_size, bits=kv_bits) for c in cache]
+            mx.eval([_cache_arrays(c) for c in cache])
+        kernels.launches, kernels.inputs = 0, []
         logits = step(model, token, cache) if step else model(token, cache=cache)
         outputs = [logits] + [a for c in cache for a in _cache_arrays(c)]
         parameters = dict(tree_flatten(model.parameters()))
@@ -262,7 +274,7 @@ def decode_step_launches(model, step: Callable = None, prompt_tokens: int = 8) -
     counts["custom kernels and mx.fast ops"] = kernels.launches
     total = sum(counts.values())
     return {"total": total, "per_layer": total / len(model.layers), "by_primitive": dict(counts),
-            **weight_traffic(graph, parameters)}  # fmt: skip
+            **weight_traffic(graph, parameters), "kernel_inputs": kernels.inputs}  # fmt: skip
 
 
 def _cache_arrays(cache) -> List[mx.array]:

@@ -26,7 +26,7 @@ from typing import Dict, List, Optional
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx_lm.models.base import create_attention_mask, quantized_scaled_dot_product_attention
+from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.rope_utils import initialize_rope
 
 from . import parallel
@@ -45,6 +45,7 @@ from .kernels.ssd_scan import ssd_scan
 from .kernels.ssm_step import discretize, ssm_step
 from .linear import linear
 from .parameter_dtypes import with_float32_parameters
+from .quantized_kv import quantized_kv_attention
 
 
 def _scaled(x: mx.array, multiplier: float) -> mx.array:
@@ -158,17 +159,14 @@ class Attention(nn.Module):
             k, v = cache.update_and_fetch(k, v)
             if l == 1 and (buffers := cache.whole_buffers()) is not None:
                 k, v, real = buffers
-        bits = None if cache is None else cache.bits  # --kv-bits
+        bits = None if cache is None else cache.bits  # --kv-bits: a quantized K/V (quantized_kv.py)
         causal = mask is None and l == 1 or isinstance(mask, str) and mask == "causal"
-        if causal and bits is None:
+        if bits is not None:
+            out = quantized_kv_attention(q, k, v, real, mask, self.scale, cache.group_size, bits)
+        elif causal:
             out = causal_attention(q, k, v, self.scale, real)  # blocked, or one query
-        else:  # a mask array (batch padding), or quantized K/V (mlx-lm's attention for it)
-            mask = mask if real is None else real
-            if bits is None:
-                out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
-            else:
-                out = quantized_scaled_dot_product_attention(
-                    q, k, v, scale=self.scale, mask=mask, group_size=cache.group_size, bits=bits)
+        else:  # a mask array (batch padding; whole buffers are read by one causal query only)
+            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
         return out.transpose(0, 2, 1, 3).reshape(b, l, -1)
 
 
