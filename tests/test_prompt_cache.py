@@ -99,7 +99,15 @@ def test_reuse_is_exact_and_rereads_at_most_an_interval(models, setting):
         assert prompt[len(prompt) - len(rest):] == rest
         assert len(rest) <= len(prompt) - ideal + INTERVAL, (name, len(rest), ideal)
         got = read(used, cache, rest, kv_bits)
-        assert_exact(got, cold(used, prompt, make_cache, kv_bits))
+        want = cold(used, prompt, make_cache, kv_bits)
+        if kv_bits:
+            # --kv-bits keeps the newest tokens read one at a time in float (quantized_kv.py):
+            # a reused prompt's may be, where a cold read's chunk quantized them. The two
+            # differ by part of the quantization's own effect, never more than all of it.
+            effect = [np.abs(w - f).max() for w, f in zip(want, cold(used, prompt, make_cache))]
+            assert all(np.abs(g - w).max() <= e for g, w, e in zip(got, want, effect)), name
+        else:
+            assert_exact(got, want)
         if name == "regenerate":
             assert len(rest) == 1, "the checkpoint before the last token is kept"
         if name == "new chat, same system prompt":
