@@ -32,6 +32,9 @@ class KernelOp:
     tolerance_dtype(sizes): the dtype whose tolerance bounds a call at these op
         sizes (default: sizes["dtype"], the activation dtype); an op whose
         outputs may be rounded to a coarser dtype than that names it here.
+    more_specs: the specs of the op's further kernels, launched by the same
+        call (a two-pass op's second pass): the run-time check's key covers
+        their sources too.
     """
 
     name: str
@@ -41,6 +44,7 @@ class KernelOp:
     make_inputs: Callable[..., dict]
     tolerance: Mapping[mx.Dtype, float]
     tolerance_dtype: Callable[[dict], mx.Dtype] = lambda sizes: sizes["dtype"]
+    more_specs: Tuple[dict, ...] = ()
 
     def tolerance_at(self, sizes: dict) -> float:
         """The bound on `relative_error(kernel, reference)` at these op sizes."""
