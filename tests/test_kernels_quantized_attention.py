@@ -324,3 +324,12 @@ def test_bug_write_past_the_partials_is_caught():
 def test_kernel_sources_are_lint_clean():
     assert msl_emu.lint(mod._SOURCE, mod._HEADER) == []
     assert msl_emu.lint(mod._COMBINE_SOURCE) == []
+
+
+def test_a_nan_output_is_an_error_not_a_match():
+    """relative_error once took max(0.0, nan) = 0.0: a kernel reading padding (NaN in
+    the emulator's "padded" layout) passed every comparison."""
+    ref = mx.array([1.0, 2.0])
+    assert np.isnan(runtime_check.relative_error([mx.array([np.nan, 2.0])], [ref]))
+    assert np.isnan(runtime_check.relative_error([ref, mx.array([np.nan])], [ref, mx.array([1.0])]))
+    assert runtime_check.relative_error([mx.array([1.0, 3.0])], [ref]) == 0.5

@@ -83,7 +83,10 @@ def output_errors(ours, ref) -> Tuple[float, float]:
     worst, scale = 0.0, 0.0
     for o, r in zip(ours, ref):
         o, r = o.astype(mx.float32), r.astype(mx.float32)
-        worst = max(worst, float(mx.abs(o - r).max()))
+        # Not max(worst, diff): Python's max(0.0, nan) is 0.0, and a kernel
+        # writing NaN would pass (MLX's own max does propagate NaN).
+        diff = float(mx.abs(o - r).max())
+        worst = diff if diff > worst or math.isnan(diff) or math.isnan(worst) else worst
         scale = max(scale, float(mx.abs(r).max()))
     return worst, worst / max(scale, 1e-30) if math.isfinite(worst) else math.nan
 
