@@ -91,6 +91,22 @@ def test_kernel_matches_reference(case):
     check(make_inputs(0, dtype, **sizes), **options)
 
 
+def test_the_kernel_is_given_no_empty_buffer(monkeypatch):
+    """A bulk or tail of capacity 0 goes to the kernel as one unused position
+    (the emulator takes empty buffers; MLX's Metal path is not known to)."""
+    seen = []
+
+    def recording(**call):
+        seen.append([x.size for x in call["inputs"] if isinstance(x, mx.array)])
+        return [mx.zeros(s, d) for s, d in zip(call["output_shapes"], call["output_dtypes"])]
+
+    monkeypatch.setattr(mod, "_KERNEL", recording)
+    monkeypatch.setattr(mod, "_KERNEL_COMBINE", recording)
+    for sizes in (dict(bulk_capacity=0, bulk_len=0), dict(tail_capacity=0, tail_len=0)):
+        mod.quantized_decode_attention_kernel(**make_inputs(16, F32, **sizes))
+    assert len(seen) == 4 and all(size > 0 for sizes in seen for size in sizes), seen
+
+
 def test_strided_query_view():
     """The query heads of the fused projection, read through their strides ("padded":
     the emulator hands every input over with gaps, NaN-filled, on every axis)."""
