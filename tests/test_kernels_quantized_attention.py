@@ -165,8 +165,10 @@ def definition(inp):
     return (p / p.sum(-1, keepdims=True)) @ v
 
 
-@pytest.mark.parametrize("bits,group_size", [(4, 64), (8, 32), (2, 128)])
-def test_reference_is_the_definition(bits, group_size):
+@pytest.mark.parametrize("bits,group_size,score_block", [(4, 64, 4096), (8, 32, 64), (2, 128, 100)])
+def test_reference_is_the_definition(bits, group_size, score_block, monkeypatch):
+    """score_block: the reference's keys dequantized at once (the bulk: 256)."""
+    monkeypatch.setattr(mod, "SCORE_BLOCK", score_block)
     inp = make_inputs(4, F32, heads=6, kv_heads=2, head_dim=128, bits=bits,
                       group_size=group_size, bulk_len=150, tail_len=11)
     ref = np.array(mod.quantized_decode_attention_reference(**inp), np.float64)
