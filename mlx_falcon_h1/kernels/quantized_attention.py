@@ -449,7 +449,8 @@ quantized_decode_attention_kernel.__doc__ = quantized_decode_attention.__doc__ =
 
 def _random_inputs(sizes, batch=1, length=None, seed=0):
     """Random quantized_decode_attention arguments; sizes: heads, kv_heads (default
-    heads), head_dim, bits (default 4), group_size (default 64), dtype; and
+    heads), head_dim, bits (default 4), group_size (default 64, or 32 where 64
+    does not divide the head dim), dtype; and
     optionally bulk_capacity, bulk_len, tail_capacity, tail_len (defaults: a bulk
     of `length` real keys (None: 300) in a capacity rounded up to 256, and a tail
     of 37 real keys in 256). Keys and values are quantized from normal draws;
@@ -458,7 +459,8 @@ def _random_inputs(sizes, batch=1, length=None, seed=0):
     draw, dtype = RandomInputs(seed), sizes["dtype"]
     hq, d = sizes["heads"], sizes["head_dim"]
     hkv = sizes.get("kv_heads", hq)
-    bits, group_size = sizes.get("bits", 4), sizes.get("group_size", 64)
+    bits = sizes.get("bits", 4)
+    group_size = sizes.get("group_size", 64 if d % 64 == 0 else 32)
     bulk_len = sizes.get("bulk_len", 300 if length is None else length)
     bulk_capacity = sizes.get("bulk_capacity", 256 * math.ceil(bulk_len / 256))
     tail_len = sizes.get("tail_len", 37)
