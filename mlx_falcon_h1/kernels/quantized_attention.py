@@ -35,8 +35,9 @@ Pass 2 (`_KERNEL_COMBINE`): one simdgroup per (b, query head) merges the P
 blocks: M = max m_p, out = sum_p o_p exp(m_p - M) / sum_p l_p exp(m_p - M),
 rounded to q's dtype.
 Blocks past the real lengths (bulk_len, tail_len are read on the GPU, so a
-compiled step does not retrace per token) write m = lowest float, l = 0, o = 0
-and weigh nothing.
+compiled step does not retrace per token) write m = -FLT_MAX, l = 0, o = 0
+and weigh nothing (exp(-FLT_MAX - M) = 0: no infinities, which Metal's default
+fast math assumes away).
 
 Memory per call (B=1; Falcon-H1-7B: Hq 12, Hkv 2, D 128) at 32K bulk keys:
 K and V packed, 2 * 2 * 32768 * 128 * bits/8 bytes (8 MiB at 4 bits, 16 at 8),
@@ -222,7 +223,7 @@ _SOURCE = """
             qs[r][i] = scale * static_cast<float>(q[qrow + (e0 + i) * q_strides[3]]);
             o[r][i] = 0.0f;
         }
-        m[r] = metal::numeric_limits<float>::lowest();
+        m[r] = -metal::numeric_limits<float>::max();  // finite: fast math assumes no inf
         l[r] = 0.0f;
     }
 
@@ -290,7 +291,7 @@ _COMBINE_SOURCE = """
     const int64_t bh = thread_position_in_grid.y;
     const int P = o_part_shape[2];
     const int D = E * 32;
-    float M = metal::numeric_limits<float>::lowest();
+    float M = -metal::numeric_limits<float>::max();
     for (int p = lane; p < P; p += 32) {
         M = metal::max(M, ml_part[(bh * P + p) * 2]);
     }
@@ -495,6 +496,8 @@ KERNEL_OP = register(KernelOp(
     # (|s| <~ 5) off by ~5 sqrt(256) u = 5e-6 at D = 256, so a weight by ~1e-5
     # relative and the output, a mean of values of mean 1 and spread ~4 (make_inputs),
     # by ~4e-5 of max |out|, the sums adding sqrt(1300) u: 1e-4 for float32.
+    # (On a GPU, fast math's exp, <= 3 + 1.5|x| ulp, adds ~2e-6 to a weight of
+    # note, |x| <~ 20: within it. The emulator's exp is the C library's.)
     # Each side then rounds the output to q's dtype once, and such a difference
     # can flip that rounding: one ulp, at most 2^-10 (float16) and 2^-7 (bfloat16)
     # of max |out|. Measured (emulator, 36 random calls, D 64/128, up to 1280
