@@ -121,23 +121,22 @@ def quantized_decode_attention_reference(
     # The R query heads of a K/V head as R rows of one matrix: the keys are read
     # once per K/V head (mlx-lm's version reads them R times, one row each).
     qs = (q.astype(f32) * scale).reshape(b, hkv, hq // hkv, d)
-    parts = []  # (scores, values' matmul) of the bulk, then the tail
+    scores = []  # (B, Hkv, R, Cb), then (B, Hkv, R, Ct)
     if cb:
-        parts.append((
-            _bulk_scores(qs, keys, group_size, bits),
-            lambda p, vp=values: mx.quantized_matmul(
-                p, vp[0], vp[1].astype(f32), vp[2].astype(f32), transpose=False,
-                group_size=group_size, bits=bits)))
+        scores.append(_bulk_scores(qs, keys, group_size, bits))
     if ct:
-        parts.append((qs @ tail_keys.astype(f32).swapaxes(-1, -2),
-                      lambda p: p @ tail_values.astype(f32)))
+        scores.append(qs @ tail_keys.astype(f32).swapaxes(-1, -2))
     real = mx.concatenate([mx.arange(cb) < bulk_len, mx.arange(ct) < tail_len])
-    scores = mx.concatenate([s for s, _ in parts], axis=-1) if len(parts) > 1 else parts[0][0]
+    scores = scores[0] if len(scores) == 1 else mx.concatenate(scores, axis=-1)
     weights = mx.softmax(mx.where(real, scores, -mx.inf), axis=-1)  # (B, Hkv, R, Cb + Ct)
-    out = None
-    for (_, weigh), p in zip(parts, mx.split(weights, [cb], axis=-1) if len(parts) > 1
-                             else [weights]):
-        out = weigh(p) if out is None else out + weigh(p)
+    out = 0.0
+    if cb:  # MLX's CPU quantized_matmul is fast this way round (not transposed)
+        packed, v_scales, v_biases = values
+        out = mx.quantized_matmul(weights[..., :cb], packed, v_scales.astype(f32),
+                                  v_biases.astype(f32), transpose=False,
+                                  group_size=group_size, bits=bits)
+    if ct:
+        out = out + weights[..., cb:] @ tail_values.astype(f32)
     return out.reshape(b, hq, 1, d).astype(q.dtype)
 
 
