@@ -4,7 +4,7 @@
     python -m mlx_falcon_h1.selfcheck --emulate  # also (or elsewhere: only) the emulator
 
 On Apple Silicon, runs each custom kernel (ssd_scan, causal_conv1d, ssm_step,
-mixer_step, gated_norm, rope_qk, residual_rms_norm)
+mixer_step, gated_norm, rope_qk, residual_rms_norm, quantized_decode_attention)
 and its reference on the GPU at Falcon-H1-7B sizes, in float32 and bfloat16,
 and prints the largest error and the time per call of each. Elsewhere there is
 no Metal: it says what it could not check and, if g++ is there, runs each
@@ -19,12 +19,12 @@ import time
 
 import mlx.core as mx
 
-from .kernels import (conv1d, gated_norm, kernels_enabled, metal_available, mixer_step,
+from .kernels import (conv1d, gated_norm, kernels_enabled, metal_available, mixer_step, quantized_attention,
                       residual_norm, rope, runtime_check, ssd_scan, ssm_step)
 from .kernels.descriptor import KernelOp, output_errors
 
 OPS = (ssd_scan.KERNEL_OP, conv1d.KERNEL_OP, ssm_step.KERNEL_OP, mixer_step.KERNEL_OP,
-       gated_norm.KERNEL_OP, rope.KERNEL_OP, residual_norm.KERNEL_OP)
+       gated_norm.KERNEL_OP, rope.KERNEL_OP, residual_norm.KERNEL_OP, quantized_attention.KERNEL_OP)
 # Falcon-H1-7B's mixer: 24 heads of 128, state 256, one group, conv width 4.
 GPU_SIZES = dict(batch=1, length=2048, heads=24, head_dim=128, groups=1, n=256, width=4)
 EMULATOR_SIZES = dict(batch=2, length=37, heads=2, head_dim=32, groups=1, n=32, width=4)
@@ -35,11 +35,21 @@ REFERENCE_CHUNK = 256
 
 def _inputs(op: KernelOp, dtype, batch, length, heads, head_dim, groups, n, width, seed=0):
     """op's random inputs (its make_inputs) for a mixer of these sizes; the residual
-    norm's D is H*P (7B: d_ssm = hidden size = 3072)."""
+    norm's D is H*P (7B: d_ssm = hidden size = 3072); the quantized attention's
+    query heads are H, 6 to a K/V head where H allows (7B's grouping), over a
+    4-bit bulk of `length` keys and a 37-key tail, with the head dim rounded up to
+    a multiple of 32 (MLX's smallest quantization group)."""
     sizes = dict(heads=heads, head_dim=head_dim, groups=groups, n=n, width=width, dtype=dtype,
                  channels=heads * head_dim + 2 * groups * n, dim=heads * head_dim)
+    if op.name == "quantized_decode_attention":
+        sizes["kv_heads"], sizes["head_dim"] = _quantized_attention_heads(heads, head_dim)
     inputs = op.make_inputs(sizes, batch=batch, length=length, seed=seed)
     return dict(inputs, chunk_size=REFERENCE_CHUNK) if "chunk_size" in inputs else inputs
+
+
+def _quantized_attention_heads(heads, head_dim):
+    """(K/V heads, head dim) of the quantized attention's check at a mixer's sizes."""
+    return heads // 6 if heads % 6 == 0 else heads, 32 * max(1, math.ceil(head_dim / 32))
 
 
 def _timed(fn, reps):
@@ -60,6 +70,9 @@ def _describe(sizes, op: KernelOp):
         return f"B{s['batch']} L{s['length']} H{s['heads']} D{s['head_dim']}"
     if op.name == "gated_norm":  # one token's H*P mixer channels
         return f"B{s['batch']} D{s['heads'] * s['head_dim']} G{s['groups']}"
+    if op.name == "quantized_decode_attention":  # a decode query over `length` quantized keys
+        kv_heads, head_dim = _quantized_attention_heads(s['heads'], s['head_dim'])
+        return f"B{s['batch']} T{s['length']} H{s['heads']}/{kv_heads} D{head_dim}"
     if op.name == "residual_rms_norm":
         return f"B{s['batch']} L{s['length']} D{s['heads'] * s['head_dim']}"
     if op.name == "causal_conv1d":
@@ -70,7 +83,7 @@ def _describe(sizes, op: KernelOp):
 def check_gpu(sizes=GPU_SIZES, dtypes=(mx.float32, mx.bfloat16), reps=10, out=print, ops=OPS):
     """Each kernel vs its reference on the GPU; returns True if all are within tolerance."""
     ok = True
-    out(f"{'kernel':19}{'shape':30}{'dtype':10}{'max|err|':>10}{'rel err':>10}"
+    out(f"{'kernel':28}{'shape':30}{'dtype':10}{'max|err|':>10}{'rel err':>10}"
         f"{'kernel ms':>11}{'reference ms':>14}{'speedup':>9}  result")
     for op in ops:
         for dtype in dtypes:
@@ -80,7 +93,7 @@ def check_gpu(sizes=GPU_SIZES, dtypes=(mx.float32, mx.bfloat16), reps=10, out=pr
             worst, rel = output_errors(ours, ref)
             good = rel <= op.tolerance[dtype]
             ok &= good
-            out(f"{op.name:19}{_describe(sizes, op):30}{str(dtype).split('.')[-1]:10}{worst:10.2e}"
+            out(f"{op.name:28}{_describe(sizes, op):30}{str(dtype).split('.')[-1]:10}{worst:10.2e}"
                 f"{rel:10.2e}{t_kernel * 1e3:11.3f}{t_ref * 1e3:14.3f}{t_ref / t_kernel:8.1f}x"
                 f"  {'ok' if good else 'FAILED'}")
     return ok
@@ -91,7 +104,7 @@ def check_emulator(sizes=EMULATOR_SIZES, dtypes=(mx.float32, mx.bfloat16), out=p
     from .msl_emu.testing import emulated
 
     ok = True
-    out(f"{'kernel':19}{'shape':30}{'dtype':10}{'max|err|':>10}{'rel err':>10}{'emulated s':>12}"
+    out(f"{'kernel':28}{'shape':30}{'dtype':10}{'max|err|':>10}{'rel err':>10}{'emulated s':>12}"
         "  result")
     for op in ops:
         for dtype in dtypes:
@@ -108,7 +121,7 @@ def check_emulator(sizes=EMULATOR_SIZES, dtypes=(mx.float32, mx.bfloat16), out=p
                 seconds, worst, rel, good = time.perf_counter() - start, math.nan, math.nan, False
                 note = f"\n    {type(e).__name__}: {str(e).splitlines()[0]}"
             ok &= good
-            out(f"{op.name:19}{_describe(sizes, op):30}{str(dtype).split('.')[-1]:10}{worst:10.2e}"
+            out(f"{op.name:28}{_describe(sizes, op):30}{str(dtype).split('.')[-1]:10}{worst:10.2e}"
                 f"{rel:10.2e}{seconds:12.2f}  {'ok' if good else 'FAILED'}{note}")
     return ok
 

@@ -6,13 +6,15 @@ import pytest
 
 mx = pytest.importorskip("mlx.core")
 from mlx_falcon_h1 import kernels  # noqa: E402
-from mlx_falcon_h1.kernels import conv1d, gated_norm, mixer_step, residual_norm, rope, ssd_scan, ssm_step  # noqa: E402
+from mlx_falcon_h1.kernels import (conv1d, gated_norm, mixer_step, quantized_attention,  # noqa: E402
+                                   residual_norm, rope, ssd_scan, ssm_step)
 
 OPS = [(conv1d, "causal_conv1d"), (ssd_scan, "ssd_scan"), (ssm_step, "ssm_step"),
        (mixer_step, "mixer_step"), (gated_norm, "gated_norm"), (rope, "rope_qk"),
-       (residual_norm, "residual_rms_norm")]
-# The ops model.py calls (gated_norm is mixer_step's second dispatch).
-MODEL_OPS = [op for _, op in OPS if op != "gated_norm"]
+       (residual_norm, "residual_rms_norm"), (quantized_attention, "quantized_decode_attention")]
+# The ops model.py calls (gated_norm is mixer_step's second dispatch;
+# quantized_decode_attention the --kv-bits cache's, quantized_kv.py).
+MODEL_OPS = [op for _, op in OPS if op not in ("gated_norm", "quantized_decode_attention")]
 
 
 @pytest.mark.parametrize("module,op", OPS, ids=[op for _, op in OPS])
@@ -24,7 +26,8 @@ def test_triplet_shares_signature_and_docstring(module, op):
 
 @pytest.mark.parametrize("module,op", OPS, ids=[op for _, op in OPS])
 def test_kernel_built_once_at_import_and_none_without_metal(module, op):
-    assert (module._KERNEL is None) == (not kernels.metal_available())
+    for name in [n for n in vars(module) if n.startswith("_KERNEL")]:  # a second pass too
+        assert (getattr(module, name) is None) == (not kernels.metal_available()), name
     if module._KERNEL is None:
         positional = [p for p in inspect.signature(getattr(module, op)).parameters.values()
                       if p.kind == p.POSITIONAL_OR_KEYWORD]  # keyword-only ones have defaults

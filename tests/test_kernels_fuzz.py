@@ -19,8 +19,8 @@ import mlx.core as mx
 import pytest
 
 from mlx_falcon_h1 import msl_emu
-from mlx_falcon_h1.kernels import (conv1d, gated_norm, mixer_step, residual_norm, rope, runtime_check,
-                                   ssd_scan, ssm_step)
+from mlx_falcon_h1.kernels import (conv1d, gated_norm, mixer_step, quantized_attention, residual_norm,
+                                   rope, runtime_check, ssd_scan, ssm_step)
 from mlx_falcon_h1.msl_emu.testing import emulated
 
 pytestmark = pytest.mark.skipif(not msl_emu.available(), reason="the emulator needs g++")
@@ -29,7 +29,7 @@ BUDGET_S = float(os.environ.get("MLX_FALCON_H1_FUZZ_SECONDS", "15"))
 SEED = int(os.environ.get("MLX_FALCON_H1_FUZZ_SEED", "0"))
 MODULES = {"ssd_scan": ssd_scan, "causal_conv1d": conv1d, "ssm_step": ssm_step,
            "mixer_step": mixer_step, "rope_qk": rope, "residual_rms_norm": residual_norm,
-           "gated_norm": gated_norm}
+           "gated_norm": gated_norm, "quantized_decode_attention": quantized_attention}
 DTYPES = [mx.float32, mx.float16, mx.bfloat16]
 
 
@@ -60,6 +60,23 @@ def draw(rng):
     if op == "gated_norm":  # d = H*P channels in G groups; a gate (norm first) or none
         sizes.update(dim=groups * rng.choice([8, 1536, 3072, rng.randint(1, 2100)]),
                      gate=rng.choice([dtype, None, rng.choice(DTYPES)]), wdtype=mx.float32)
+    if op == "quantized_decode_attention":  # a decode query over a quantized bulk + float tail
+        kv_heads = rng.choice([1, 2, 4])
+        head_dim = rng.choice([32, 64, 128, 32 * rng.randint(1, 8)])
+        group_size = rng.choice([g for g in (32, 64, 128) if head_dim % g == 0])
+        bulk_capacity = rng.choice([0, 1, 64, 256, rng.randint(1, 400)])
+        tail_capacity = rng.choice([0, 16, 256, rng.randint(1, 300)])
+        bulk_len = rng.choice([0, bulk_capacity, rng.randint(0, bulk_capacity)])
+        tail_len = rng.choice([0, tail_capacity, rng.randint(0, tail_capacity)])
+        if bulk_len + tail_len == 0:  # one real key at least
+            bulk_len, tail_len = (1, 0) if bulk_capacity else (0, max(tail_capacity, 1))
+            tail_capacity = max(tail_capacity, tail_len)
+        # mostly what the kernel takes (bits 2/4/8, R * D/32 <= 64); sometimes not
+        sizes.update(heads=kv_heads * rng.choice([1, 2, 5, 6, rng.randint(1, 20)]),
+                     kv_heads=kv_heads, head_dim=head_dim,
+                     bits=rng.choice([4, 4, 8, 8, 2, rng.choice([3, 5, 6])]),
+                     group_size=group_size, bulk_capacity=bulk_capacity, bulk_len=bulk_len,
+                     tail_capacity=tail_capacity, tail_len=tail_len)
     keep = {"ssd_scan": ("heads", "head_dim", "groups", "n", "dtype"),
             "causal_conv1d": ("channels", "width", "dtype", "wdtype"),
             "ssm_step": ("heads", "head_dim", "groups", "n", "width", "dtype", "wdtype"),
@@ -68,9 +85,12 @@ def draw(rng):
             "rope_qk": ("heads", "kv_heads", "head_dim", "dtype"),
             "residual_rms_norm": ("dim", "dtype", "delta", "wdtype", "out_dtype"),
             "gated_norm": ("dim", "groups", "dtype", "gate", "wdtype", "out_dtype", "prefix",
-                           "prefix_dtype")}[op]
+                           "prefix_dtype"),
+            "quantized_decode_attention": ("heads", "kv_heads", "head_dim", "bits", "group_size",
+                                           "dtype", "bulk_capacity", "bulk_len", "tail_capacity",
+                                           "tail_len")}[op]
     sizes = {k: sizes[k] for k in keep}
-    one_token = op in ("ssm_step", "mixer_step")
+    one_token = op in ("ssm_step", "mixer_step", "quantized_decode_attention")
     length = 1 if one_token else rng.choice([1, 2, 7, 16, 31, 32, 33, rng.randint(1, 70)])
     return op, sizes, rng.randint(1, 3), length, rng.choice(["given", "contiguous", "padded"])
 

@@ -30,7 +30,11 @@ key heads, head dim: released_shapes.py; Tiny's a stand-in likewise) over the
 33 tokens, at positions up to 200,000. residual_rms_norm runs each model's
 hidden size D (released_shapes.py; Tiny's stand-in 256) over 33 rows, with a
 bfloat16 residual, float32 norm weights and a bfloat16 output, as a bfloat16
-model's layers call it.
+model's layers call it. quantized_decode_attention runs each model's attention
+heads over a --kv-bits cache's default quantization (4 bits, group 64): a bulk
+of 300 real keys in 512 and a float tail of 37 in 256. Every released head dim
+is 64 or 128; the shipped default model's 48 (no MLX group size divides it)
+cannot be quantized at all, so --kv-bits never reaches this op there.
 One thread schedule, race tracking off for the scan (the per-kernel grids check
 races and schedules at these P and N; this file checks the exact sizes).
 """
@@ -39,8 +43,8 @@ import mlx.core as mx
 import pytest
 
 from mlx_falcon_h1 import msl_emu
-from mlx_falcon_h1.kernels import (conv1d, gated_norm, mixer_step, residual_norm, rope, runtime_check,
-                                   ssd_scan, ssm_step)
+from mlx_falcon_h1.kernels import (conv1d, gated_norm, mixer_step, quantized_attention, residual_norm,
+                                   rope, runtime_check, ssd_scan, ssm_step)
 from mlx_falcon_h1.msl_emu.testing import emulated
 from mlx_falcon_h1.released_shapes import RELEASED as CONFIGS
 
@@ -66,13 +70,15 @@ NORMED = ("1.5B-Deep", "7B+H1R-7B", "34B")
 HIDDEN = {name: CONFIGS[name.split("+")[0]]["hidden_size"] for name in RELEASED
           if name.split("+")[0] in CONFIGS} | {"Tiny-standin": 256}
 MODULES = {"ssd_scan": ssd_scan, "causal_conv1d": conv1d, "ssm_step": ssm_step,
-           "mixer_step": mixer_step, "rope_qk": rope, "residual_rms_norm": residual_norm}
+           "mixer_step": mixer_step, "rope_qk": rope, "residual_rms_norm": residual_norm,
+           "quantized_decode_attention": quantized_attention}
 OPTIONS = {"ssd_scan": dict(schedules=("forward",), track_races=False),
            "causal_conv1d": dict(schedules=("forward",)),
            "ssm_step": dict(schedules=("forward",)),
            "mixer_step": dict(schedules=("forward",)),
            "rope_qk": dict(schedules=("forward",)),
-           "residual_rms_norm": dict(schedules=("forward",))}
+           "residual_rms_norm": dict(schedules=("forward",)),
+           "quantized_decode_attention": dict(schedules=("forward",))}
 
 
 def sizes_for(op, model, h, p, n, g, k):
@@ -82,6 +88,10 @@ def sizes_for(op, model, h, p, n, g, k):
     if op == "rope_qk":
         heads, kv_heads, head_dim = ATTENTION[model]
         return dict(heads=heads, kv_heads=kv_heads, head_dim=head_dim, dtype=DTYPE)
+    if op == "quantized_decode_attention":
+        heads, kv_heads, head_dim = ATTENTION[model]
+        return dict(heads=heads, kv_heads=kv_heads, head_dim=head_dim, bits=4, group_size=64,
+                    dtype=DTYPE, bulk_capacity=512, bulk_len=300, tail_capacity=256, tail_len=37)
     if op == "mixer_step":
         return dict(heads=h, head_dim=p, groups=g, n=n, width=k, dtype=DTYPE, wdtype=mx.float32,
                     norm="norm_first" if model in NORMED else "none")

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 mx = pytest.importorskip("mlx.core")
-from mlx_falcon_h1.kernels import conv1d, ssd_scan, ssm_step  # noqa: E402
+from mlx_falcon_h1.kernels import conv1d, quantized_attention, ssd_scan, ssm_step  # noqa: E402
 from mlx_falcon_h1.msl_emu import metal_kernel  # noqa: E402
 from mlx_falcon_h1.msl_emu.mlx_oracle import mlx_generated_source  # noqa: E402
 
@@ -87,6 +87,24 @@ def test_kernel_source_generation(name, module, args):
     c = rec.call
     assert_same_source(module.KERNEL_SPEC, c["inputs"], c["output_shapes"], c["output_dtypes"],
                        c["grid"], c["threadgroup"], c["template"])
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.float16, mx.bfloat16], ids=str)
+def test_two_pass_kernel_source_generation(dtype):
+    """quantized_decode_attention's two launches: each pass's spec and call (its
+    lengths are 0-d arrays, which MLX passes as constant scalars)."""
+    z = mx.zeros
+    b, hq, hkv, d, cb, ct = 1, 6, 2, 64, 10, 4
+    bulk = (z((b, hkv, cb, d // 8), mx.uint32), z((b, hkv, cb, 2), dtype), z((b, hkv, cb, 2), dtype))
+    first, combine = Recorder(), Recorder()
+    quantized_attention._launch(first, combine, z((b, hq, 1, d), dtype), bulk, bulk,
+                                mx.array(3, mx.int32), z((b, hkv, ct, d), dtype),
+                                z((b, hkv, ct, d), dtype), mx.array(2, mx.int32), 0.125, 32, 4)
+    for rec, spec in ((first, quantized_attention.KERNEL_SPEC),
+                      (combine, quantized_attention.KERNEL_SPEC_COMBINE)):
+        c = rec.call
+        assert_same_source(spec, c["inputs"], c["output_shapes"], c["output_dtypes"], c["grid"],
+                           c["threadgroup"], c["template"])
 
 
 def test_numpy_and_mlx_inputs_generate_the_same_source():

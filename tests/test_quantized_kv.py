@@ -177,7 +177,9 @@ def test_a_saved_cache_with_a_tail_goes_on_as_one_flushed_there(model, tmp_path,
     rest = [42, 7, 19, 88]
     a, _ = run(model, loaded, rest, True, monkeypatch)
     b, _ = run(model, cache, rest, True, monkeypatch)
-    assert np.array_equal(a, b)
+    # The same keys and values; the buffers' capacities differ (the file's bulk holds
+    # exactly its tokens), so the attention's float32 sums may round apart.
+    assert np.abs(a - b).max() <= 1e-6 * np.abs(b).max()
 
 
 def per_layer(counts):
@@ -219,7 +221,7 @@ def test_launches_and_kv_bytes_of_a_quantized_step(tmp_path, kv_bits):
     assert len(attention) == 2
     bulk_len, tail_len = 8, 1  # the 8-token prompt quantized, this token in the tail
     read = 0
-    for q, *bulk, _, tail_k, tail_v, _ in attention:
+    for q, *bulk, tail_k, tail_v, _, _ in attention:  # the kernel's arrays, its order (lengths last)
         read += sum(a.nbytes // a.shape[2] * bulk_len for a in bulk)
         read += sum(a.nbytes // a.shape[2] * tail_len for a in (tail_k, tail_v))
     kv_heads, head_dim, item = 2, 64, 2  # bfloat16 scales, biases and tail

@@ -32,6 +32,9 @@ class KernelOp:
     tolerance_dtype(sizes): the dtype whose tolerance bounds a call at these op
         sizes (default: sizes["dtype"], the activation dtype); an op whose
         outputs may be rounded to a coarser dtype than that names it here.
+    more_specs: the specs of the op's further kernels, launched by the same
+        call (a two-pass op's second pass): the run-time check's key covers
+        their sources too.
     """
 
     name: str
@@ -41,6 +44,7 @@ class KernelOp:
     make_inputs: Callable[..., dict]
     tolerance: Mapping[mx.Dtype, float]
     tolerance_dtype: Callable[[dict], mx.Dtype] = lambda sizes: sizes["dtype"]
+    more_specs: Tuple[dict, ...] = ()
 
     def tolerance_at(self, sizes: dict) -> float:
         """The bound on `relative_error(kernel, reference)` at these op sizes."""
@@ -79,7 +83,10 @@ def output_errors(ours, ref) -> Tuple[float, float]:
     worst, scale = 0.0, 0.0
     for o, r in zip(ours, ref):
         o, r = o.astype(mx.float32), r.astype(mx.float32)
-        worst = max(worst, float(mx.abs(o - r).max()))
+        # Not max(worst, diff): Python's max(0.0, nan) is 0.0, and a kernel
+        # writing NaN would pass (MLX's own max does propagate NaN).
+        diff = float(mx.abs(o - r).max())
+        worst = diff if diff > worst or math.isnan(diff) or math.isnan(worst) else worst
         scale = max(scale, float(mx.abs(r).max()))
     return worst, worst / max(scale, 1e-30) if math.isfinite(worst) else math.nan
 

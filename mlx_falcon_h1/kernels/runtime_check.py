@@ -85,10 +85,13 @@ def describe(op: Union[KernelOp, str], sizes: dict) -> str:
     'mixer_step H24 P128 G1 N256 K4 bfloat16/float32 norm_first out=bfloat16
     prefix=1536/bfloat16' (each a different kernel or output), gated_norm's gate
     dtype or none as 'gate=...'; a second input's dtype follows the
-    activations' after '+' (residual_rms_norm's delta)."""
+    activations' after '+' (residual_rms_norm's delta); attention ops add their K/V heads
+    and quantized K/V's bits and group size: 'quantized_decode_attention H12 Hkv2 P128
+    bits4 gs64 bfloat16'."""
     parts = [_op(op).name]
-    for field, letter in (("heads", "H"), ("head_dim", "P"), ("groups", "G"), ("n", "N"),
-                          ("channels", "C"), ("width", "K"), ("dim", "D")):
+    for field, letter in (("heads", "H"), ("kv_heads", "Hkv"), ("head_dim", "P"),
+                          ("groups", "G"), ("n", "N"), ("channels", "C"), ("width", "K"),
+                          ("dim", "D"), ("bits", "bits"), ("group_size", "gs")):
         if field in sizes:
             parts.append(f"{letter}{sizes[field]}")
     dtypes = _dtype_name(sizes["dtype"])
@@ -188,8 +191,8 @@ def device_key(gpu: str) -> str:
 def source_digest(op: KernelOp) -> str:
     """8 hex digits of the kernel's Metal source: a fixed kernel is checked again
     even where the package version did not change (a source checkout)."""
-    spec = op.spec
-    return hashlib.sha256((spec.get("header", "") + spec["source"]).encode()).hexdigest()[:8]
+    text = "".join(spec.get("header", "") + spec["source"] for spec in (op.spec, *op.more_specs))
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
 def _read_cache(path: str) -> dict:

@@ -7,7 +7,10 @@
 Each kernel module keeps its built kernel in `_KERNEL` (None without Metal) and
 its `mx.fast.metal_kernel` arguments in `KERNEL_SPEC`; inside the block
 `_KERNEL` is the emulator's stand-in built from the same spec, so the module's
-own wrapper, eligibility test and dispatcher run unchanged.
+own wrapper, eligibility test and dispatcher run unchanged. A module with
+further kernels (a two-pass op) names them `_KERNEL<suffix>`, each beside its
+`KERNEL_SPEC<suffix>`; all are swapped, and the block yields each module's
+`_KERNEL`.
 """
 
 from contextlib import contextmanager
@@ -15,21 +18,29 @@ from contextlib import contextmanager
 from .emulator import metal_kernel
 
 
-def emulator_kernel(module, **options):
-    """The emulator's version of a kernel module's kernel (options: see emulator.DEFAULTS)."""
-    return metal_kernel(**module.KERNEL_SPEC, **options)
+def emulator_kernel(module, suffix: str = "", **options):
+    """The emulator's version of a kernel module's kernel `_KERNEL<suffix>`, built
+    from its `KERNEL_SPEC<suffix>` (options: see emulator.DEFAULTS)."""
+    return metal_kernel(**getattr(module, "KERNEL_SPEC" + suffix), **options)
+
+
+def kernel_suffixes(module) -> list:
+    """"" for `_KERNEL`, then the suffix of each further `_KERNEL<suffix>` that has
+    a `KERNEL_SPEC<suffix>`."""
+    return [""] + sorted(name[len("_KERNEL"):] for name in vars(module)
+                         if name.startswith("_KERNEL_") and hasattr(module, "KERNEL_SPEC" + name[7:]))
 
 
 @contextmanager
 def emulated(*modules, **options):
-    saved = [m._KERNEL for m in modules]
+    saved = [(m, s, getattr(m, "_KERNEL" + s)) for m in modules for s in kernel_suffixes(m)]
     try:
-        for m in modules:
-            m._KERNEL = emulator_kernel(m, **options)
+        for m, s, _ in saved:
+            setattr(m, "_KERNEL" + s, emulator_kernel(m, s, **options))
         yield [m._KERNEL for m in modules]
     finally:
-        for m, k in zip(modules, saved):
-            m._KERNEL = k
+        for m, s, k in saved:
+            setattr(m, "_KERNEL" + s, k)
 
 
 def gradients_through_kernel(module, op: str, inputs: dict, keys, loss):
