@@ -228,7 +228,8 @@ class Mixer(nn.Module):
         b, l, _ = zxbcdt.shape
         z, xBC_dt = mx.split(zxbcdt, [self.d_ssm], axis=-1)
         xBC, dt = mx.split(xBC_dt, [xBC_dt.shape[-1] - self.n_heads], axis=-1)
-        scales = dict(prefix=prefix if prefix is None else prefix[:, 0], prefix_scale=prefix_scale, out_scale=out_scale)
+        scales = dict(prefix=prefix if prefix is None else prefix[:, 0], prefix_scale=prefix_scale,
+                      out_scale=out_scale)
         if cache is None:
             y, _, _ = self.conv_and_scan(xBC, dt, None, None)
         elif (out := self._decode_step(xBC, dt, z, xBC_dt, cache, dtype, scales)) is not None:

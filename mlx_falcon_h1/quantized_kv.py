@@ -28,6 +28,7 @@ from mlx_lm.models.base import quantized_scaled_dot_product_attention
 from mlx_lm.models.cache import KVCache, QuantizedKVCache, create_attention_mask
 
 from .kernels.quantized_attention import quantized_decode_attention
+from .kv_quantization import check_kv_quantization
 
 # The tail's capacity: mlx-lm's K/V buffer step (KVCache.step, 256 in 0.32), so
 # the bulk grows, and the compiled step retraces, as often as a float cache's.
@@ -54,6 +55,8 @@ class QuantizedKVWithTail(QuantizedKVCache):
     @classmethod
     def from_float(cls, kv: KVCache, group_size: int, bits: int) -> "QuantizedKVWithTail":
         """The whole float K/V quantized into the bulk (as mlx-lm's to_quantized does)."""
+        if kv.keys is not None:  # a clear error, not mx.quantize's (or a crash: group size 0)
+            check_kv_quantization(kv.keys.shape[-1], bits, group_size)
         store = cls(bulk=kv.to_quantized(group_size=group_size, bits=bits))
         if kv.keys is not None:
             store._allocate_tail(kv.keys[:, :, :1], kv.values[:, :, :1])
@@ -86,6 +89,8 @@ class QuantizedKVWithTail(QuantizedKVCache):
         """keys, values: (B, Hkv, L, D). One token goes into the tail and comes back as
         whole_buffers' pairs; more first move the tail into the bulk, then are
         mlx-lm's QuantizedKVCache's (the bulk's quantized K/V, offset keys)."""
+        if self.tail_keys is None and self.bulk.empty():  # the first keys: are they quantizable?
+            check_kv_quantization(keys.shape[-1], self.bits, self.group_size)
         if keys.shape[2] != 1:
             self.flush()
             return self.bulk.update_and_fetch(keys, values)

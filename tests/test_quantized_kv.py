@@ -228,3 +228,18 @@ def test_launches_and_kv_bytes_of_a_quantized_step(tmp_path, kv_bits):
     bulk_per_token = 2 * kv_heads * (head_dim * kv_bits // 8 + 2 * head_dim // 32 * item)
     tail_per_token = 2 * kv_heads * head_dim * item
     assert read == 2 * (bulk_per_token * bulk_len + tail_per_token * tail_len)
+
+
+@pytest.mark.parametrize("filled", [True, False], ids=["filled", "empty"])
+def test_a_group_size_the_head_dim_cannot_take_is_refused_by_name(model, filled):
+    """A library user's to_quantized: head_dim 64 and groups of 48 (or 0, which makes
+    mx.quantize crash the process): a ValueError naming head_dim and what works, when
+    quantizing a filled cache or at an empty one's first keys."""
+    for bad in (48, 0):
+        cache = model.make_cache()
+        if filled:
+            model(mx.array([[4, 8, 15]]), cache=cache)
+        with pytest.raises(ValueError, match="head_dim 64 use --kv-group-size 32 or 64"):
+            for c in cache:
+                c.to_quantized(group_size=bad, bits=8)
+            model(mx.array([[16]]), cache=cache)
