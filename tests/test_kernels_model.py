@@ -88,3 +88,40 @@ def test_generation_with_every_kernel_is_the_unfused_models(tmp_path, rng, monke
     want_tokens, want_logits = greedy(plain, prompt, GREEDY_STEPS)
     assert tokens == want_tokens
     assert np.abs(logits - want_logits).max() <= 1e-5 * np.abs(want_logits).max()
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_kv_bits_decode_with_the_kernel_is_the_reference_paths(tmp_path, rng, monkeypatch, bits):
+    """--kv-bits, as a Mac decodes: the quantized attention kernel over the quantized
+    bulk and the float tail (shortened to 16 tokens here, so the steps cross three
+    flushes), with every other kernel, against the reference path: logits within
+    1e-5 of the largest, greedy tokens identical."""
+    from mlx_falcon_h1.kernels import quantized_attention
+    from mlx_falcon_h1.quantized_kv import QuantizedKVWithTail
+
+    monkeypatch.setattr(QuantizedKVWithTail, "tail_capacity", 16)
+    make_checkpoint(tmp_path, head_dim=64, mamba_rms_norm=True)
+    model = load_model(tmp_path)[0]
+    fuse_projections(model)
+    prompt = mx.array(rng.integers(0, 96, size=(1, 11)))
+
+    def run():
+        cache = model.make_cache()
+        logits = model(prompt, cache=cache)[:, -1:]
+        for c in cache:
+            c.to_quantized(group_size=32, bits=bits)
+        tokens, all_logits = [], []
+        for _ in range(56):
+            token = mx.argmax(logits[:, -1], axis=-1)
+            tokens.append(token.item())
+            logits = model(token[:, None], cache=cache)
+            all_logits.append(np.array(logits[0, -1]))
+        return tokens, np.stack(all_logits)
+
+    with emulated(*MODULES, residual_norm, quantized_attention, schedules=("forward",)) as kernels:
+        tokens, logits = run()
+        assert kernels[-1].last, "the quantized attention kernel was not used"
+    monkeypatch.setenv("MLX_FALCON_H1_KERNELS", "0")
+    want_tokens, want_logits = run()
+    assert tokens == want_tokens
+    assert np.abs(logits - want_logits).max() <= 1e-5 * np.abs(want_logits).max()
