@@ -123,10 +123,12 @@ def test_launch_counter(tmp_path):
     assert compiled["per_layer"] < theirs["per_layer"]
 
 
-def layer_launches(folders, count=our_decode_step) -> dict:
-    """Launches of one layer of the step as a Mac runs it, by kind: the difference
-    between models of 1 and 2 layers (folders[0], folders[1]), loaded for generation."""
-    counts = [decode_step_launches(load_ours(folder), count)["by_primitive"] for folder in folders]
+def layer_launches(folders, kv_bits=None) -> dict:
+    """Launches of one layer of our step as a Mac runs it, by kind: the difference
+    between models of 1 and 2 layers (folders[0], folders[1]), loaded for
+    generation; kv_bits: the K/V quantized (groups of 64) before the step."""
+    counts = [decode_step_launches(load_ours(folder), our_decode_step, kv_bits=kv_bits)["by_primitive"]
+              for folder in folders]
     layer = {}
     for k in counts[1]:
         # mx.compile names a fused node after its ops (CompiledSigmoidMultiplyMultiply
@@ -166,7 +168,7 @@ def test_launches_of_a_generation_layer(tmp_path, bits, norm):
 @pytest.mark.parametrize("shape", list(RELEASED))
 def test_launches_per_layer_at_every_released_shape(tmp_path, shape, bits):
     """Every released shape's decode layer, bf16 and 4-bit (group size 64): the
-    breakdown above, at most 13. The layers keep the shape's attention heads and
+    breakdown above, at most 13; with --kv-bits 8, one more. The layers keep the shape's attention heads and
     head dim, its mixer's heads, head dim, state size and groups, and its norm
     (what decides which kernel takes a call); the hidden and MLP widths are cut to
     256 and the vocabulary to 1,024, which decide no dispatch (the benchmark's
@@ -176,6 +178,12 @@ def test_launches_per_layer_at_every_released_shape(tmp_path, shape, bits):
     layer = layer_launches(folders)
     assert layer == generation_layer(bits, RELEASED[shape].get("mamba_rms_norm", False))
     assert sum(layer.values()) <= 13
+    # --kv-bits 8: the same, but attention's two passes over the quantized K/V and its
+    # float tail (quantized_kv.py) where MLX's sdpa was one: at most 2 more.
+    quantized = layer_launches(folders, kv_bits=8)
+    kernels = "custom kernels and mx.fast ops"
+    assert quantized == dict(layer, **{kernels: layer[kernels] + 1})
+    assert sum(quantized.values()) <= sum(layer.values()) + 2
 
 
 def test_batch_generation_uses_it(tmp_path, monkeypatch):
