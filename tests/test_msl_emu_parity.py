@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 mx = pytest.importorskip("mlx.core")
-from mlx_falcon_h1.kernels import conv1d, quantized_attention, ssd_scan, ssm_step  # noqa: E402
+from mlx_falcon_h1.kernels import conv1d, gated_norm, quantized_attention, ssd_scan, ssm_step  # noqa: E402
 from mlx_falcon_h1.msl_emu import metal_kernel  # noqa: E402
 from mlx_falcon_h1.msl_emu.mlx_oracle import mlx_generated_source  # noqa: E402
 
@@ -77,6 +77,10 @@ def launches():
         yield "ssd_scan", ssd_scan, (
             z((2, 5, 4, 8), dt), z((2, 5, 4)), z((4,)), z((2, 5, 2, 16), dt), z((2, 5, 2, 16), dt),
             z((4,)), z((2, 4, 8, 16)))
+        # x, gate (a strided view, as in_proj's z), weight, prefix (a transpose), groups, eps,
+        # out dtype, scales
+        yield "gated_norm", gated_norm, (
+            z((2, 64)), z((2, 128), dt)[:, ::2], z((64,)), z((16, 2), dt).T, 2, 1e-5, dt, 0.5, 2.0)
 
 
 @pytest.mark.parametrize("name,module,args", list(launches()),
