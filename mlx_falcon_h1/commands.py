@@ -86,6 +86,8 @@ def check_kv_flags(argv) -> Optional[Tuple[int, int]]:
     quantized so (kv_quantization.py; mlx-lm would fail --quantized-kv-start
     tokens into the answer). Returns (bits, group_size), or None without
     --kv-bits (or with a value mlx-lm's own parser refuses)."""
+    if "-h" in argv or "--help" in argv:
+        return None  # the command prints its help and stops: nothing is loaded
     parser = _SilentParser(add_help=False)  # these flags only, read as mlx-lm's parser reads them
     for flag in ("--model", "--draft-model", "--kv-bits", "--kv-group-size"):
         parser.add_argument(flag)

@@ -175,3 +175,10 @@ def test_server_refuses_a_request_for_another_model_and_serves_on(head_dim_64, t
         assert "--kv-bits cannot be used" in body["error"] and "head_dim 48" in body["error"]
         status, body = post(port, "/v1/completions", ask)
         assert status == 200 and body["choices"][0]["text"] == first["choices"][0]["text"], body
+
+
+def test_help_is_shown_with_a_kv_bits_the_model_cannot_take():
+    """--help stops the command before anything loads: it prints the help, not the refusal."""
+    done = subprocess.run([sys.executable, "-m", "mlx_falcon_h1.generate", "--kv-bits", "8", "--help"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "usage:" in done.stdout and "error:" not in done.stderr
