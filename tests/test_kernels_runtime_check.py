@@ -180,6 +180,31 @@ def test_wrong_kernel_is_turned_off_with_one_warning_and_cached(on_gpu, model, r
     assert "cached in" in str(w.message)
 
 
+def test_a_wrong_norm_kernel_is_turned_off_and_the_step_kernel_stays(on_gpu, model, reference,
+                                                                     monkeypatch):
+    """gated_norm's kernel wrong (its r from the sum plus one): turned off with one
+    warning; mixer_step's kernel still runs and gated_norm's reference finishes the
+    norm, so the logits are the reference's."""
+    line = "const float r = metal::precise::rsqrt(total / static_cast<float>(dg) + eps);"
+    assert line in gated_norm.KERNEL_SPEC["source"]
+    wrong = Counting(metal_kernel(**dict(
+        gated_norm.KERNEL_SPEC, name="planted_wrong_gated_norm",
+        source=gated_norm.KERNEL_SPEC["source"].replace(line, line.replace("total /", "(total + 1.0f) /"))),
+        **FAST))
+    with emulated(conv1d, ssd_scan, mixer_step, **FAST) as (_, _, step), \
+            warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        monkeypatch.setattr(gated_norm, "_KERNEL", wrong)
+        step = Counting(step)
+        monkeypatch.setattr(mixer_step, "_KERNEL", step)
+        logits = run(model)
+    assert_close_logits(logits, reference)
+    (w,) = kernel_warnings(record)
+    assert "gated_norm" in str(w.message) and "max relative error" in str(w.message)
+    assert wrong.calls == 1  # the check's launch only
+    assert step.calls > 1  # the mixer step's kernel: its check and the model's decode steps
+
+
 def test_kernel_that_fails_to_build_is_turned_off(on_gpu, model, reference, monkeypatch):
     broken = FailsToBuild()
     with emulated(conv1d, mixer_step, **FAST), warnings.catch_warnings(record=True) as record:
