@@ -13,12 +13,7 @@ test_max_kv_size.py and test_generation_paths.py exercise every line of it.
 from typing import Optional, Tuple
 
 import mlx.core as mx
-from mlx_lm.models.cache import (
-    BatchKVCache,
-    KVCache,
-    QuantizedKVCache,
-    RotatingKVCache,
-)
+from mlx_lm.models.cache import BatchKVCache, KVCache, RotatingKVCache
 from mlx_lm.models.cache import _BaseCache as BaseCache  # noqa: F401  (cache.py's base)
 # Sizes as mlx-lm's --prompt-cache-bytes takes them (10GB, 500M): server.py's size flag.
 from mlx_lm.utils import _parse_size as parse_size  # noqa: F401
@@ -26,13 +21,12 @@ from mlx_lm.utils import _parse_size as parse_size  # noqa: F401
 
 def kv_signature(kv) -> Optional[tuple]:
     """What every layer's K/V cache must share for one compiled step (its kind and
-    write position, and by kind its quantization or bound), or None for one the step
-    cannot take: another cache class, or a batch still taking right-padded prompts."""
+    write position, and for a bounded one its bound), or None for one the step
+    cannot take: another cache class (--kv-bits K/V is quantized_kv.py's, which
+    answers for itself), or a batch still taking right-padded prompts."""
     kind = type(kv)
     if kind is KVCache:
         return kind, kv.offset
-    if kind is QuantizedKVCache:
-        return kind, kv.offset, kv.bits, kv.group_size
     if kind is BatchKVCache and kv._right_padding is None:
         return kind, kv._idx
     if kind is RotatingKVCache:  # --max-kv-size
@@ -48,8 +42,7 @@ def make_room(kv) -> Tuple[int, int]:
     if isinstance(kv, RotatingKVCache):
         return _make_room_in_rotating(kv)
     used = kv._idx if isinstance(kv, BatchKVCache) else kv.offset
-    quantized = isinstance(kv, QuantizedKVCache)  # (packed, scales, biases) triples
-    capacity = (kv.keys[0] if quantized else kv.keys).shape[2]
+    capacity = kv.keys.shape[2]
     # Capacities are kept at multiples of the step (batch merges leave other
     # sizes), so the compiled step meets few distinct shapes: one trace each.
     if used + 1 > capacity or capacity % kv.step:
@@ -60,10 +53,7 @@ def make_room(kv) -> Tuple[int, int]:
             pad = mx.zeros(a.shape[:2] + (target - used, a.shape[3]), a.dtype)
             return mx.concatenate([a, pad], axis=2)
 
-        if quantized:
-            kv.keys, kv.values = tuple(map(grow, kv.keys)), tuple(map(grow, kv.values))
-        else:
-            kv.keys, kv.values = grow(kv.keys), grow(kv.values)
+        kv.keys, kv.values = grow(kv.keys), grow(kv.values)
     return used, used + 1
 
 
@@ -89,8 +79,6 @@ def _make_room_in_rotating(kv: RotatingKVCache) -> Tuple[int, int]:
 
 def store_step(kv, keys, values) -> None:
     """The compiled step's new K/V buffers (one more token written into them)."""
-    if isinstance(kv, QuantizedKVCache):
-        keys, values = tuple(keys), tuple(values)
     kv.keys, kv.values = keys, values
     kv.offset = kv.offset + 1  # an int, or per row in a batch
     if isinstance(kv, (BatchKVCache, RotatingKVCache)):
